@@ -1,0 +1,16 @@
+//! trustwire: one mutual-TLS implementation for brpc's `baidu_std` RPC protocol.
+//!
+//! Layers, lowest first: [`wire`] (sans-IO codec), [`tls`] (profiles, verification, identity,
+//! policy, the failure catalogue), [`transport`] (tokio-rustls accept/connect), [`rpc`] (client
+//! and server). [`pki`] makes development certificates.
+
+pub mod error;
+pub mod pki;
+pub mod rpc;
+pub mod tls;
+pub mod transport;
+pub mod wire;
+
+pub use error::{Error, Result, Side, Verdict};
+pub use rpc::{CallOptions, Client, ClientOptions, Request, Response, Server, ServerOptions, Status};
+pub use tls::{PeerIdentity, Policy, TlsProfile};

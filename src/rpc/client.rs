@@ -1,0 +1,355 @@
+//! The client: multiplexed mTLS connections, unique correlation ids, per-call timeouts.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Response;
+use crate::error::{codes, Error};
+use crate::tls::identity::PeerIdentity;
+use crate::tls::ClientTls;
+use crate::transport::HandshakeInfo;
+use crate::wire::{Decoder, Frame, RpcMeta, RpcRequestMeta, DEFAULT_MAX_BODY};
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub connect_timeout: Duration,
+    /// Used when a call gives no timeout. None: wait as long as the connection lives.
+    pub default_timeout: Option<Duration>,
+    /// Connections to the endpoint; calls are spread over them. One is usually enough.
+    pub pool_size: usize,
+    pub max_body: usize,
+    /// Send a CRC32C checksum with every request.
+    pub checksum: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            default_timeout: Some(Duration::from_secs(30)),
+            pool_size: 1,
+            max_body: DEFAULT_MAX_BODY,
+            checksum: false,
+        }
+    }
+}
+
+/// Per-call settings.
+#[derive(Clone, Debug, Default)]
+pub struct CallOptions {
+    /// Sent to the server as timeout_ms; the call fails with a timeout after it.
+    pub timeout: Option<Duration>,
+    pub attachment: Bytes,
+    pub log_id: Option<i64>,
+    pub request_id: Option<String>,
+}
+
+type Pending = HashMap<i64, oneshot::Sender<Result<Frame, Error>>>;
+
+struct Conn {
+    tx: mpsc::UnboundedSender<Bytes>,
+    /// None once the connection has failed; calls registered before that get its error.
+    pending: Mutex<Option<Pending>>,
+    closed: AtomicBool,
+    info: Option<HandshakeInfo>,
+    /// Our own identity, to name in errors when the peer refuses it.
+    ours: Option<String>,
+}
+
+impl Conn {
+    fn fail_all(&self, err: Error) {
+        self.closed.store(true, Ordering::Release);
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for (_, waiter) in pending.into_iter().flatten() {
+            let _ = waiter.send(Err(err.clone()));
+        }
+    }
+}
+
+struct Inner {
+    addr: String,
+    tls: Option<ClientTls>,
+    options: ClientOptions,
+    next_id: AtomicI64,
+    next_conn: AtomicUsize,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
+}
+
+/// A client for one endpoint. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// A client for `addr` (`host:port`). Connects on the first call.
+    pub fn new(addr: impl Into<String>, tls: ClientTls, options: ClientOptions) -> Self {
+        Self::build(addr.into(), Some(tls), options)
+    }
+
+    /// A client WITHOUT TLS. It exists only so benchmarks can measure what TLS costs.
+    #[cfg(feature = "insecure-plaintext-bench")]
+    pub fn insecure_plaintext_for_benchmarks(addr: impl Into<String>, options: ClientOptions) -> Self {
+        Self::build(addr.into(), None, options)
+    }
+
+    fn build(addr: String, tls: Option<ClientTls>, options: ClientOptions) -> Self {
+        let n = options.pool_size.max(1);
+        Client {
+            inner: Arc::new(Inner {
+                addr,
+                tls,
+                // brpc's ids are large 64-bit values; starting away from 0 keeps ours distinct
+                // from a default-initialised field.
+                next_id: AtomicI64::new(1 << 32),
+                next_conn: AtomicUsize::new(0),
+                slots: (0..n).map(|_| tokio::sync::Mutex::new(None)).collect(),
+                options,
+            }),
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// Makes sure a connection is up and returns what its handshake negotiated.
+    pub async fn connect(&self) -> Result<Option<HandshakeInfo>, Error> {
+        Ok(self.conn(0).await?.info.clone())
+    }
+
+    /// The verified server identity of the first connection, once connected.
+    pub async fn server_identity(&self) -> Result<Option<Arc<PeerIdentity>>, Error> {
+        Ok(self.connect().await?.map(|i| i.peer))
+    }
+
+    /// Calls `service/method` with `payload`.
+    pub async fn call(
+        &self,
+        service: &str,
+        method: &str,
+        payload: impl Into<Bytes>,
+        opts: CallOptions,
+    ) -> Result<Response, Error> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let timeout = opts.timeout.or(self.inner.options.default_timeout);
+        let mut frame = Frame {
+            meta: RpcMeta {
+                request: Some(RpcRequestMeta {
+                    service_name: Some(service.to_string()),
+                    method_name: Some(method.to_string()),
+                    log_id: opts.log_id,
+                    request_id: opts.request_id,
+                    timeout_ms: timeout.map(|t| t.as_millis().min(i32::MAX as u128) as i32),
+                    ..Default::default()
+                }),
+                // The fields a stock brpc client always sends.
+                compress_type: Some(0),
+                correlation_id: Some(id),
+                attachment_size: (!opts.attachment.is_empty())
+                    .then_some(opts.attachment.len() as i32),
+                content_type: Some(0),
+                checksum_type: Some(0),
+                checksum_value: Some(Bytes::new()),
+                ..Default::default()
+            },
+            payload: payload.into(),
+            attachment: opts.attachment,
+        };
+        if self.inner.options.checksum {
+            frame.set_checksum(false);
+        }
+        let bytes = frame.to_bytes().map_err(|e| Error::Protocol { message: e.to_string() })?;
+        let slot = self.inner.next_conn.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
+        let work = async {
+            let conn = self.conn(slot).await?;
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
+                match pending.as_mut() {
+                    Some(p) => p.insert(id, tx),
+                    None => return Err(Error::transport("connection closed before the call was sent")),
+                };
+            }
+            if conn.tx.send(bytes).is_err() {
+                conn.pending.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(|p| p.remove(&id));
+                return Err(Error::transport("connection closed before the call was sent"));
+            }
+            let guard = PendingGuard { conn: &conn, id };
+            let res = rx.await.unwrap_or_else(|_| Err(Error::transport("connection dropped")));
+            std::mem::forget(guard);
+            res
+        };
+        let reply = match timeout {
+            Some(t) => tokio::time::timeout(t, work).await.map_err(|_| Error::Timeout {
+                after: t,
+                message: format!("{service}/{method} on {} got no answer in time", self.inner.addr),
+            })??,
+            None => work.await?,
+        };
+        response_of(reply)
+    }
+
+    async fn conn(&self, slot: usize) -> Result<Arc<Conn>, Error> {
+        let mut guard = self.inner.slots[slot].lock().await;
+        if let Some(c) = guard.as_ref() {
+            if !c.closed.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
+        let conn = self.open().await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn open(&self) -> Result<Arc<Conn>, Error> {
+        let inner = &self.inner;
+        match &inner.tls {
+            Some(tls) => {
+                let (stream, info) =
+                    crate::transport::connect(tls, &inner.addr, inner.options.connect_timeout).await?;
+                Ok(spawn_conn(stream, Some(info), inner.options.max_body, tls.our_identity.clone()))
+            }
+            None => {
+                let tcp = tokio::time::timeout(
+                    inner.options.connect_timeout,
+                    tokio::net::TcpStream::connect(&inner.addr),
+                )
+                .await
+                .map_err(|_| Error::Timeout {
+                    after: inner.options.connect_timeout,
+                    message: format!("TCP connect to {}", inner.addr),
+                })?
+                .map_err(|e| Error::transport(format!("cannot connect to {}: {e}", inner.addr)))?;
+                let _ = tcp.set_nodelay(true);
+                Ok(spawn_conn(tcp, None, inner.options.max_body, None))
+            }
+        }
+    }
+}
+
+/// Removes a call's waiter when the call is abandoned (timeout or the caller dropped it).
+struct PendingGuard<'a> {
+    conn: &'a Conn,
+    id: i64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.conn.pending.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            p.remove(&self.id);
+        }
+    }
+}
+
+fn response_of(frame: Frame) -> Result<Response, Error> {
+    let resp = frame.meta.response.clone().unwrap_or_default();
+    let code = resp.error_code.unwrap_or(0);
+    if code != 0 {
+        return Err(Error::Rpc { code, text: resp.error_text.unwrap_or_default() });
+    }
+    if frame.meta.compress_type.unwrap_or(0) != 0 {
+        return Err(Error::Rpc {
+            code: codes::ERESPONSE,
+            text: format!(
+                "response uses compress_type {}, which trustwire does not decompress",
+                frame.meta.compress_type.unwrap_or(0)
+            ),
+        });
+    }
+    frame.verify_checksum().map_err(|e| Error::Protocol {
+        message: format!("response checksum rejected: {e}"),
+    })?;
+    Ok(Response { payload: frame.payload, attachment: frame.attachment })
+}
+
+fn spawn_conn<S>(stream: S, info: Option<HandshakeInfo>, max_body: usize, ours: Option<String>) -> Arc<Conn>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let conn = Arc::new(Conn {
+        tx,
+        pending: Mutex::new(Some(HashMap::new())),
+        closed: AtomicBool::new(false),
+        info,
+        ours: ours.clone(),
+    });
+    let reader_conn = conn.clone();
+    let writer_conn = Arc::downgrade(&conn);
+    tokio::spawn(async move {
+        let mut batch = BytesMut::with_capacity(64 * 1024);
+        while let Some(first) = rx.recv().await {
+            batch.extend_from_slice(&first);
+            while batch.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(next) => batch.extend_from_slice(&next),
+                    Err(_) => break,
+                }
+            }
+            let res = async {
+                wr.write_all(&batch).await?;
+                wr.flush().await
+            }
+            .await;
+            batch.clear();
+            if let Err(e) = res {
+                if let Some(c) = writer_conn.upgrade() {
+                    c.fail_all(crate::transport::stream_error(&e, ours.as_deref()));
+                }
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let conn = reader_conn;
+        let mut decoder = Decoder::new(max_body);
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let err = loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    let id = frame.meta.correlation_id.unwrap_or(0);
+                    let waiter = conn
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_mut()
+                        .and_then(|p| p.remove(&id));
+                    // A reply to an abandoned call (timed out) has no waiter: drop it.
+                    if let Some(w) = waiter {
+                        let _ = w.send(Ok(frame));
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) if e.stream_in_sync() => {
+                    tracing::warn!("skipping malformed response frame: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    break Error::Protocol { message: format!("server sent an invalid frame: {e}") }
+                }
+            }
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => break Error::transport("the server closed the connection"),
+                Ok(_) => {
+                    if buf.capacity() - buf.len() < 4096 {
+                        buf.reserve(decoder.wanted(&buf).max(16 * 1024));
+                    }
+                }
+                Err(e) => break crate::transport::stream_error(&e, conn.ours.as_deref()),
+            }
+        };
+        conn.fail_all(err);
+    });
+    conn
+}

@@ -1,0 +1,142 @@
+//! baidu_std RPC over mTLS: a server that dispatches to async handlers, and a multiplexed client.
+
+mod client;
+mod server;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+pub use client::{CallOptions, Client, ClientOptions};
+pub use server::{RunningServer, Server, ServerOptions};
+
+use crate::error::codes;
+use crate::tls::identity::PeerIdentity;
+use crate::wire::{Frame, RpcMeta, RpcResponseMeta};
+
+/// One call as a handler sees it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The service's full name (an unqualified name from the caller is resolved first).
+    pub service: String,
+    pub method: String,
+    pub payload: Bytes,
+    pub attachment: Bytes,
+    pub log_id: Option<i64>,
+    /// The caller's timeout for this call, as sent.
+    pub timeout_ms: Option<i32>,
+    /// When the caller will give up: arrival time + timeout_ms.
+    pub deadline: Option<Instant>,
+    pub request_id: Option<String>,
+    pub user_fields: BTreeMap<String, String>,
+    /// The verified peer.
+    pub peer: Arc<PeerIdentity>,
+}
+
+/// A successful answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Response {
+    pub payload: Bytes,
+    pub attachment: Bytes,
+}
+
+impl Response {
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Response { payload: payload.into(), attachment: Bytes::new() }
+    }
+
+    pub fn with_attachment(mut self, attachment: impl Into<Bytes>) -> Self {
+        self.attachment = attachment.into();
+        self
+    }
+}
+
+/// An error answer: a brpc-style code and text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub code: i32,
+    pub text: String,
+}
+
+impl Status {
+    pub fn new(code: i32, text: impl Into<String>) -> Self {
+        Status { code, text: text.into() }
+    }
+
+    pub fn internal(text: impl Into<String>) -> Self {
+        Status::new(codes::EINTERNAL, text)
+    }
+}
+
+/// The future a handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response, Status>> + Send + 'static>>;
+
+/// Something that answers calls to one method.
+pub trait Handler: Send + Sync + 'static {
+    fn call(&self, request: Request) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response, Status>> + Send + 'static,
+{
+    fn call(&self, request: Request) -> HandlerFuture {
+        Box::pin(self(request))
+    }
+}
+
+/// Builds the response meta a stock brpc server writes: response{error_code[, error_text]},
+/// compress_type 0, correlation_id, [attachment_size], content_type 0, checksum_type 0 and an
+/// empty checksum_value.
+pub(crate) fn response_frame(correlation_id: i64, result: Result<Response, (i32, String)>) -> Frame {
+    let (code, text, payload, attachment) = match result {
+        Ok(r) => (0, None, r.payload, r.attachment),
+        Err((code, text)) => (code, Some(text), Bytes::new(), Bytes::new()),
+    };
+    Frame {
+        meta: RpcMeta {
+            response: Some(RpcResponseMeta { error_code: Some(code), error_text: text }),
+            compress_type: Some(0),
+            correlation_id: Some(correlation_id),
+            attachment_size: (!attachment.is_empty()).then_some(attachment.len() as i32),
+            content_type: Some(0),
+            checksum_type: Some(0),
+            checksum_value: Some(Bytes::new()),
+            ..Default::default()
+        },
+        payload,
+        attachment,
+    }
+}
+
+/// Turns a panic inside a future into an error value, so one bad handler cannot take a
+/// connection (or a binding's caller) down with it.
+pub(crate) struct CatchUnwind<F>(pub F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(fut).poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic_message(&panic))),
+        }
+    }
+}
+
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}

@@ -1,0 +1,176 @@
+//! The profile file: one TOML format that the CLI, C and Python all load.
+//!
+//! ```toml
+//! [identity]
+//! cert = "certs/svc.pem"        # chain, leaf first
+//! key = "certs/svc.key"
+//! # or: combined = "svc.pem"    # key and chain in one file
+//!
+//! [trust]
+//! ca = ["certs/ca.pem"]          # files or directories
+//! crl = []
+//!
+//! [policy]
+//! allow = ["spiffe://example.org/ns/prod/*"]
+//!
+//! [[policy.rules]]
+//! methods = ["example.EchoService/*"]
+//! allow = ["spiffe://example.org/ns/prod/frontend"]
+//!
+//! [client]
+//! server_name = "echo.example.org"
+//! server_spiffe_id = "spiffe://example.org/ns/prod/echo"
+//!
+//! [tls]
+//! min_version = "1.3"            # "1.2" to also accept TLS 1.2
+//! handshake_timeout_ms = 10000
+//! ```
+//!
+//! Relative paths are relative to the file's directory. Unknown keys are errors, so a typo
+//! cannot silently weaken a check.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::tls::policy::Policy;
+use crate::tls::{Identity, MinVersion, TlsProfile, TrustBundle};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    #[serde(default)]
+    pub identity: Option<IdentitySection>,
+    pub trust: TrustSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+    #[serde(default)]
+    pub client: ClientSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(skip)]
+    base: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub combined: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSection {
+    pub ca: Vec<PathBuf>,
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<RuleSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    pub methods: Vec<String>,
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSection {
+    pub server_name: Option<String>,
+    pub server_spiffe_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub min_version: Option<String>,
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+impl ProfileFile {
+    /// Reads and parses a profile file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(format!("cannot read profile {}: {e}", path.display())))?;
+        let mut file = Self::parse(&text)
+            .map_err(|e| Error::config(format!("profile {}: {e}", path.display())))?;
+        file.base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(file)
+    }
+
+    /// Parses profile TOML; relative paths stay relative to the current directory.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|e| Error::config(e.to_string()))
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    /// Loads the files the profile names and builds it.
+    pub fn into_profile(self) -> Result<TlsProfile, Error> {
+        let identity = match &self.identity {
+            None => None,
+            Some(IdentitySection { combined: Some(c), cert: None, key: None }) => {
+                let pem = std::fs::read(self.path(c)).map_err(|e| {
+                    Error::credentials(None, format!("cannot read {}: {e}", c.display()))
+                })?;
+                Some(Identity::from_combined_pem(&pem)?)
+            }
+            Some(IdentitySection { cert: Some(c), key: Some(k), combined: None }) => {
+                Some(Identity::from_files(&self.path(c), &self.path(k))?)
+            }
+            Some(_) => {
+                return Err(Error::config(
+                    "[identity] needs either cert and key, or combined (not both)",
+                ))
+            }
+        };
+        let ca: Vec<PathBuf> = self.trust.ca.iter().map(|p| self.path(p)).collect();
+        let mut trust = TrustBundle::from_paths(&ca)?;
+        for crl in &self.trust.crl {
+            let pem = std::fs::read(self.path(crl)).map_err(|e| {
+                Error::credentials(None, format!("cannot read CRL {}: {e}", crl.display()))
+            })?;
+            trust.add_crls_pem(&pem)?;
+        }
+        let mut policy = Policy::from_patterns(&self.policy.allow)?;
+        for rule in &self.policy.rules {
+            policy = policy.with_rule(&rule.methods, &rule.allow)?;
+        }
+        let mut profile = TlsProfile::new(identity, trust);
+        profile.policy = policy;
+        profile.server_name = self.client.server_name.clone();
+        profile.server_spiffe_id = self.client.server_spiffe_id.clone();
+        profile.min_version = match self.tls.min_version.as_deref() {
+            None | Some("1.3") => MinVersion::Tls13,
+            Some("1.2") => MinVersion::Tls12,
+            Some(other) => {
+                return Err(Error::config(format!(
+                    "tls.min_version = \"{other}\": use \"1.3\" (default) or \"1.2\""
+                )))
+            }
+        };
+        if let Some(ms) = self.tls.handshake_timeout_ms {
+            profile.handshake_timeout = Duration::from_millis(ms);
+        }
+        Ok(profile)
+    }
+}

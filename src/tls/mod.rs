@@ -1,0 +1,356 @@
+//! TLS profiles: our identity, the trust bundle and the peer policy, turned into rustls configs.
+//!
+//! Secure by default: servers require and verify a client certificate; clients verify the
+//! server's chain and name; TLS 1.3 only unless TLS 1.2 is asked for; no session resumption, so
+//! every connection is verified against the material in force.
+
+pub mod config;
+pub mod identity;
+pub mod policy;
+pub(crate) mod verify;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+
+pub use identity::{CertificateInfo, PeerIdentity};
+pub use policy::{MethodDecision, Pattern, Policy};
+
+use crate::error::{Error, Verdict};
+use verify::{ClientVerifier, ServerVerifier, TrustSummary};
+
+/// Default time allowed for a TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The lowest TLS version a profile accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MinVersion {
+    /// TLS 1.3 only (the default).
+    #[default]
+    Tls13,
+    /// TLS 1.3 preferred, TLS 1.2 accepted. Only when asked for.
+    Tls12,
+}
+
+/// Our certificate chain (leaf first) and its private key.
+#[derive(Debug)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity { chain: self.chain.clone(), key: self.key.clone_key() }
+    }
+}
+
+impl Identity {
+    /// From PEM bytes: a chain (leaf first) and a private key (PKCS#8, SEC1 or PKCS#1).
+    pub fn from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, Error> {
+        let chain = parse_certs(chain_pem, "certificate chain")?;
+        let key = parse_key(key_pem, "private key")?;
+        Self::checked(chain, key)
+    }
+
+    /// From one PEM holding the key and the chain, as SPIFFE's file delivery writes them.
+    pub fn from_combined_pem(pem: &[u8]) -> Result<Self, Error> {
+        Self::from_pem(pem, pem)
+    }
+
+    /// From PEM files.
+    pub fn from_files(chain: &Path, key: &Path) -> Result<Self, Error> {
+        Self::from_pem(&read(chain, "certificate chain")?, &read(key, "private key")?)
+    }
+
+    /// Checks the key is usable and belongs to the leaf certificate.
+    fn checked(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self, Error> {
+        let ck = CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()).map_err(|e| {
+            match e {
+                rustls::Error::InconsistentKeys(_) => Error::credentials(
+                    None,
+                    "the private key does not match the certificate's public key \
+                     (key and certificate from different issuances?)",
+                ),
+                other => Error::credentials(
+                    Some(Verdict::UnsupportedCertificate),
+                    format!("the private key cannot be used: {other}"),
+                ),
+            }
+        })?;
+        drop(ck);
+        Ok(Identity { chain, key })
+    }
+
+    /// The leaf certificate's fields.
+    pub fn leaf_info(&self) -> Result<CertificateInfo, Error> {
+        CertificateInfo::from_der(&self.chain[0])
+    }
+}
+
+/// The CAs we trust, and the CRLs in force.
+#[derive(Clone, Debug, Default)]
+pub struct TrustBundle {
+    pub roots: Vec<CertificateDer<'static>>,
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+impl TrustBundle {
+    /// From PEM bytes holding one or more CA certificates.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, Error> {
+        Ok(TrustBundle { roots: parse_certs(pem, "CA bundle")?, crls: Vec::new() })
+    }
+
+    /// From CA files and directories (every `.pem`/`.crt` file in a directory).
+    pub fn from_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Self, Error> {
+        let mut roots = Vec::new();
+        for p in paths {
+            for file in pem_files(p.as_ref())? {
+                roots.extend(parse_certs(&read(&file, "CA bundle")?, &file.display().to_string())?);
+            }
+        }
+        if roots.is_empty() {
+            return Err(Error::credentials(None, "the trust bundle holds no CA certificate"));
+        }
+        Ok(TrustBundle { roots, crls: Vec::new() })
+    }
+
+    /// Adds CRLs from PEM bytes.
+    pub fn add_crls_pem(&mut self, pem: &[u8]) -> Result<(), Error> {
+        for crl in CertificateRevocationListDer::pem_slice_iter(pem) {
+            self.crls.push(crl.map_err(|e| {
+                Error::credentials(None, format!("CRL is not valid PEM: {e}"))
+            })?);
+        }
+        Ok(())
+    }
+
+    fn store(&self) -> Result<(Arc<RootCertStore>, Arc<TrustSummary>), Error> {
+        let mut store = RootCertStore::empty();
+        let mut summary = TrustSummary::default();
+        for (i, ca) in self.roots.iter().enumerate() {
+            store.add(ca.clone()).map_err(|e| {
+                Error::credentials(
+                    Some(Verdict::UnsupportedCertificate),
+                    format!("trust bundle certificate #{} cannot be used as a CA: {e}", i + 1),
+                )
+            })?;
+            summary.ca_subjects.push(
+                CertificateInfo::from_der(ca).map(|c| c.identity.subject).unwrap_or_default(),
+            );
+        }
+        if store.is_empty() {
+            return Err(Error::credentials(None, "the trust bundle holds no CA certificate"));
+        }
+        Ok((Arc::new(store), Arc::new(summary)))
+    }
+}
+
+/// Everything that decides how we handshake: identity, trust, policy and TLS settings.
+#[derive(Clone, Debug)]
+pub struct TlsProfile {
+    /// Required for servers; clients without one can only probe.
+    pub identity: Option<Identity>,
+    pub trust: TrustBundle,
+    pub policy: Policy,
+    /// Client: the name to verify and send as SNI (defaults to the host being dialled).
+    pub server_name: Option<String>,
+    /// Client: the server's SPIFFE ID must be exactly this.
+    pub server_spiffe_id: Option<String>,
+    pub min_version: MinVersion,
+    pub handshake_timeout: Duration,
+}
+
+impl TlsProfile {
+    pub fn new(identity: Option<Identity>, trust: TrustBundle) -> Self {
+        TlsProfile {
+            identity,
+            trust,
+            policy: Policy::default(),
+            server_name: None,
+            server_spiffe_id: None,
+            min_version: MinVersion::Tls13,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// Loads a profile from the shared TOML file format (see [`config`]).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
+        config::ProfileFile::load(path.as_ref())?.into_profile()
+    }
+
+    /// Builds the server side of this profile.
+    pub fn server(&self) -> Result<ServerTls, Error> {
+        let identity = self.identity.as_ref().ok_or_else(|| {
+            Error::config("a server needs an identity: set a certificate chain and private key")
+        })?;
+        let (roots, trust) = self.trust.store()?;
+        let inner = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider()))
+            .with_crls(self.trust.crls.clone())
+            .build()
+            .map_err(|e| Error::credentials(None, format!("cannot build client verifier: {e}")))?;
+        let verifier =
+            Arc::new(ClientVerifier { inner, policy: Arc::new(self.policy.clone()), trust });
+        let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(self.versions())
+            .map_err(|e| Error::config(format!("TLS versions: {e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+            .map_err(|e| Error::credentials(None, format!("identity cannot be used: {e}")))?;
+        // No resumption: every connection is verified against the trust material in force, and
+        // no tickets are sent that nobody (brpc included) would use.
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(ServerTls {
+            config: Arc::new(config),
+            handshake_timeout: self.handshake_timeout,
+            policy: Arc::new(self.policy.clone()),
+        })
+    }
+
+    /// Builds the client side of this profile.
+    pub fn client(&self) -> Result<ClientTls, Error> {
+        let (roots, trust) = self.trust.store()?;
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, Arc::new(provider()))
+            .with_crls(self.trust.crls.clone())
+            .build()
+            .map_err(|e| Error::credentials(None, format!("cannot build server verifier: {e}")))?;
+        let verifier = Arc::new(ServerVerifier {
+            inner,
+            policy: Arc::new(self.policy.clone()),
+            pinned_spiffe_id: self.server_spiffe_id.clone(),
+            trust,
+        });
+        let builder = ClientConfig::builder_with_provider(Arc::new(provider()))
+            .with_protocol_versions(self.versions())
+            .map_err(|e| Error::config(format!("TLS versions: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let (mut config, ours) = match &self.identity {
+            Some(id) => (
+                builder
+                    .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                    .map_err(|e| Error::credentials(None, format!("identity cannot be used: {e}")))?,
+                id.leaf_info().ok().map(|i| i.identity.display_name()),
+            ),
+            None => (builder.with_no_client_auth(), None),
+        };
+        config.resumption = rustls::client::Resumption::disabled();
+        let server_name = match &self.server_name {
+            Some(n) => Some(
+                ServerName::try_from(n.clone())
+                    .map_err(|_| Error::config(format!("server_name '{n}' is not a valid DNS name or IP")))?,
+            ),
+            None => None,
+        };
+        Ok(ClientTls {
+            config: Arc::new(config),
+            server_name,
+            handshake_timeout: self.handshake_timeout,
+            our_identity: ours,
+        })
+    }
+
+    fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+        static TLS13_AND_12: [&rustls::SupportedProtocolVersion; 2] =
+            [&rustls::version::TLS13, &rustls::version::TLS12];
+        match self.min_version {
+            MinVersion::Tls13 => &TLS13_ONLY,
+            MinVersion::Tls12 => &TLS13_AND_12,
+        }
+    }
+}
+
+/// The server side of a profile, ready to accept.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) policy: Arc<Policy>,
+}
+
+impl ServerTls {
+    /// The peer policy (used for per-method decisions after the handshake).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+}
+
+/// The client side of a profile, ready to connect.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub(crate) config: Arc<ClientConfig>,
+    pub(crate) server_name: Option<ServerName<'static>>,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) our_identity: Option<String>,
+}
+
+/// The crypto provider: aws-lc-rs with TLS 1.3's suites and X25519, P-256, P-384 and the
+/// X25519+ML-KEM hybrid. P-256 matters: stock brpc servers accept nothing else.
+pub fn provider() -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1, kx_group::X25519MLKEM768];
+    p
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path)
+        .map_err(|e| Error::credentials(None, format!("cannot read {what} {}: {e}", path.display())))
+}
+
+fn pem_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::credentials(None, format!("cannot list {}: {e}", path.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && matches!(p.extension().and_then(|e| e.to_str()), Some("pem" | "crt" | "cer"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+pub(crate) fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| Error::credentials(None, format!("{what}: not valid PEM ({e})")))?;
+    if certs.is_empty() {
+        return Err(Error::credentials(
+            None,
+            format!("{what}: no \"BEGIN CERTIFICATE\" block found (empty or half-written file?)"),
+        ));
+    }
+    for (i, c) in certs.iter().enumerate() {
+        CertificateInfo::from_der(c).map_err(|e| {
+            Error::credentials(
+                Some(Verdict::UnsupportedCertificate),
+                format!("{what}: certificate #{} is not valid X.509 ({e})", i + 1),
+            )
+        })?;
+    }
+    Ok(certs)
+}
+
+pub(crate) fn parse_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => Error::credentials(
+            None,
+            format!("{what}: no private key block found (empty or half-written file?)"),
+        ),
+        other => Error::credentials(None, format!("{what}: not a valid PEM private key ({other})")),
+    })
+}

@@ -1,0 +1,445 @@
+//! Peer verification with precise verdicts.
+//!
+//! The chain checks themselves are rustls/webpki's. These verifiers wrap them to apply the
+//! allow-list, pin SPIFFE IDs, and — when something fails — record a diagnosis that names the
+//! catalogue verdict and says what to fix. The standard rustls error is still returned, so the
+//! peer gets the precise TLS alert (unknown_ca, certificate_expired, access_denied, …).
+//!
+//! The diagnosis travels through a thread-local: verification runs synchronously inside the
+//! poll of the handshake future, and [`Diagnosed`] clears the slot before each poll and takes
+//! it when the handshake fails, so a diagnosis can only belong to the connection being polled.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError,
+    PeerIncompatible, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::error::{Error, Side, Verdict};
+use crate::tls::identity::{rfc3339, PeerIdentity};
+use crate::tls::policy::Policy;
+
+/// What went wrong in verification, in words a user can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnosis {
+    pub verdict: Verdict,
+    pub message: String,
+}
+
+thread_local! {
+    static DIAGNOSIS: RefCell<Option<Diagnosis>> = const { RefCell::new(None) };
+}
+
+fn record(verdict: Verdict, message: String) {
+    DIAGNOSIS.with(|d| *d.borrow_mut() = Some(Diagnosis { verdict, message }));
+}
+
+fn take_diagnosis() -> Option<Diagnosis> {
+    DIAGNOSIS.with(|d| d.borrow_mut().take())
+}
+
+/// Drives a handshake future and returns its output with the diagnosis recorded while it ran.
+pub(crate) struct Diagnosed<F>(pub F);
+
+impl<F: Future + Unpin> Future for Diagnosed<F> {
+    type Output = (F::Output, Option<Diagnosis>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        DIAGNOSIS.with(|d| d.borrow_mut().take());
+        match Pin::new(&mut self.0).poll(cx) {
+            Poll::Ready(out) => Poll::Ready((out, take_diagnosis())),
+            Poll::Pending => {
+                take_diagnosis();
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The trusted CAs' subjects, for messages that say which CAs we trust.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TrustSummary {
+    pub ca_subjects: Vec<String>,
+}
+
+impl TrustSummary {
+    fn list(&self) -> String {
+        if self.ca_subjects.is_empty() {
+            "none".into()
+        } else {
+            self.ca_subjects.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ")
+        }
+    }
+}
+
+fn now_system(now: UnixTime) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(now.as_secs())
+}
+
+/// Turns a chain-verification failure into a diagnosis naming the certificate involved.
+fn diagnose_chain(
+    err: &TlsError,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    trust: &TrustSummary,
+    now: UnixTime,
+    role: &str,
+) -> Diagnosis {
+    let who = PeerIdentity::from_der(end_entity).ok();
+    let name = who.as_ref().map(|p| p.display_name()).unwrap_or_else(|| "?".into());
+    let verdict = verdict_for_tls_error(err).0;
+    let message = match err {
+        TlsError::InvalidCertificate(ce) => match ce {
+            CertificateError::UnknownIssuer => format!(
+                "the {role} certificate for {name} was issued by '{}', which is not among the \
+                 trusted CAs [{}]{}; add that CA to the trust bundle or use a certificate from a \
+                 trusted CA",
+                who.as_ref().map(|p| p.issuer.as_str()).unwrap_or("?"),
+                trust.list(),
+                if intermediates.is_empty() {
+                    " (the peer sent no intermediate certificates)"
+                } else {
+                    ""
+                },
+            ),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => format!(
+                "a certificate in the {role}'s chain for {name} has expired: not after {}, now {}; \
+                 renew it",
+                who.as_ref().map(|p| rfc3339(p.not_after)).unwrap_or_default(),
+                rfc3339(now_system(now)),
+            ),
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => format!(
+                "a certificate in the {role}'s chain for {name} is not valid yet: not before {}, \
+                 now {}; check the clocks or wait",
+                who.as_ref().map(|p| rfc3339(p.not_before)).unwrap_or_default(),
+                rfc3339(now_system(now)),
+            ),
+            CertificateError::Revoked => format!(
+                "the {role} certificate for {name} (serial {}) is revoked by a CRL in force",
+                who.as_ref().map(|p| p.serial.as_str()).unwrap_or("?")
+            ),
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                let needed = if role == "client" { "clientAuth" } else { "serverAuth" };
+                format!(
+                    "the certificate for {name} is not valid for a {role}: its extended key usage \
+                     lacks {needed} (e.g. a server certificate used as a client certificate); \
+                     issue one for the {role} role"
+                )
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                // The server verifier builds its own message with the asked-for name.
+                format!("the server certificate for {name} does not cover the requested name")
+            }
+            CertificateError::BadSignature => format!(
+                "a signature in the {role}'s chain for {name} does not verify \
+                 (forged, corrupted, or signed by a different key with the same CA name)"
+            ),
+            CertificateError::UnknownRevocationStatus
+            | CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => format!(
+                "no usable CRL for the issuer of {name}: the CRL is missing or past its \
+                 next-update time"
+            ),
+            other => format!("the {role} certificate for {name} was not accepted: {other}"),
+        },
+        other => format!("the {role} certificate for {name} was not accepted: {other}"),
+    };
+    Diagnosis { verdict, message }
+}
+
+/// Server side: requires a client certificate, verifies it, and applies the allow-list.
+#[derive(Debug)]
+pub(crate) struct ClientVerifier {
+    pub inner: Arc<dyn ClientCertVerifier>,
+    pub policy: Arc<Policy>,
+    pub trust: Arc<TrustSummary>,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, TlsError> {
+        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+            let d = diagnose_chain(&e, end_entity, intermediates, &self.trust, now, "client");
+            record(d.verdict, d.message);
+            return Err(e);
+        }
+        let peer = PeerIdentity::from_der(end_entity)
+            .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
+        if !self.policy.admits(&peer) {
+            record(Verdict::PeerNotAllowed, self.policy.explain_refusal(&peer));
+            return Err(TlsError::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Client side: verifies the server's chain and name, then the pinned SPIFFE ID and allow-list.
+#[derive(Debug)]
+pub(crate) struct ServerVerifier {
+    pub inner: Arc<dyn ServerCertVerifier>,
+    pub policy: Arc<Policy>,
+    pub pinned_spiffe_id: Option<String>,
+    pub trust: Arc<TrustSummary>,
+}
+
+impl ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        if let Err(e) =
+            self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            let mut d = diagnose_chain(&e, end_entity, intermediates, &self.trust, now, "server");
+            if d.verdict == Verdict::NameMismatch {
+                let names = PeerIdentity::from_der(end_entity)
+                    .map(|p| {
+                        let mut n = p.dns_sans.iter().map(|d| format!("dns:{d}")).collect::<Vec<_>>();
+                        n.extend(p.ip_sans.iter().map(|i| format!("ip:{i}")));
+                        n.join(", ")
+                    })
+                    .unwrap_or_default();
+                d.message = format!(
+                    "asked for server name '{}', but the server's certificate covers only [{}]; \
+                     set server_name to one of those, or reissue the certificate with that name",
+                    server_name.to_str(),
+                    names
+                );
+            }
+            record(d.verdict, d.message);
+            return Err(e);
+        }
+        let peer = PeerIdentity::from_der(end_entity)
+            .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
+        if let Some(pinned) = &self.pinned_spiffe_id {
+            if peer.spiffe_id.as_deref() != Some(pinned.as_str()) {
+                record(
+                    Verdict::PeerNotAllowed,
+                    format!(
+                        "the server's SPIFFE ID is {}, but this client pins {pinned}",
+                        peer.spiffe_id.as_deref().unwrap_or("absent")
+                    ),
+                );
+                return Err(TlsError::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ));
+            }
+        }
+        if !self.policy.admits(&peer) {
+            record(Verdict::PeerNotAllowed, self.policy.explain_refusal(&peer));
+            return Err(TlsError::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The catalogue verdict, side and alert name for a rustls error.
+pub(crate) fn verdict_for_tls_error(err: &TlsError) -> (Verdict, Side, Option<&'static str>) {
+    use CertificateError as C;
+    let local = |v| (v, Side::Local, None);
+    match err {
+        TlsError::InvalidCertificate(ce) => local(match ce {
+            C::UnknownIssuer => Verdict::UnknownIssuer,
+            C::BadSignature => Verdict::BadSignature,
+            C::Expired | C::ExpiredContext { .. } => Verdict::Expired,
+            C::NotValidYet | C::NotValidYetContext { .. } => Verdict::NotYetValid,
+            C::Revoked => Verdict::Revoked,
+            C::UnknownRevocationStatus
+            | C::ExpiredRevocationList
+            | C::ExpiredRevocationListContext { .. } => Verdict::CrlStale,
+            C::NotValidForName | C::NotValidForNameContext { .. } => Verdict::NameMismatch,
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => Verdict::BadKeyUsage,
+            C::ApplicationVerificationFailure => Verdict::PeerNotAllowed,
+            _ => Verdict::UnsupportedCertificate,
+        }),
+        TlsError::NoCertificatesPresented => local(Verdict::NoPeerCertificate),
+        TlsError::AlertReceived(alert) => (Verdict::PeerAlert, Side::Remote, Some(alert_name(*alert))),
+        TlsError::PeerIncompatible(pi) => local(match pi {
+            PeerIncompatible::NoCipherSuitesInCommon
+            | PeerIncompatible::NoKxGroupsInCommon
+            | PeerIncompatible::NoSignatureSchemesInCommon
+            | PeerIncompatible::NoCertificateRequestSignatureSchemesInCommon => {
+                Verdict::NoSharedCipher
+            }
+            _ => Verdict::ProtocolVersion,
+        }),
+        TlsError::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType | rustls::InvalidMessage::UnknownProtocolVersion,
+        ) => local(Verdict::NotTls),
+        TlsError::DecryptError => local(Verdict::BadSignature),
+        _ => local(Verdict::Io),
+    }
+}
+
+/// The alert's name as in RFC 8446 (`unknown_ca`, `certificate_required`, …).
+pub(crate) fn alert_name(alert: AlertDescription) -> &'static str {
+    use AlertDescription as A;
+    match alert {
+        A::CloseNotify => "close_notify",
+        A::UnexpectedMessage => "unexpected_message",
+        A::BadRecordMac => "bad_record_mac",
+        A::RecordOverflow => "record_overflow",
+        A::HandshakeFailure => "handshake_failure",
+        A::BadCertificate => "bad_certificate",
+        A::UnsupportedCertificate => "unsupported_certificate",
+        A::CertificateRevoked => "certificate_revoked",
+        A::CertificateExpired => "certificate_expired",
+        A::CertificateUnknown => "certificate_unknown",
+        A::IllegalParameter => "illegal_parameter",
+        A::UnknownCA => "unknown_ca",
+        A::AccessDenied => "access_denied",
+        A::DecodeError => "decode_error",
+        A::DecryptError => "decrypt_error",
+        A::ProtocolVersion => "protocol_version",
+        A::InsufficientSecurity => "insufficient_security",
+        A::InternalError => "internal_error",
+        A::MissingExtension => "missing_extension",
+        A::UnsupportedExtension => "unsupported_extension",
+        A::UnrecognisedName => "unrecognized_name",
+        A::CertificateRequired => "certificate_required",
+        A::NoApplicationProtocol => "no_application_protocol",
+        _ => "other",
+    }
+}
+
+/// What a peer's alert most likely means about our own configuration.
+fn alert_hint(alert: &str) -> &'static str {
+    match alert {
+        "unknown_ca" => "the peer does not trust the CA that issued our certificate",
+        "certificate_required" => "the peer requires a client certificate and we sent none",
+        "access_denied" => {
+            "the peer verified our certificate but its policy does not allow our identity"
+        }
+        "certificate_expired" => "the peer says our certificate is expired or not yet valid",
+        "certificate_revoked" => "the peer says our certificate is revoked",
+        "bad_certificate" | "unsupported_certificate" => {
+            "the peer rejected our certificate (wrong key usage, encoding or name)"
+        }
+        "decrypt_error" => "a signature did not verify on the peer's side",
+        "protocol_version" => "no TLS version in common (we speak TLS 1.3 unless 1.2 is enabled)",
+        "handshake_failure" | "insufficient_security" => {
+            "no cipher suite, key exchange group or signature scheme in common"
+        }
+        _ => "the peer refused the handshake",
+    }
+}
+
+/// Builds the user-facing error for a failed handshake.
+pub(crate) fn handshake_error(io: &std::io::Error, diag: Option<Diagnosis>, ours: Option<&str>) -> Error {
+    let tls = io.get_ref().and_then(|e| e.downcast_ref::<TlsError>());
+    match (tls, diag) {
+        (Some(e), Some(d)) => {
+            let (_, side, alert) = verdict_for_tls_error(e);
+            Error::Handshake { verdict: d.verdict, side, alert, message: d.message }
+        }
+        (Some(e), None) => tls_error(e, ours),
+        (None, _) => io_handshake_error(io),
+    }
+}
+
+/// A rustls error seen outside a verifier (e.g. an alert received after the handshake).
+pub(crate) fn tls_error(e: &TlsError, ours: Option<&str>) -> Error {
+    let (verdict, side, alert) = verdict_for_tls_error(e);
+    let message = match (verdict, alert) {
+        (Verdict::PeerAlert, Some(a)) => format!(
+            "{}{}",
+            alert_hint(a),
+            ours.map(|o| format!(" (our certificate: {o})")).unwrap_or_default()
+        ),
+        (Verdict::NoPeerCertificate, _) => {
+            "the peer presented no certificate; a client certificate is required".into()
+        }
+        (Verdict::NotTls, _) => "the peer did not speak TLS (plaintext on a TLS port?)".into(),
+        (Verdict::ProtocolVersion, _) => format!(
+            "no TLS version in common ({e}); trustwire speaks TLS 1.3, and TLS 1.2 only when \
+             min_version = \"1.2\""
+        ),
+        (Verdict::NoSharedCipher, _) => format!("nothing in common to negotiate: {e}"),
+        _ => e.to_string(),
+    };
+    Error::Handshake { verdict, side, alert, message }
+}
+
+fn io_handshake_error(io: &std::io::Error) -> Error {
+    use std::io::ErrorKind as K;
+    let message = match io.kind() {
+        K::UnexpectedEof => "the peer closed the connection during the handshake \
+                             (it may have refused us without an alert, or not speak TLS)"
+            .to_string(),
+        _ => format!("the connection broke during the handshake: {io}"),
+    };
+    Error::Handshake { verdict: Verdict::Io, side: Side::Local, alert: None, message }
+}

@@ -1,0 +1,160 @@
+//! Accepting and opening mTLS connections: handshakes with deadlines and precise verdicts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::error::{Error, Side, Verdict};
+use crate::tls::identity::PeerIdentity;
+use crate::tls::verify::{handshake_error, Diagnosed};
+use crate::tls::{ClientTls, ServerTls};
+
+pub use tokio_rustls::client::TlsStream as ClientStream;
+pub use tokio_rustls::server::TlsStream as ServerStream;
+
+/// What a completed handshake negotiated, and who the peer is.
+#[derive(Clone, Debug)]
+pub struct HandshakeInfo {
+    /// e.g. `TLSv1.3`.
+    pub version: String,
+    /// e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher_suite: String,
+    /// e.g. `X25519`, `secp256r1`.
+    pub kx_group: Option<String>,
+    /// The peer's chain as sent, leaf first.
+    pub peer_chain: Vec<CertificateDer<'static>>,
+    /// The verified peer.
+    pub peer: Arc<PeerIdentity>,
+}
+
+fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
+    let chain: Vec<CertificateDer<'static>> =
+        conn.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect()).unwrap_or_default();
+    let leaf = chain.first().ok_or_else(|| Error::Handshake {
+        verdict: Verdict::NoPeerCertificate,
+        side: Side::Local,
+        alert: None,
+        message: "the peer presented no certificate".into(),
+    })?;
+    let peer = Arc::new(PeerIdentity::from_der(leaf)?);
+    Ok(HandshakeInfo {
+        version: conn
+            .protocol_version()
+            .map(|v| match v {
+                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_string(),
+                rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_string(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default(),
+        cipher_suite: conn
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()))
+            .unwrap_or_default(),
+        kx_group: conn.negotiated_key_exchange_group().map(|g| kx_name(g.name())),
+        peer_chain: chain,
+        peer,
+    })
+}
+
+fn kx_name(g: rustls::NamedGroup) -> String {
+    match g {
+        rustls::NamedGroup::X25519 => "X25519".into(),
+        rustls::NamedGroup::secp256r1 => "secp256r1".into(),
+        rustls::NamedGroup::secp384r1 => "secp384r1".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn timeout_error(after: Duration, whom: &str) -> Error {
+    Error::Handshake {
+        verdict: Verdict::HandshakeTimeout,
+        side: Side::Local,
+        alert: None,
+        message: format!(
+            "the TLS handshake with {whom} did not finish within {}ms (the peer sent nothing or \
+             stalled)",
+            after.as_millis()
+        ),
+    }
+}
+
+/// Runs the server side of a handshake on an accepted TCP connection.
+pub async fn accept(
+    tls: &ServerTls,
+    tcp: TcpStream,
+) -> Result<(ServerStream<TcpStream>, HandshakeInfo), Error> {
+    let _ = tcp.set_nodelay(true);
+    let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "peer".into());
+    let acceptor = TlsAcceptor::from(tls.config.clone());
+    let handshake = Diagnosed(acceptor.accept(tcp));
+    let (res, diag) = tokio::time::timeout(tls.handshake_timeout, handshake)
+        .await
+        .map_err(|_| timeout_error(tls.handshake_timeout, &remote))?;
+    let stream = res.map_err(|e| handshake_error(&e, diag, None))?;
+    let info = info(stream.get_ref().1)?;
+    Ok((stream, info))
+}
+
+/// Opens a TCP connection to `addr` and runs the client side of a handshake.
+///
+/// The name verified (and sent as SNI) is the profile's `server_name`, else the host of `addr`.
+pub async fn connect(
+    tls: &ClientTls,
+    addr: &str,
+    connect_timeout: Duration,
+) -> Result<(ClientStream<TcpStream>, HandshakeInfo), Error> {
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::Timeout {
+            after: connect_timeout,
+            message: format!("TCP connect to {addr} did not complete"),
+        })?
+        .map_err(|e| Error::transport(format!("cannot connect to {addr}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    handshake_on(tls, tcp, addr).await
+}
+
+/// Runs the client side of a handshake over an already-connected TCP stream.
+pub async fn handshake_on(
+    tls: &ClientTls,
+    tcp: TcpStream,
+    addr: &str,
+) -> Result<(ClientStream<TcpStream>, HandshakeInfo), Error> {
+    let name = match &tls.server_name {
+        Some(n) => n.clone(),
+        None => server_name_for(addr)?,
+    };
+    let connector = TlsConnector::from(tls.config.clone());
+    let handshake = Diagnosed(connector.connect(name, tcp));
+    let (res, diag) = tokio::time::timeout(tls.handshake_timeout, handshake)
+        .await
+        .map_err(|_| timeout_error(tls.handshake_timeout, addr))?;
+    let stream = res.map_err(|e| handshake_error(&e, diag, tls.our_identity.as_deref()))?;
+    let info = info(stream.get_ref().1)?;
+    Ok((stream, info))
+}
+
+/// The name to verify for `host:port` when no server_name is configured.
+fn server_name_for(addr: &str) -> Result<ServerName<'static>, Error> {
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        return Ok(ServerName::IpAddress(sa.ip().into()));
+    }
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string())
+        .map_err(|_| Error::config(format!("cannot derive a server name from '{addr}'; set server_name")))
+}
+
+/// Turns an I/O error on an established connection into the error a caller should see: a TLS
+/// alert arriving after the client's side of a TLS 1.3 handshake finished is still the peer
+/// refusing us at the handshake (e.g. our client certificate was not accepted).
+pub(crate) fn stream_error(e: &std::io::Error, ours: Option<&str>) -> Error {
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return crate::tls::verify::tls_error(tls, ours);
+    }
+    Error::transport(format!("connection broke: {e}"))
+}
