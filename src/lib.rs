@@ -4,9 +4,13 @@
 //! policy, the failure catalogue), [`transport`] (tokio-rustls accept/connect), [`rpc`] (client
 //! and server). [`pki`] makes development certificates.
 
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod echo;
 pub mod error;
 pub mod pki;
 pub mod rpc;
+pub mod runtime;
 pub mod tls;
 pub mod transport;
 pub mod wire;

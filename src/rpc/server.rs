@@ -19,8 +19,11 @@ use crate::tls::policy::{MethodDecision, Policy};
 use crate::tls::ServerTls;
 use crate::wire::{Decoder, DecodeError, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
 
+/// Called with the remote address and the error when a handshake is refused or fails.
+pub type HandshakeHook = Arc<dyn Fn(SocketAddr, &Error) + Send + Sync>;
+
 /// Server limits. The defaults suit a service on a shared host.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// Largest frame body accepted (brpc's default: 64 MiB).
     pub max_body: usize,
@@ -32,6 +35,20 @@ pub struct ServerOptions {
     pub max_in_flight_per_connection: usize,
     /// How long a graceful shutdown waits for calls in flight.
     pub shutdown_grace: Duration,
+    /// Told about every refused or failed handshake (they are also logged).
+    pub on_handshake_error: Option<HandshakeHook>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("max_body", &self.max_body)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("max_in_flight_per_connection", &self.max_in_flight_per_connection)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ServerOptions {
@@ -42,6 +59,7 @@ impl Default for ServerOptions {
             max_connections: 10_000,
             max_in_flight_per_connection: 1024,
             shutdown_grace: Duration::from_secs(30),
+            on_handshake_error: None,
         }
     }
 }
@@ -252,6 +270,9 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<
                     Err(e) => {
                         let verdict = e.verdict().unwrap_or(Verdict::Io);
                         info!(%remote, verdict = verdict.name(), side = ?e.side(), "handshake refused: {e}");
+                        if let Some(hook) = &shared.options.on_handshake_error {
+                            hook(remote, &e);
+                        }
                     }
                 },
                 None => {

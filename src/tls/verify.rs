@@ -89,7 +89,6 @@ fn now_system(now: UnixTime) -> SystemTime {
 fn diagnose_chain(
     err: &TlsError,
     end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
     trust: &TrustSummary,
     now: UnixTime,
     role: &str,
@@ -101,15 +100,10 @@ fn diagnose_chain(
         TlsError::InvalidCertificate(ce) => match ce {
             CertificateError::UnknownIssuer => format!(
                 "the {role} certificate for {name} was issued by '{}', which is not among the \
-                 trusted CAs [{}]{}; add that CA to the trust bundle or use a certificate from a \
-                 trusted CA",
+                 trusted CAs [{}]; add that CA to the trust bundle, send the intermediate \
+                 certificates with the leaf, or use a certificate from a trusted CA",
                 who.as_ref().map(|p| p.issuer.as_str()).unwrap_or("?"),
                 trust.list(),
-                if intermediates.is_empty() {
-                    " (the peer sent no intermediate certificates)"
-                } else {
-                    ""
-                },
             ),
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => format!(
                 "a certificate in the {role}'s chain for {name} has expired: not after {}, now {}; \
@@ -180,7 +174,7 @@ impl ClientCertVerifier for ClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
         if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
-            let d = diagnose_chain(&e, end_entity, intermediates, &self.trust, now, "client");
+            let d = diagnose_chain(&e, end_entity, &self.trust, now, "client");
             record(d.verdict, d.message);
             return Err(e);
         }
@@ -239,7 +233,7 @@ impl ServerCertVerifier for ServerVerifier {
         if let Err(e) =
             self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
         {
-            let mut d = diagnose_chain(&e, end_entity, intermediates, &self.trust, now, "server");
+            let mut d = diagnose_chain(&e, end_entity, &self.trust, now, "server");
             if d.verdict == Verdict::NameMismatch {
                 let names = PeerIdentity::from_der(end_entity)
                     .map(|p| {

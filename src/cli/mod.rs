@@ -1,0 +1,421 @@
+//! The `trustwire` command: demo, dev PKI, echo server, one-off calls, probes, inspection.
+
+mod demo;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::Error;
+use crate::pki::{DevCa, IssueRequest, KeyType, Usage};
+use crate::rpc::{CallOptions, Client, ClientOptions, Server};
+use crate::tls::identity::{rfc3339, CertificateInfo};
+use crate::tls::{Identity, MinVersion, Policy, TlsProfile, TrustBundle};
+
+#[derive(Parser, Debug)]
+#[command(name = "trustwire", version, about = "Mutual-TLS RPC for brpc's baidu_std protocol")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show trustwire working end to end in a temporary directory.
+    Demo,
+    /// A development PKI (CA and certificates) for tests and trials.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Serve brpc's example.EchoService/Echo over mTLS.
+    ServeEcho {
+        #[arg(long)]
+        listen: String,
+        #[command(flatten)]
+        creds: Creds,
+        /// Allow-list pattern (repeatable): spiffe://td/path, spiffe://td/prefix/*, dns:NAME,
+        /// cn:NAME or *. Without any, every peer the CA vouches for is accepted.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+    },
+    /// Make one call and print the response or the error's verdict.
+    Call {
+        /// host:port
+        addr: String,
+        /// SERVICE/METHOD, e.g. example.EchoService/Echo
+        target: String,
+        #[command(flatten)]
+        creds: Creds,
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Require the server's SPIFFE ID to be exactly this.
+        #[arg(long)]
+        server_spiffe_id: Option<String>,
+        /// Send an EchoRequest with this message and decode the EchoResponse.
+        #[arg(long, conflicts_with = "payload_file")]
+        echo: Option<String>,
+        /// Send this file's bytes as the payload.
+        #[arg(long)]
+        payload_file: Option<PathBuf>,
+        #[arg(long)]
+        attachment: Option<String>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        log_id: Option<i64>,
+    },
+    /// Handshake only: show what was negotiated and who the server is, or the verdict.
+    Probe {
+        /// host:port
+        addr: String,
+        #[command(flatten)]
+        creds: Creds,
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// Show the identities, validity, key type and fingerprint of each certificate in a file.
+    Inspect { file: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+enum PkiCommand {
+    /// Create a CA: writes DIR/ca.pem and DIR/ca.key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+    },
+    /// Issue a certificate: writes DIR/NAME.pem and DIR/NAME.key.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[arg(long)]
+        dns: Vec<String>,
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// both (default), server or client.
+        #[arg(long, default_value = "both")]
+        usage: String,
+        /// p256 (default), p384, ed25519 or rsa2048.
+        #[arg(long, default_value = "p256")]
+        key_type: String,
+    },
+}
+
+/// Where credentials come from: a profile file, or separate PEM files.
+#[derive(Args, Debug, Clone)]
+struct Creds {
+    /// A profile file (TOML); the flags below override or complete it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Our certificate chain (PEM, leaf first).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Our private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Trusted CA certificates (PEM file or directory; repeatable).
+    #[arg(long)]
+    ca: Vec<PathBuf>,
+    /// Also accept TLS 1.2 (TLS 1.3 only by default).
+    #[arg(long)]
+    tls12: bool,
+}
+
+impl Creds {
+    fn profile(&self) -> Result<TlsProfile, Error> {
+        let mut profile = match &self.config {
+            Some(path) => TlsProfile::from_file(path)?,
+            None => {
+                if self.ca.is_empty() {
+                    return Err(Error::config("give --ca FILE (trusted CAs) or --config FILE"));
+                }
+                TlsProfile::new(None, TrustBundle::from_paths(&self.ca)?)
+            }
+        };
+        if self.config.is_some() && !self.ca.is_empty() {
+            profile.trust = TrustBundle::from_paths(&self.ca)?;
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => profile.identity = Some(Identity::from_files(c, k)?),
+            (None, None) => {}
+            _ => return Err(Error::config("--cert and --key go together")),
+        }
+        if self.tls12 {
+            profile.min_version = MinVersion::Tls12;
+        }
+        Ok(profile)
+    }
+}
+
+/// Runs the command line; the `trustwire` binary and the Python entry point both call this.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    let default_level = match cli.command {
+        Command::ServeEcho { .. } => "info",
+        _ => "warn",
+    };
+    init_logging(default_level);
+    let rt = crate::runtime::runtime();
+    let result = match cli.command {
+        Command::Demo => rt.block_on(demo::run()),
+        Command::Pki(cmd) => pki(cmd),
+        Command::ServeEcho { listen, creds, allow } => rt.block_on(serve_echo(listen, creds, allow)),
+        Command::Call {
+            addr,
+            target,
+            creds,
+            server_name,
+            server_spiffe_id,
+            echo,
+            payload_file,
+            attachment,
+            timeout_ms,
+            log_id,
+        } => rt.block_on(call(CallArgs {
+            addr,
+            target,
+            creds,
+            server_name,
+            server_spiffe_id,
+            echo,
+            payload_file,
+            attachment,
+            timeout: Duration::from_millis(timeout_ms),
+            log_id,
+        })),
+        Command::Probe { addr, creds, server_name } => rt.block_on(probe(addr, creds, server_name)),
+        Command::Inspect { file } => inspect(&file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", describe_error(&e));
+            ExitCode::from(match e {
+                Error::Config { .. } => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+fn init_logging(default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TRUSTWIRE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("trustwire={default_level},warn")));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// `error [verdict] (side): message`, the one shape every failure is printed in.
+pub(crate) fn describe_error(e: &Error) -> String {
+    match e.verdict() {
+        Some(v) => format!("error [{v}]: {e}"),
+        None => format!("error ({}): {e}", e.kind_name()),
+    }
+}
+
+fn pki(cmd: PkiCommand) -> Result<(), Error> {
+    match cmd {
+        PkiCommand::Init { dir, trust_domain } => {
+            let ca = DevCa::new(&trust_domain)?;
+            ca.write(&dir)?;
+            println!("wrote {} and {}", dir.join("ca.pem").display(), dir.join("ca.key").display());
+        }
+        PkiCommand::Issue { dir, name, spiffe_id, dns, ip, days, usage, key_type } => {
+            let ca = DevCa::load(&dir)?;
+            let mut req = IssueRequest::new(&name)
+                .usage(Usage::parse(&usage)?)
+                .key_type(KeyType::parse(&key_type)?);
+            req.spiffe_id = spiffe_id;
+            req.dns = dns;
+            req.ips = ip;
+            req.days = days;
+            if name.contains('/') || name.contains("..") || name.is_empty() {
+                return Err(Error::config(format!("--name '{name}' must be a plain file name")));
+            }
+            let (cert, key) = ca.issue(&req)?.write(&dir, &name)?;
+            println!("wrote {} and {}", cert.display(), key.display());
+        }
+    }
+    Ok(())
+}
+
+async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>) -> Result<(), Error> {
+    let mut profile = creds.profile()?;
+    if !allow.is_empty() {
+        profile.policy = Policy { allow: Policy::from_patterns(&allow)?.allow, ..profile.policy };
+    }
+    if profile.policy.allow.is_empty() {
+        tracing::warn!("no allow-list: any peer whose certificate the trust bundle verifies may connect");
+    }
+    let mut server = Server::new(profile.server()?);
+    crate::echo::register(&mut server);
+    let running = server.bind(&listen).await?;
+    println!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
+    wait_for_stop_signal().await;
+    println!("stopping: finishing calls in flight");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+struct CallArgs {
+    addr: String,
+    target: String,
+    creds: Creds,
+    server_name: Option<String>,
+    server_spiffe_id: Option<String>,
+    echo: Option<String>,
+    payload_file: Option<PathBuf>,
+    attachment: Option<String>,
+    timeout: Duration,
+    log_id: Option<i64>,
+}
+
+async fn call(a: CallArgs) -> Result<(), Error> {
+    let (service, method) = a
+        .target
+        .split_once('/')
+        .ok_or_else(|| Error::config(format!("'{}': write SERVICE/METHOD", a.target)))?;
+    let mut profile = a.creds.profile()?;
+    if a.server_name.is_some() {
+        profile.server_name = a.server_name.clone();
+    }
+    if a.server_spiffe_id.is_some() {
+        profile.server_spiffe_id = a.server_spiffe_id.clone();
+    }
+    let payload = match (&a.echo, &a.payload_file) {
+        (Some(text), _) => crate::echo::encode(text),
+        (None, Some(f)) => std::fs::read(f)
+            .map_err(|e| Error::config(format!("cannot read {}: {e}", f.display())))?,
+        (None, None) => Vec::new(),
+    };
+    let client = Client::new(&a.addr, profile.client()?, ClientOptions::default());
+    let opts = CallOptions {
+        timeout: Some(a.timeout),
+        attachment: a.attachment.clone().unwrap_or_default().into(),
+        log_id: a.log_id,
+        request_id: None,
+    };
+    let resp = client.call(service, method, payload, opts).await?;
+    if a.echo.is_some() {
+        match crate::echo::decode(&resp.payload) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                return Err(Error::Protocol { message: format!("response is not an EchoResponse: {e}") })
+            }
+        }
+    } else {
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(&resp.payload);
+    }
+    if !resp.attachment.is_empty() {
+        eprintln!("attachment: {}", String::from_utf8_lossy(&resp.attachment));
+    }
+    Ok(())
+}
+
+async fn probe(addr: String, creds: Creds, server_name: Option<String>) -> Result<(), Error> {
+    use tokio::io::AsyncReadExt;
+    let mut profile = creds.profile()?;
+    if server_name.is_some() {
+        profile.server_name = server_name;
+    }
+    let has_identity = profile.identity.is_some();
+    let tls = profile.client()?;
+    let (mut stream, info) =
+        crate::transport::connect(&tls, &addr, Duration::from_secs(5)).await?;
+    println!("connected to {addr}");
+    println!("  protocol      {}", info.version);
+    println!("  cipher suite  {}", info.cipher_suite);
+    println!("  key exchange  {}", info.kx_group.as_deref().unwrap_or("?"));
+    println!("  server chain:");
+    for (i, der) in info.peer_chain.iter().enumerate() {
+        match CertificateInfo::from_der(der) {
+            Ok(c) => print_cert(i, &c, "    "),
+            Err(e) => println!("    [{i}] unreadable: {e}"),
+        }
+    }
+    // In TLS 1.3 the server judges our certificate after our side has finished; its verdict
+    // arrives as an alert, or not at all if it accepted us.
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
+        Ok(Err(e)) => return Err(crate::transport::stream_error(&e, None)),
+        Ok(Ok(0)) if has_identity => {
+            println!("  the server closed the connection after the handshake");
+        }
+        _ if has_identity => println!("  client certificate: accepted"),
+        _ => println!("  client certificate: none sent (the server will refuse calls)"),
+    }
+    Ok(())
+}
+
+fn inspect(file: &Path) -> Result<(), Error> {
+    let pem = std::fs::read(file)
+        .map_err(|e| Error::config(format!("cannot read {}: {e}", file.display())))?;
+    let certs = crate::tls::parse_certs(&pem, &file.display().to_string())?;
+    for (i, der) in certs.iter().enumerate() {
+        print_cert(i, &CertificateInfo::from_der(der)?, "");
+    }
+    Ok(())
+}
+
+fn print_cert(i: usize, c: &CertificateInfo, indent: &str) {
+    let id = &c.identity;
+    let now = SystemTime::now();
+    let state = if now > id.not_after {
+        "EXPIRED".to_string()
+    } else if now < id.not_before {
+        "NOT YET VALID".to_string()
+    } else {
+        let left = id.not_after.duration_since(now).unwrap_or_default().as_secs();
+        format!("valid, {}d {}h left", left / 86_400, (left % 86_400) / 3600)
+    };
+    println!("{indent}[{i}] {}", id.subject);
+    println!("{indent}    issuer       {}", id.issuer);
+    if let Some(s) = &id.spiffe_id {
+        println!("{indent}    spiffe id    {s}");
+    }
+    if !id.names().is_empty() {
+        println!("{indent}    names        {}", id.names().join(", "));
+    }
+    println!("{indent}    validity     {} .. {} ({state})", rfc3339(id.not_before), rfc3339(id.not_after));
+    println!("{indent}    key          {}{}", c.key_type, if c.is_ca { ", CA" } else { "" });
+    if !c.extended_key_usage.is_empty() {
+        println!("{indent}    usage        {}", c.extended_key_usage.join(", "));
+    }
+    println!("{indent}    serial       {}", id.serial);
+    println!("{indent}    sha256       {}", id.fingerprint_sha256);
+}
