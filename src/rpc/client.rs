@@ -58,13 +58,24 @@ struct Conn {
     /// None once the connection has failed; calls registered before that get its error.
     pending: Mutex<Option<Pending>>,
     closed: AtomicBool,
+    /// Why the connection failed, for calls that arrive after it did.
+    failure: std::sync::OnceLock<Error>,
     info: Option<HandshakeInfo>,
     /// Our own identity, to name in errors when the peer refuses it.
     ours: Option<String>,
 }
 
 impl Conn {
+    /// The error that closed the connection (e.g. the server refusing our certificate).
+    fn failure_or_closed(&self) -> Error {
+        self.failure
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Error::transport("connection closed before the call was sent"))
+    }
+
     fn fail_all(&self, err: Error) {
+        let _ = self.failure.set(err.clone());
         self.closed.store(true, Ordering::Release);
         let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
         for (_, waiter) in pending.into_iter().flatten() {
@@ -175,12 +186,12 @@ impl Client {
                 let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
                 match pending.as_mut() {
                     Some(p) => p.insert(id, tx),
-                    None => return Err(Error::transport("connection closed before the call was sent")),
+                    None => return Err(conn.failure_or_closed()),
                 };
             }
             if conn.tx.send(bytes).is_err() {
                 conn.pending.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(|p| p.remove(&id));
-                return Err(Error::transport("connection closed before the call was sent"));
+                return Err(conn.failure_or_closed());
             }
             let guard = PendingGuard { conn: &conn, id };
             let res = rx.await.unwrap_or_else(|_| Err(Error::transport("connection dropped")));
@@ -280,6 +291,7 @@ where
         tx,
         pending: Mutex::new(Some(HashMap::new())),
         closed: AtomicBool::new(false),
+        failure: std::sync::OnceLock::new(),
         info,
         ours: ours.clone(),
     });
