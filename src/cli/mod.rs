@@ -272,7 +272,8 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>) -> Result<
     let running = server.bind(&listen).await?;
     println!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
     wait_for_stop_signal().await;
-    println!("stopping: finishing calls in flight");
+    // Progress goes to stderr: stdout may be a pipe whose reader only wanted the address.
+    eprintln!("stopping: finishing calls in flight");
     running.shutdown().await;
     Ok(())
 }
@@ -281,10 +282,17 @@ async fn wait_for_stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM ({e}); stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
     #[cfg(not(unix))]

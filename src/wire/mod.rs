@@ -144,13 +144,15 @@ impl Decoder {
             buf.reserve(HEADER_LEN + body_size - buf.len());
             return Ok(None);
         }
-        let mut body = buf.split_to(HEADER_LEN + body_size).freeze();
-        body.advance(HEADER_LEN);
         if meta_size > body_size {
+            buf.advance(HEADER_LEN + body_size);
             return Err(DecodeError::MetaSizeExceedsBody { meta_size, body_size });
         }
-        let meta = RpcMeta::decode(body.slice(..meta_size))
+        // An undecodable meta is fatal, and a fatal error leaves the buffer as it was.
+        let meta = RpcMeta::decode(&buf[HEADER_LEN..HEADER_LEN + meta_size])
             .map_err(|e| DecodeError::BadMeta { reason: e.to_string() })?;
+        let mut body = buf.split_to(HEADER_LEN + body_size).freeze();
+        body.advance(HEADER_LEN);
         let available = body_size - meta_size;
         let attachment_size = i64::from(meta.attachment_size.unwrap_or(0));
         if attachment_size < 0 || attachment_size as u64 > available as u64 {
