@@ -46,13 +46,17 @@ pub enum Verdict {
     PeerAlert = 16,
     /// The peer did not speak TLS (e.g. plaintext sent to the TLS port).
     NotTls = 17,
-    /// The connection broke.
+    /// The connection broke, or a credential file could not be read.
     Io = 18,
+    /// Our new private key does not belong to our new certificate.
+    KeyMismatch = 19,
+    /// Credential material is not valid PEM, or is empty or cut short (e.g. half-written).
+    BadPem = 20,
 }
 
 impl Verdict {
     /// Every verdict, in number order.
-    pub const ALL: [Verdict; 18] = [
+    pub const ALL: [Verdict; 20] = [
         Verdict::UnknownIssuer,
         Verdict::BadSignature,
         Verdict::Expired,
@@ -71,6 +75,8 @@ impl Verdict {
         Verdict::PeerAlert,
         Verdict::NotTls,
         Verdict::Io,
+        Verdict::KeyMismatch,
+        Verdict::BadPem,
     ];
 
     /// The stable snake_case name (`unknown_issuer`, …).
@@ -94,6 +100,8 @@ impl Verdict {
             Verdict::PeerAlert => "peer_alert",
             Verdict::NotTls => "not_tls",
             Verdict::Io => "io",
+            Verdict::KeyMismatch => "key_mismatch",
+            Verdict::BadPem => "bad_pem",
         }
     }
 

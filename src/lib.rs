@@ -6,11 +6,13 @@
 
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod credentials;
 pub mod echo;
 pub mod error;
 pub mod pki;
 pub mod rpc;
 pub mod runtime;
+pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub mod wire;

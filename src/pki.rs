@@ -265,6 +265,34 @@ impl DevCa {
     }
 }
 
+impl DevCa {
+    /// A CRL signed by this CA revoking the certificates with the given serials (hex, as in
+    /// `PeerIdentity::serial`), valid from now until `next_update`.
+    pub fn crl_pem(&self, revoked_serials: &[&str], next_update: SystemTime) -> Result<String, Error> {
+        let now = OffsetDateTime::now_utc();
+        let mut revoked_certs = Vec::new();
+        for serial in revoked_serials {
+            let bytes = hex::decode(serial)
+                .map_err(|_| Error::config(format!("serial '{serial}' is not hex")))?;
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: now - time::Duration::seconds(1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(5),
+            next_update: to_offset(next_update),
+            crl_number: random_serial(),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer).map_err(pki_err)?.pem().map_err(pki_err)?)
+    }
+}
+
 fn to_offset(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(crate::tls::identity::unix_secs(t))
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)

@@ -11,6 +11,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::error::{Error, Side, Verdict};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::verify::{handshake_error, Diagnosed};
+use crate::telemetry::{self, Role};
 use crate::tls::{ClientTls, ServerTls};
 
 pub use tokio_rustls::client::TlsStream as ClientStream;
@@ -29,6 +30,8 @@ pub struct HandshakeInfo {
     pub peer_chain: Vec<CertificateDer<'static>>,
     /// The verified peer.
     pub peer: Arc<PeerIdentity>,
+    /// The credential generation this handshake used (0 for fixed material).
+    pub generation: u64,
 }
 
 fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
@@ -57,6 +60,7 @@ fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
         kx_group: conn.negotiated_key_exchange_group().map(|g| kx_name(g.name())),
         peer_chain: chain,
         peer,
+        generation: 0,
     })
 }
 
@@ -82,6 +86,14 @@ fn timeout_error(after: Duration, whom: &str) -> Error {
     }
 }
 
+fn count<T>(role: Role, result: Result<T, Error>) -> Result<T, Error> {
+    match &result {
+        Ok(_) => telemetry::handshake_accepted(role),
+        Err(e) => telemetry::handshake_refused(role, e),
+    }
+    result
+}
+
 /// Runs the server side of a handshake on an accepted TCP connection.
 pub async fn accept(
     tls: &ServerTls,
@@ -89,14 +101,19 @@ pub async fn accept(
 ) -> Result<(ServerStream<TcpStream>, HandshakeInfo), Error> {
     let _ = tcp.set_nodelay(true);
     let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "peer".into());
-    let acceptor = TlsAcceptor::from(tls.config.clone());
+    let generation = tls.current.load_full();
+    let acceptor = TlsAcceptor::from(generation.config.clone());
     let handshake = Diagnosed(acceptor.accept(tcp));
-    let (res, diag) = tokio::time::timeout(tls.handshake_timeout, handshake)
-        .await
-        .map_err(|_| timeout_error(tls.handshake_timeout, &remote))?;
-    let stream = res.map_err(|e| handshake_error(&e, diag, None))?;
-    let info = info(stream.get_ref().1)?;
-    Ok((stream, info))
+    let Ok((res, diag)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
+        return count(Role::Server, Err(timeout_error(tls.handshake_timeout, &remote)));
+    };
+    let stream = res.map_err(|e| handshake_error(&e, diag, None));
+    let result = stream.and_then(|s| {
+        let mut i = info(s.get_ref().1)?;
+        i.generation = generation.number;
+        Ok((s, i))
+    });
+    count(Role::Server, result)
 }
 
 /// Opens a TCP connection to `addr` and runs the client side of a handshake.
@@ -124,18 +141,28 @@ pub async fn handshake_on(
     tcp: TcpStream,
     addr: &str,
 ) -> Result<(ClientStream<TcpStream>, HandshakeInfo), Error> {
-    let name = match &tls.server_name {
-        Some(n) => n.clone(),
-        None => server_name_for(addr)?,
-    };
-    let connector = TlsConnector::from(tls.config.clone());
+    let name = server_name(tls, addr)?;
+    let generation = tls.current.load_full();
+    let connector = TlsConnector::from(generation.config.clone());
     let handshake = Diagnosed(connector.connect(name, tcp));
-    let (res, diag) = tokio::time::timeout(tls.handshake_timeout, handshake)
-        .await
-        .map_err(|_| timeout_error(tls.handshake_timeout, addr))?;
-    let stream = res.map_err(|e| handshake_error(&e, diag, tls.our_identity.as_deref()))?;
-    let info = info(stream.get_ref().1)?;
-    Ok((stream, info))
+    let Ok((res, diag)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
+        return count(Role::Client, Err(timeout_error(tls.handshake_timeout, addr)));
+    };
+    let stream = res.map_err(|e| handshake_error(&e, diag, generation.our_identity.as_deref()));
+    let result = stream.and_then(|s| {
+        let mut i = info(s.get_ref().1)?;
+        i.generation = generation.number;
+        Ok((s, i))
+    });
+    count(Role::Client, result)
+}
+
+/// The name a client verifies (and sends as SNI) when dialling `addr`.
+pub(crate) fn server_name(tls: &ClientTls, addr: &str) -> Result<ServerName<'static>, Error> {
+    match &tls.server_name {
+        Some(n) => Ok(n.clone()),
+        None => server_name_for(addr),
+    }
 }
 
 /// The name to verify for `host:port` when no server_name is configured.

@@ -12,6 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::Response;
 use crate::error::{codes, Error};
 use crate::tls::identity::PeerIdentity;
+use crate::telemetry;
+use crate::tls::tracker::TrackGuard;
 use crate::tls::ClientTls;
 use crate::transport::HandshakeInfo;
 use crate::wire::{Decoder, Frame, RpcMeta, RpcRequestMeta, DEFAULT_MAX_BODY};
@@ -72,6 +74,10 @@ impl Conn {
             .get()
             .cloned()
             .unwrap_or_else(|| Error::transport("connection closed before the call was sent"))
+    }
+
+    fn pending_is_empty(&self) -> bool {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|p| p.is_empty())
     }
 
     fn fail_all(&self, err: Error) {
@@ -147,6 +153,25 @@ impl Client {
         service: &str,
         method: &str,
         payload: impl Into<Bytes>,
+        opts: CallOptions,
+    ) -> Result<Response, Error> {
+        let result = self.call_once(service, method, payload.into(), opts).await;
+        let code = match &result {
+            Ok(_) => 0,
+            Err(Error::Rpc { code, .. }) => *code,
+            Err(Error::Timeout { .. }) => codes::ERPCTIMEDOUT,
+            Err(Error::Handshake { .. }) => codes::ESSL,
+            Err(_) => codes::EFAILEDSOCKET,
+        };
+        telemetry::call(telemetry::Role::Client, service, method, code);
+        result
+    }
+
+    async fn call_once(
+        &self,
+        service: &str,
+        method: &str,
+        payload: Bytes,
         opts: CallOptions,
     ) -> Result<Response, Error> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -226,7 +251,10 @@ impl Client {
             Some(tls) => {
                 let (stream, info) =
                     crate::transport::connect(tls, &inner.addr, inner.options.connect_timeout).await?;
-                Ok(spawn_conn(stream, Some(info), inner.options.max_body, tls.our_identity.clone()))
+                let name = crate::transport::server_name(tls, &inner.addr)?;
+                let guard = tls.tracker.register(info.peer_chain.clone(), Some(name), info.peer.clone());
+                let ours = tls.current.load().our_identity.clone();
+                Ok(spawn_conn(stream, Some(info), inner.options.max_body, ours, Some(guard)))
             }
             None => {
                 let tcp = tokio::time::timeout(
@@ -240,7 +268,7 @@ impl Client {
                 })?
                 .map_err(|e| Error::transport(format!("cannot connect to {}: {e}", inner.addr)))?;
                 let _ = tcp.set_nodelay(true);
-                Ok(spawn_conn(tcp, None, inner.options.max_body, None))
+                Ok(spawn_conn(tcp, None, inner.options.max_body, None, None))
             }
         }
     }
@@ -281,7 +309,13 @@ fn response_of(frame: Frame) -> Result<Response, Error> {
     Ok(Response { payload: frame.payload, attachment: frame.attachment })
 }
 
-fn spawn_conn<S>(stream: S, info: Option<HandshakeInfo>, max_body: usize, ours: Option<String>) -> Arc<Conn>
+fn spawn_conn<S>(
+    stream: S,
+    info: Option<HandshakeInfo>,
+    max_body: usize,
+    ours: Option<String>,
+    guard: Option<TrackGuard>,
+) -> Arc<Conn>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -326,6 +360,10 @@ where
         let conn = reader_conn;
         let mut decoder = Decoder::new(max_body);
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        // Told when new trust material no longer accepts this server: stop sending new calls
+        // here, let the ones in flight finish, then close.
+        let mut trust_closed = guard.as_ref().map(|g| g.closed.clone());
+        let mut draining = false;
         let err = loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
@@ -351,16 +389,41 @@ where
                     break Error::Protocol { message: format!("server sent an invalid frame: {e}") }
                 }
             }
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => break Error::transport("the server closed the connection"),
-                Ok(_) => {
-                    if buf.capacity() - buf.len() < 4096 {
-                        buf.reserve(decoder.wanted(&buf).max(16 * 1024));
+            if draining && conn.pending_is_empty() {
+                break Error::transport("connection closed: the trust material changed");
+            }
+            let changed = async {
+                match trust_closed.as_mut() {
+                    Some(rx) if !draining => rx.wait_for(|c| c.is_some()).await.map(|_| ()),
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) => break Error::transport("the server closed the connection"),
+                    Ok(_) => {
+                        if buf.capacity() - buf.len() < 4096 {
+                            buf.reserve(decoder.wanted(&buf).max(16 * 1024));
+                        }
+                    }
+                    Err(e) => break crate::transport::stream_error(&e, conn.ours.as_deref()),
+                },
+                r = changed => {
+                    if r.is_err() {
+                        trust_closed = None;
+                    } else {
+                        draining = true;
+                        conn.closed.store(true, Ordering::Release);
                     }
                 }
-                Err(e) => break crate::transport::stream_error(&e, conn.ours.as_deref()),
             }
         };
+        drop(guard);
+        if matches!(err, Error::Handshake { .. }) {
+            // In TLS 1.3 the client's handshake completes before the server has checked our
+            // certificate; a refusal arrives as an alert afterwards and is counted here.
+            crate::telemetry::handshake_refused(crate::telemetry::Role::Client, &err);
+        }
         conn.fail_all(err);
     });
     conn

@@ -16,6 +16,8 @@ use super::{response_frame, CatchUnwind, Handler, Request};
 use crate::error::{codes, Error, Verdict};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::policy::{MethodDecision, Policy};
+use crate::telemetry::{self, Role};
+use crate::tls::tracker::TrackGuard;
 use crate::tls::ServerTls;
 use crate::wire::{Decoder, DecodeError, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
 
@@ -264,8 +266,9 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<
             match tls {
                 Some(tls) => match crate::transport::accept(&tls, tcp).await {
                     Ok((stream, info)) => {
-                        debug!(%remote, peer = %info.peer, "handshake accepted");
-                        serve_connection(stream, info.peer, remote, shared).await
+                        debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
+                        let guard = tls.tracker.register(info.peer_chain, None, info.peer.clone());
+                        serve_connection(stream, info.peer, remote, shared, Some(guard)).await
                     }
                     Err(e) => {
                         let verdict = e.verdict().unwrap_or(Verdict::Io);
@@ -277,7 +280,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<
                 },
                 None => {
                     let _ = tcp.set_nodelay(true);
-                    serve_connection(tcp, plaintext_peer(), remote, shared).await
+                    serve_connection(tcp, plaintext_peer(), remote, shared, None).await
                 }
             }
         });
@@ -306,6 +309,7 @@ async fn serve_connection<S>(
     peer: Arc<PeerIdentity>,
     remote: SocketAddr,
     shared: Arc<Shared>,
+    guard: Option<TrackGuard>,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -316,6 +320,7 @@ async fn serve_connection<S>(
     let mut decoder = Decoder::new(shared.options.max_body);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut stop_rx = shared.stop_rx.clone();
+    let mut trust_closed = guard.as_ref().map(|g| g.closed.clone());
     'conn: loop {
         loop {
             match decoder.decode(&mut buf) {
@@ -342,6 +347,15 @@ async fn serve_connection<S>(
         let n = tokio::select! {
             r = read => r,
             _ = stop_rx.wait_for(|s| *s) => break 'conn,
+            r = trust_changed(&mut trust_closed) => {
+                match r {
+                    Some(d) => {
+                        info!(%remote, peer = %peer, verdict = d.verdict.name(), "closing: {}", d.message);
+                        break 'conn;
+                    }
+                    None => { trust_closed = None; continue; }
+                }
+            }
             _ = sleep_opt(idle) => {
                 if limit.available_permits() == shared.options.max_in_flight_per_connection {
                     debug!(%remote, "closing idle connection");
@@ -366,6 +380,17 @@ async fn serve_connection<S>(
     let _ = limit.acquire_many(shared.options.max_in_flight_per_connection as u32).await;
     drop(tx);
     let _ = writer.await;
+}
+
+/// Resolves when the tracker says this connection's peer is no longer trusted (`Some`), or
+/// when the tracker is gone (`None`); never while it stays trusted.
+async fn trust_changed(
+    rx: &mut Option<watch::Receiver<Option<crate::tls::verify::Diagnosis>>>,
+) -> Option<crate::tls::verify::Diagnosis> {
+    match rx {
+        Some(rx) => rx.wait_for(|c| c.is_some()).await.ok().and_then(|c| c.clone()),
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_opt(d: Option<Duration>) {
@@ -418,7 +443,10 @@ fn dispatch(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let cid = frame.meta.correlation_id.unwrap_or(0);
+    // Calls refused before their method is resolved are counted without the names the peer
+    // sent, which a peer could vary without limit.
     let fail = |code: i32, text: &str| {
+        telemetry::call(Role::Server, "(unknown)", "(unknown)", code);
         send(tx, response_frame(cid, Err((code, shared.error_text(code, text)))));
     };
     if shared.stopping.load(Ordering::Acquire) {
@@ -452,7 +480,10 @@ fn dispatch(
     };
     if let MethodDecision::Denied(why) = shared.policy.may_call(peer, full, method) {
         info!(peer = %peer, service = full, method, verdict = Verdict::MethodNotAllowed.name(), "call denied: {why}");
-        return fail(codes::ERPCAUTH, &format!("{}: {why}", Verdict::MethodNotAllowed.name()));
+        telemetry::call(Role::Server, full, method, codes::ERPCAUTH);
+        let text = format!("{}: {why}", Verdict::MethodNotAllowed.name());
+        send(tx, response_frame(cid, Err((codes::ERPCAUTH, shared.error_text(codes::ERPCAUTH, &text)))));
+        return;
     }
     let checksum = frame.meta.checksum_type == Some(crate::wire::CHECKSUM_CRC32C);
     let with_attachment = frame.meta.checksum_with_attachment.unwrap_or(false);
@@ -471,6 +502,7 @@ fn dispatch(
         attachment: frame.attachment,
         peer: peer.clone(),
     };
+    let (service_name, method_name) = (request.service.clone(), request.method.clone());
     let shared = shared.clone();
     let tx = tx.clone();
     shared.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -483,6 +515,8 @@ fn dispatch(
                 Err((codes::EINTERNAL, shared.error_text(codes::EINTERNAL, "handler panicked")))
             }
         };
+        let code = result.as_ref().err().map_or(0, |(code, _)| *code);
+        telemetry::call(Role::Server, &service_name, &method_name, code);
         let mut frame = response_frame(cid, result);
         if checksum {
             frame.set_checksum(with_attachment);

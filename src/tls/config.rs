@@ -9,6 +9,7 @@
 //! [trust]
 //! ca = ["certs/ca.pem"]          # files or directories
 //! crl = []
+//! require_fresh_crls = false    # true: a CRL past its next-update refuses (crl_stale)
 //!
 //! [policy]
 //! allow = ["spiffe://example.org/ns/prod/*"]
@@ -34,6 +35,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::credentials::{IdentitySource, PemSource, Sources};
 use crate::error::Error;
 use crate::tls::policy::Policy;
 use crate::tls::{Identity, MinVersion, TlsProfile, TrustBundle};
@@ -68,6 +70,9 @@ pub struct TrustSection {
     pub ca: Vec<PathBuf>,
     #[serde(default)]
     pub crl: Vec<PathBuf>,
+    /// Refuse peers whose CRL is past its next-update time (`crl_stale`).
+    #[serde(default)]
+    pub require_fresh_crls: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,24 +129,21 @@ impl ProfileFile {
         }
     }
 
-    /// Loads the files the profile names and builds it.
+    /// Loads the files the profile names and builds it (fixed material; for material that
+    /// rotates, see [`crate::credentials::CredentialStore::from_file`]).
     pub fn into_profile(self) -> Result<TlsProfile, Error> {
-        let identity = match &self.identity {
-            None => None,
-            Some(IdentitySection { combined: Some(c), cert: None, key: None }) => {
-                let pem = std::fs::read(self.path(c)).map_err(|e| {
-                    Error::credentials(None, format!("cannot read {}: {e}", c.display()))
+        let sources = self.sources()?;
+        let mut profile = self.settings()?;
+        profile.identity = match &sources.identity {
+            IdentitySource::None => None,
+            IdentitySource::Combined(p) => {
+                let pem = std::fs::read(p).map_err(|e| {
+                    Error::credentials(None, format!("cannot read {}: {e}", p.display()))
                 })?;
                 Some(Identity::from_combined_pem(&pem)?)
             }
-            Some(IdentitySection { cert: Some(c), key: Some(k), combined: None }) => {
-                Some(Identity::from_files(&self.path(c), &self.path(k))?)
-            }
-            Some(_) => {
-                return Err(Error::config(
-                    "[identity] needs either cert and key, or combined (not both)",
-                ))
-            }
+            IdentitySource::Files { chain, key } => Some(Identity::from_files(chain, key)?),
+            IdentitySource::Pem { chain, key } => Some(Identity::from_pem(chain, key)?),
         };
         let ca: Vec<PathBuf> = self.trust.ca.iter().map(|p| self.path(p)).collect();
         let mut trust = TrustBundle::from_paths(&ca)?;
@@ -151,11 +153,42 @@ impl ProfileFile {
             })?;
             trust.add_crls_pem(&pem)?;
         }
+        trust.require_fresh_crls = profile.trust.require_fresh_crls;
+        profile.trust = trust;
+        Ok(profile)
+    }
+
+    /// The files the profile names, as credential sources (paths resolved).
+    pub fn sources(&self) -> Result<Sources, Error> {
+        let identity = match &self.identity {
+            None => IdentitySource::None,
+            Some(IdentitySection { combined: Some(c), cert: None, key: None }) => {
+                IdentitySource::Combined(self.path(c))
+            }
+            Some(IdentitySection { cert: Some(c), key: Some(k), combined: None }) => {
+                IdentitySource::Files { chain: self.path(c), key: self.path(k) }
+            }
+            Some(_) => {
+                return Err(Error::config(
+                    "[identity] needs either cert and key, or combined (not both)",
+                ))
+            }
+        };
+        Ok(Sources {
+            identity,
+            trust: self.trust.ca.iter().map(|p| PemSource::Path(self.path(p))).collect(),
+            crls: self.trust.crl.iter().map(|p| PemSource::Path(self.path(p))).collect(),
+        })
+    }
+
+    /// Everything but the material: policy, names and TLS settings.
+    pub fn settings(&self) -> Result<TlsProfile, Error> {
         let mut policy = Policy::from_patterns(&self.policy.allow)?;
         for rule in &self.policy.rules {
             policy = policy.with_rule(&rule.methods, &rule.allow)?;
         }
-        let mut profile = TlsProfile::new(identity, trust);
+        let mut profile = TlsProfile::new(None, TrustBundle::default());
+        profile.trust.require_fresh_crls = self.trust.require_fresh_crls;
         profile.policy = policy;
         profile.server_name = self.client.server_name.clone();
         profile.server_spiffe_id = self.client.server_spiffe_id.clone();

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod identity;
 pub mod policy;
+pub(crate) mod tracker;
 pub(crate) mod verify;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ pub use identity::{CertificateInfo, PeerIdentity};
 pub use policy::{MethodDecision, Pattern, Policy};
 
 use crate::error::{Error, Verdict};
+use arc_swap::ArcSwap;
+pub(crate) use tracker::Tracker;
 use verify::{ClientVerifier, ServerVerifier, TrustSummary};
 
 /// Default time allowed for a TLS handshake.
@@ -76,7 +79,7 @@ impl Identity {
         let ck = CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()).map_err(|e| {
             match e {
                 rustls::Error::InconsistentKeys(_) => Error::credentials(
-                    None,
+                    Some(Verdict::KeyMismatch),
                     "the private key does not match the certificate's public key \
                      (key and certificate from different issuances?)",
                 ),
@@ -101,12 +104,15 @@ impl Identity {
 pub struct TrustBundle {
     pub roots: Vec<CertificateDer<'static>>,
     pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Refuse peers whose issuer's CRL is past its next-update time (`crl_stale`). Off by
+    /// default: a CA with no CRL configured is not checked for revocation either way.
+    pub require_fresh_crls: bool,
 }
 
 impl TrustBundle {
     /// From PEM bytes holding one or more CA certificates.
     pub fn from_pem(pem: &[u8]) -> Result<Self, Error> {
-        Ok(TrustBundle { roots: parse_certs(pem, "CA bundle")?, crls: Vec::new() })
+        Ok(TrustBundle { roots: parse_certs(pem, "CA bundle")?, ..Default::default() })
     }
 
     /// From CA files and directories (every `.pem`/`.crt` file in a directory).
@@ -120,14 +126,14 @@ impl TrustBundle {
         if roots.is_empty() {
             return Err(Error::credentials(None, "the trust bundle holds no CA certificate"));
         }
-        Ok(TrustBundle { roots, crls: Vec::new() })
+        Ok(TrustBundle { roots, ..Default::default() })
     }
 
     /// Adds CRLs from PEM bytes.
     pub fn add_crls_pem(&mut self, pem: &[u8]) -> Result<(), Error> {
         for crl in CertificateRevocationListDer::pem_slice_iter(pem) {
             self.crls.push(crl.map_err(|e| {
-                Error::credentials(None, format!("CRL is not valid PEM: {e}"))
+                Error::credentials(Some(Verdict::BadPem), format!("CRL is not valid PEM: {e}"))
             })?);
         }
         Ok(())
@@ -187,14 +193,33 @@ impl TlsProfile {
         config::ProfileFile::load(path.as_ref())?.into_profile()
     }
 
-    /// Builds the server side of this profile.
+    /// Builds the server side of this profile (fixed material; see
+    /// [`crate::credentials::CredentialStore`] for material that rotates).
     pub fn server(&self) -> Result<ServerTls, Error> {
+        Ok(self.server_tls_from(self.server_generation(0)?))
+    }
+
+    pub(crate) fn server_tls_from(&self, generation: ServerGeneration) -> ServerTls {
+        ServerTls {
+            current: Arc::new(ArcSwap::from_pointee(generation)),
+            handshake_timeout: self.handshake_timeout,
+            policy: Arc::new(self.policy.clone()),
+            tracker: Arc::new(Tracker::default()),
+        }
+    }
+
+    pub(crate) fn server_generation(&self, number: u64) -> Result<ServerGeneration, Error> {
         let identity = self.identity.as_ref().ok_or_else(|| {
             Error::config("a server needs an identity: set a certificate chain and private key")
         })?;
         let (roots, trust) = self.trust.store()?;
-        let inner = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider()))
+        let mut builder = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider()))
             .with_crls(self.trust.crls.clone())
+            .allow_unknown_revocation_status();
+        if self.trust.require_fresh_crls {
+            builder = builder.enforce_revocation_expiration();
+        }
+        let inner = builder
             .build()
             .map_err(|e| Error::credentials(None, format!("cannot build client verifier: {e}")))?;
         let verifier =
@@ -202,25 +227,46 @@ impl TlsProfile {
         let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(self.versions())
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(identity.chain.clone(), identity.key.clone_key())
             .map_err(|e| Error::credentials(None, format!("identity cannot be used: {e}")))?;
         // No resumption: every connection is verified against the trust material in force, and
         // no tickets are sent that nobody (brpc included) would use.
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
-        Ok(ServerTls {
-            config: Arc::new(config),
+        Ok(ServerGeneration { config: Arc::new(config), verifier, number })
+    }
+
+    /// Builds the client side of this profile (fixed material).
+    pub fn client(&self) -> Result<ClientTls, Error> {
+        self.client_tls_from(self.client_generation(0)?)
+    }
+
+    pub(crate) fn client_tls_from(&self, generation: ClientGeneration) -> Result<ClientTls, Error> {
+        let server_name = match &self.server_name {
+            Some(n) => Some(
+                ServerName::try_from(n.clone())
+                    .map_err(|_| Error::config(format!("server_name '{n}' is not a valid DNS name or IP")))?,
+            ),
+            None => None,
+        };
+        Ok(ClientTls {
+            current: Arc::new(ArcSwap::from_pointee(generation)),
+            server_name,
             handshake_timeout: self.handshake_timeout,
-            policy: Arc::new(self.policy.clone()),
+            tracker: Arc::new(Tracker::default()),
         })
     }
 
-    /// Builds the client side of this profile.
-    pub fn client(&self) -> Result<ClientTls, Error> {
+    pub(crate) fn client_generation(&self, number: u64) -> Result<ClientGeneration, Error> {
         let (roots, trust) = self.trust.store()?;
-        let inner = WebPkiServerVerifier::builder_with_provider(roots, Arc::new(provider()))
+        let mut builder = WebPkiServerVerifier::builder_with_provider(roots, Arc::new(provider()))
             .with_crls(self.trust.crls.clone())
+            .allow_unknown_revocation_status();
+        if self.trust.require_fresh_crls {
+            builder = builder.enforce_revocation_expiration();
+        }
+        let inner = builder
             .build()
             .map_err(|e| Error::credentials(None, format!("cannot build server verifier: {e}")))?;
         let verifier = Arc::new(ServerVerifier {
@@ -233,7 +279,7 @@ impl TlsProfile {
             .with_protocol_versions(self.versions())
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier);
+            .with_custom_certificate_verifier(verifier.clone());
         let (mut config, ours) = match &self.identity {
             Some(id) => (
                 builder
@@ -244,22 +290,10 @@ impl TlsProfile {
             None => (builder.with_no_client_auth(), None),
         };
         config.resumption = rustls::client::Resumption::disabled();
-        let server_name = match &self.server_name {
-            Some(n) => Some(
-                ServerName::try_from(n.clone())
-                    .map_err(|_| Error::config(format!("server_name '{n}' is not a valid DNS name or IP")))?,
-            ),
-            None => None,
-        };
-        Ok(ClientTls {
-            config: Arc::new(config),
-            server_name,
-            handshake_timeout: self.handshake_timeout,
-            our_identity: ours,
-        })
+        Ok(ClientGeneration { config: Arc::new(config), verifier, our_identity: ours, number })
     }
 
-    fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    pub(crate) fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
         static TLS13_ONLY: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
         static TLS13_AND_12: [&rustls::SupportedProtocolVersion; 2] =
             [&rustls::version::TLS13, &rustls::version::TLS12];
@@ -270,12 +304,14 @@ impl TlsProfile {
     }
 }
 
-/// The server side of a profile, ready to accept.
+/// The server side of a profile, ready to accept. Cloning shares the material: when it comes
+/// from a credential store, every clone sees each new generation.
 #[derive(Clone, Debug)]
 pub struct ServerTls {
-    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) current: Arc<ArcSwap<ServerGeneration>>,
     pub(crate) handshake_timeout: Duration,
     pub(crate) policy: Arc<Policy>,
+    pub(crate) tracker: Arc<Tracker>,
 }
 
 impl ServerTls {
@@ -283,15 +319,44 @@ impl ServerTls {
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
+
+    /// The generation new handshakes use now (0 for fixed material).
+    pub fn generation(&self) -> u64 {
+        self.current.load().number
+    }
 }
 
-/// The client side of a profile, ready to connect.
+/// The client side of a profile, ready to connect. Clones share rotating material.
 #[derive(Clone, Debug)]
 pub struct ClientTls {
-    pub(crate) config: Arc<ClientConfig>,
+    pub(crate) current: Arc<ArcSwap<ClientGeneration>>,
     pub(crate) server_name: Option<ServerName<'static>>,
     pub(crate) handshake_timeout: Duration,
-    pub(crate) our_identity: Option<String>,
+    pub(crate) tracker: Arc<Tracker>,
+}
+
+impl ClientTls {
+    /// The generation new handshakes use now (0 for fixed material).
+    pub fn generation(&self) -> u64 {
+        self.current.load().number
+    }
+}
+
+/// One generation of server material, as rustls uses it.
+#[derive(Debug)]
+pub(crate) struct ServerGeneration {
+    pub config: Arc<ServerConfig>,
+    pub verifier: Arc<ClientVerifier>,
+    pub number: u64,
+}
+
+/// One generation of client material.
+#[derive(Debug)]
+pub(crate) struct ClientGeneration {
+    pub config: Arc<ClientConfig>,
+    pub verifier: Arc<ServerVerifier>,
+    pub our_identity: Option<String>,
+    pub number: u64,
 }
 
 /// The crypto provider: aws-lc-rs with TLS 1.3's suites and X25519, P-256, P-384 and the
@@ -305,7 +370,7 @@ pub fn provider() -> CryptoProvider {
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
     std::fs::read(path)
-        .map_err(|e| Error::credentials(None, format!("cannot read {what} {}: {e}", path.display())))
+        .map_err(|e| Error::credentials(Some(Verdict::Io), format!("cannot read {what} {}: {e}", path.display())))
 }
 
 fn pem_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
@@ -327,10 +392,10 @@ fn pem_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
 pub(crate) fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| Error::credentials(None, format!("{what}: not valid PEM ({e})")))?;
+        .map_err(|e| Error::credentials(Some(Verdict::BadPem), format!("{what}: not valid PEM ({e})")))?;
     if certs.is_empty() {
         return Err(Error::credentials(
-            None,
+            Some(Verdict::BadPem),
             format!("{what}: no \"BEGIN CERTIFICATE\" block found (empty or half-written file?)"),
         ));
     }
@@ -348,9 +413,9 @@ pub(crate) fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'
 pub(crate) fn parse_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, Error> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => Error::credentials(
-            None,
+            Some(Verdict::BadPem),
             format!("{what}: no private key block found (empty or half-written file?)"),
         ),
-        other => Error::credentials(None, format!("{what}: not a valid PEM private key ({other})")),
+        other => Error::credentials(Some(Verdict::BadPem), format!("{what}: not a valid PEM private key ({other})")),
     })
 }

@@ -150,6 +150,36 @@ fn diagnose_chain(
     Diagnosis { verdict, message }
 }
 
+fn diagnosis_of(result: Result<(), TlsError>) -> Option<Diagnosis> {
+    let err = result.err()?;
+    Some(take_diagnosis().unwrap_or_else(|| Diagnosis {
+        verdict: verdict_for_tls_error(&err).0,
+        message: err.to_string(),
+    }))
+}
+
+impl ClientVerifier {
+    /// Verifies an already-presented client chain again (after the trust material changed).
+    pub(crate) fn recheck(&self, chain: &[CertificateDer<'static>]) -> Option<Diagnosis> {
+        let (leaf, rest) = chain.split_first()?;
+        take_diagnosis();
+        diagnosis_of(self.verify_client_cert(leaf, rest, UnixTime::now()).map(|_| ()))
+    }
+}
+
+impl ServerVerifier {
+    /// Verifies an already-presented server chain again, for the name it was dialled by.
+    pub(crate) fn recheck(
+        &self,
+        chain: &[CertificateDer<'static>],
+        name: &ServerName<'static>,
+    ) -> Option<Diagnosis> {
+        let (leaf, rest) = chain.split_first()?;
+        take_diagnosis();
+        diagnosis_of(self.verify_server_cert(leaf, rest, name, &[], UnixTime::now()).map(|_| ()))
+    }
+}
+
 /// Server side: requires a client certificate, verifies it, and applies the allow-list.
 #[derive(Debug)]
 pub(crate) struct ClientVerifier {

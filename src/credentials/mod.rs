@@ -1,0 +1,724 @@
+//! The credential lifecycle: sources, validated generations, the store that publishes them, and
+//! the triggers that reload them.
+//!
+//! A [`CredentialStore`] reads its [`Sources`] (PEM files, a combined key+chain file, directories
+//! such as a Kubernetes secret volume, or bytes handed in), validates them — parse, key matches
+//! certificate, validity window, CRLs signed by a trusted CA, then a pre-flight TLS handshake in
+//! memory between the new identity and the new trust material — and only then publishes them as
+//! a new numbered generation. Every new handshake of the [`ServerTls`]/[`ClientTls`] it hands out
+//! uses the current generation; established connections keep theirs. A load that fails leaves
+//! the last good generation in service and is reported (event, log, counter).
+//!
+//! When the trust bundle or a CRL changes, established connections whose peer the new material
+//! refuses are closed (after their calls in flight finish), unless that is turned off.
+
+mod preflight;
+mod watch;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use aws_lc_rs::digest;
+use rustls_pki_types::CertificateDer;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::error::{Error, Verdict};
+use crate::telemetry;
+use crate::tls::identity::{rfc3339, CertificateInfo};
+use crate::tls::{ClientTls, Identity, ServerTls, TlsProfile, TrustBundle};
+
+/// Where our certificate chain and key come from.
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    /// No identity (a client that only verifies servers).
+    None,
+    /// A chain file (leaf first) and a key file.
+    Files { chain: PathBuf, key: PathBuf },
+    /// One file holding the key and the chain (SPIFFE helper style).
+    Combined(PathBuf),
+    /// PEM bytes handed in through the API.
+    Pem { chain: Vec<u8>, key: Vec<u8> },
+}
+
+/// A PEM source for CA certificates or CRLs.
+#[derive(Clone, Debug)]
+pub enum PemSource {
+    /// A file, or a directory whose `.pem`/`.crt`/`.cer` (CAs) or `.pem`/`.crl` (CRLs) files
+    /// are read in name order.
+    Path(PathBuf),
+    /// PEM bytes handed in through the API.
+    Pem(Vec<u8>),
+}
+
+/// Everything a store loads.
+#[derive(Clone, Debug)]
+pub struct Sources {
+    pub identity: IdentitySource,
+    pub trust: Vec<PemSource>,
+    pub crls: Vec<PemSource>,
+}
+
+impl Sources {
+    /// Paths whose changes should trigger a load (files and directories).
+    fn paths(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        match &self.identity {
+            IdentitySource::Files { chain, key } => out.extend([chain.clone(), key.clone()]),
+            IdentitySource::Combined(p) => out.push(p.clone()),
+            IdentitySource::None | IdentitySource::Pem { .. } => {}
+        }
+        for s in self.trust.iter().chain(&self.crls) {
+            if let PemSource::Path(p) = s {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Which sides of TLS a store serves; the pre-flight handshake checks each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    Server,
+    Client,
+    Both,
+}
+
+impl Use {
+    fn server(self) -> bool {
+        matches!(self, Use::Server | Use::Both)
+    }
+    fn client(self) -> bool {
+        matches!(self, Use::Client | Use::Both)
+    }
+}
+
+/// How a store reloads.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Names the store in metrics, events and logs.
+    pub name: String,
+    /// Watch the source files' directories (inotify on Linux) and reload on change.
+    pub watch: bool,
+    /// Re-read the sources this often and reload if they changed (a fallback for file systems
+    /// where change notification does not work). `None` turns polling off.
+    pub poll_interval: Option<Duration>,
+    /// Reload on this timer as well (checks expiry windows too).
+    pub reload_interval: Option<Duration>,
+    /// Wait this long after a change before loading, so a burst of writes becomes one load; a
+    /// load that fails after a change is retried after the same delay.
+    pub settle: Duration,
+    /// Retries of a failed load after a change, before the rejection is reported.
+    pub retries: u32,
+    /// Close established connections whose peer new trust material refuses.
+    pub close_on_trust_change: bool,
+    /// Emit an `Expiring` event when our certificate has less than this left.
+    pub expiry_warning: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            name: "default".into(),
+            watch: true,
+            poll_interval: Some(Duration::from_secs(30)),
+            reload_interval: None,
+            settle: Duration::from_millis(200),
+            retries: 3,
+            close_on_trust_change: true,
+            expiry_warning: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A lifecycle event, delivered to subscribers and logged.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A new generation went live.
+    Reloaded { store: String, generation: u64, serial: Option<String>, not_after: Option<SystemTime> },
+    /// New material was refused; the previous generation stays in service.
+    Rejected { store: String, verdict: Option<Verdict>, message: String },
+    /// Our certificate expires within the configured warning window.
+    Expiring { store: String, generation: u64, not_after: SystemTime, seconds_left: i64 },
+    /// An established connection was closed because new trust material refuses its peer.
+    ConnectionClosed { store: String, peer: String, verdict: Verdict, message: String },
+}
+
+/// A CRL in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrlInfo {
+    pub issuer: String,
+    pub next_update: Option<SystemTime>,
+    pub revoked: usize,
+}
+
+/// What is in service.
+#[derive(Clone, Debug)]
+pub struct GenerationInfo {
+    pub number: u64,
+    pub loaded_at: SystemTime,
+    /// Our leaf certificate, if the store has an identity.
+    pub certificate: Option<CertificateInfo>,
+    pub earliest_ca_expiry: Option<SystemTime>,
+    pub crls: Vec<CrlInfo>,
+    material_digest: Vec<u8>,
+    trust_digest: Vec<u8>,
+}
+
+type Subscriber = Arc<dyn Fn(&Event) + Send + Sync>;
+
+pub(crate) struct Inner {
+    options: StoreOptions,
+    template: TlsProfile,
+    role: Use,
+    sources: Mutex<Sources>,
+    info: ArcSwap<GenerationInfo>,
+    server: Option<ServerTls>,
+    client: Option<ClientTls>,
+    subscribers: Mutex<Vec<Subscriber>>,
+    /// One load at a time; a trigger arriving during a load waits and then sees the result.
+    load_lock: Mutex<Option<Vec<u8>>>,
+    next_number: AtomicU64,
+    expiry_warned_for: AtomicU64,
+}
+
+/// Rotating credentials for servers and clients. Cheap to clone.
+#[derive(Clone)]
+pub struct CredentialStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CredentialStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialStore")
+            .field("name", &self.inner.options.name)
+            .field("generation", &self.inner.info.load().number)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Material read and validated, not yet published.
+struct Loaded {
+    identity: Option<Identity>,
+    trust: TrustBundle,
+    certificate: Option<CertificateInfo>,
+    earliest_ca_expiry: Option<SystemTime>,
+    crls: Vec<CrlInfo>,
+    material_digest: Vec<u8>,
+    trust_digest: Vec<u8>,
+}
+
+impl CredentialStore {
+    /// Loads and validates the sources (an error here means nothing usable was found) and
+    /// returns a store serving them as generation 1. `template` supplies the policy, names
+    /// and TLS settings; its identity and trust are ignored.
+    pub fn new(role: Use, sources: Sources, template: TlsProfile, options: StoreOptions) -> Result<Self, Error> {
+        if role.server() && matches!(sources.identity, IdentitySource::None) {
+            return Err(Error::config("a server needs an identity: set a certificate chain and private key"));
+        }
+        let mut template = template;
+        template.identity = None;
+        template.trust = TrustBundle { require_fresh_crls: template.trust.require_fresh_crls, ..Default::default() };
+        let loaded = load(&sources, &template, role, &options.name).inspect_err(|e| {
+            telemetry::reload_rejected(&options.name, e.verdict());
+        })?;
+        let profile = with_material(&template, &loaded);
+        let server = if role.server() { Some(profile.server_tls_from(profile.server_generation(1)?)) } else { None };
+        let client = if role.client() { Some(profile.client_tls_from(profile.client_generation(1)?)?) } else { None };
+        let info = info_of(&loaded, 1);
+        let store = CredentialStore {
+            inner: Arc::new(Inner {
+                template,
+                role,
+                sources: Mutex::new(sources),
+                info: ArcSwap::from_pointee(info),
+                server,
+                client,
+                subscribers: Mutex::new(Vec::new()),
+                load_lock: Mutex::new(None),
+                next_number: AtomicU64::new(2),
+                expiry_warned_for: AtomicU64::new(0),
+                options,
+            }),
+        };
+        store.published(&store.inner.info.load_full());
+        if store.inner.options.watch
+            || store.inner.options.poll_interval.is_some()
+            || store.inner.options.reload_interval.is_some()
+        {
+            watch::start(&store)?;
+        }
+        Ok(store)
+    }
+
+    /// A store for the files a profile TOML names (see [`crate::tls::config`]).
+    pub fn from_file(path: impl AsRef<Path>, role: Use, options: StoreOptions) -> Result<Self, Error> {
+        let file = crate::tls::config::ProfileFile::load(path.as_ref())?;
+        let sources = file.sources()?;
+        let template = file.settings()?;
+        Self::new(role, sources, template, options)
+    }
+
+    /// The server side: every handshake uses the generation current at that moment.
+    pub fn server_tls(&self) -> Result<ServerTls, Error> {
+        self.inner.server.clone().ok_or_else(|| Error::config("this credential store was not made for servers"))
+    }
+
+    /// The client side: every new connection uses the generation current at that moment.
+    pub fn client_tls(&self) -> Result<ClientTls, Error> {
+        self.inner.client.clone().ok_or_else(|| Error::config("this credential store was not made for clients"))
+    }
+
+    /// What is in service now.
+    pub fn generation(&self) -> Arc<GenerationInfo> {
+        self.inner.info.load_full()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.options.name
+    }
+
+    /// Calls `f` for every future event. `f` runs on the thread that performed the load (the
+    /// caller of `reload()`, or the runtime's worker running the watcher); keep it short.
+    pub fn subscribe(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
+        self.inner.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::new(f));
+    }
+
+    /// Reads and validates the sources now. Returns the generation in service afterwards: a new
+    /// number if the material changed and passed, the same number if nothing changed. On
+    /// failure the previous generation stays in service and the error says why.
+    pub fn reload(&self) -> Result<u64, Error> {
+        self.load_now(true, true)
+    }
+
+    /// Replaces our identity with PEM bytes and reloads.
+    pub fn set_identity_pem(&self, chain: &[u8], key: &[u8]) -> Result<u64, Error> {
+        self.replace_sources(|s| s.identity = IdentitySource::Pem { chain: chain.to_vec(), key: key.to_vec() })
+    }
+
+    /// Replaces the trust bundle with PEM bytes and reloads.
+    pub fn set_trust_pem(&self, pem: &[u8]) -> Result<u64, Error> {
+        self.replace_sources(|s| s.trust = vec![PemSource::Pem(pem.to_vec())])
+    }
+
+    /// Replaces the CRLs with PEM bytes (empty: no CRLs) and reloads.
+    pub fn set_crls_pem(&self, pem: &[u8]) -> Result<u64, Error> {
+        self.replace_sources(|s| s.crls = if pem.is_empty() { vec![] } else { vec![PemSource::Pem(pem.to_vec())] })
+    }
+
+    fn replace_sources(&self, change: impl FnOnce(&mut Sources)) -> Result<u64, Error> {
+        let previous = {
+            let mut sources = self.inner.sources.lock().unwrap_or_else(|p| p.into_inner());
+            let previous = sources.clone();
+            change(&mut sources);
+            previous
+        };
+        let result = self.load_now(true, true);
+        if result.is_err() {
+            // The new bytes were refused; keep sources consistent with what is in service.
+            *self.inner.sources.lock().unwrap_or_else(|p| p.into_inner()) = previous;
+        }
+        result
+    }
+
+    /// One validated load. `explicit`: validate and answer even when the same bad material was
+    /// already reported. `report`: a failure is reported (event, counter, log); watch-driven
+    /// loads that will be retried pass false.
+    pub(crate) fn load_now(&self, explicit: bool, report: bool) -> Result<u64, Error> {
+        let inner = &self.inner;
+        let mut last_rejected = inner.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let sources = inner.sources.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = inner.info.load_full();
+        let digest = match material_digest(&sources) {
+            Ok(d) => d,
+            Err(e) => return Err(self.rejected(e, None, &mut last_rejected, report)),
+        };
+        if digest == current.material_digest {
+            *last_rejected = None;
+            return Ok(current.number);
+        }
+        if !explicit && last_rejected.as_ref() == Some(&digest) {
+            // Same bad material as last time: already reported.
+            return Err(Error::credentials(None, "the sources still hold the material rejected before"));
+        }
+        let loaded = match load(&sources, &inner.template, inner.role, &inner.options.name) {
+            Ok(l) => l,
+            Err(e) => return Err(self.rejected(e, Some(digest), &mut last_rejected, report)),
+        };
+        let number = inner.next_number.fetch_add(1, Ordering::Relaxed);
+        let profile = with_material(&inner.template, &loaded);
+        let built = (|| -> Result<_, Error> {
+            let s = if inner.server.is_some() { Some(profile.server_generation(number)?) } else { None };
+            let c = if inner.client.is_some() { Some(profile.client_generation(number)?) } else { None };
+            Ok((s, c))
+        })();
+        let (server_gen, client_gen) = match built {
+            Ok(x) => x,
+            Err(e) => return Err(self.rejected(e, Some(digest), &mut last_rejected, report)),
+        };
+        *last_rejected = None;
+        let trust_changed = loaded.trust_digest != current.trust_digest;
+        let info = Arc::new(info_of(&loaded, number));
+        if let (Some(tls), Some(g)) = (&inner.server, server_gen) {
+            tls.current.store(Arc::new(g));
+        }
+        if let (Some(tls), Some(g)) = (&inner.client, client_gen) {
+            tls.current.store(Arc::new(g));
+        }
+        inner.info.store(info.clone());
+        drop(last_rejected);
+        self.published(&info);
+        if trust_changed && inner.options.close_on_trust_change {
+            self.close_refused_connections();
+        }
+        Ok(number)
+    }
+
+    fn rejected(
+        &self,
+        err: Error,
+        digest: Option<Vec<u8>>,
+        last_rejected: &mut Option<Vec<u8>>,
+        report: bool,
+    ) -> Error {
+        if !report {
+            return err;
+        }
+        let name = &self.inner.options.name;
+        let verdict = err.verdict();
+        tracing::warn!(
+            store = %name,
+            verdict = verdict.map(Verdict::name).unwrap_or("invalid"),
+            generation = self.inner.info.load().number,
+            "new credentials rejected, previous generation stays in service: {err}"
+        );
+        telemetry::reload_rejected(name, verdict);
+        *last_rejected = digest;
+        self.emit(&Event::Rejected { store: name.clone(), verdict, message: err.to_string() });
+        err
+    }
+
+    fn published(&self, info: &GenerationInfo) {
+        let name = &self.inner.options.name;
+        let not_after = info.certificate.as_ref().map(|c| c.identity.not_after);
+        let serial = info.certificate.as_ref().map(|c| c.identity.serial.clone());
+        tracing::info!(
+            store = %name,
+            generation = info.number,
+            serial = serial.as_deref().unwrap_or("-"),
+            not_after = %not_after.map(rfc3339).unwrap_or_default(),
+            "credentials in service"
+        );
+        let crls: Vec<(String, Option<SystemTime>)> =
+            info.crls.iter().map(|c| (c.issuer.clone(), c.next_update)).collect();
+        telemetry::reload_succeeded(telemetry::GenerationGauges {
+            store: name,
+            generation: info.number,
+            not_after,
+            earliest_ca_expiry: info.earliest_ca_expiry,
+            crl_next_updates: &crls,
+            loaded_at: info.loaded_at,
+        });
+        self.emit(&Event::Reloaded { store: name.clone(), generation: info.number, serial, not_after });
+        self.check_expiry();
+    }
+
+    /// Emits `Expiring` once per generation when our certificate is inside the warning window.
+    pub(crate) fn check_expiry(&self) {
+        let info = self.inner.info.load();
+        let Some(cert) = &info.certificate else { return };
+        let left = match cert.identity.not_after.duration_since(SystemTime::now()) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        };
+        if left < self.inner.options.expiry_warning.as_secs() as i64
+            && self.inner.expiry_warned_for.swap(info.number, Ordering::Relaxed) != info.number
+        {
+            tracing::warn!(store = %self.inner.options.name, seconds_left = left, "certificate expires soon");
+            self.emit(&Event::Expiring {
+                store: self.inner.options.name.clone(),
+                generation: info.number,
+                not_after: cert.identity.not_after,
+                seconds_left: left,
+            });
+        }
+    }
+
+    fn close_refused_connections(&self) {
+        let name = &self.inner.options.name;
+        let mut closed = Vec::new();
+        if let Some(tls) = &self.inner.server {
+            let generation = tls.current.load_full();
+            closed.extend(tls.tracker.recheck(|chain, _| generation.verifier.recheck(chain)));
+        }
+        if let Some(tls) = &self.inner.client {
+            let generation = tls.current.load_full();
+            closed.extend(tls.tracker.recheck(|chain, server_name| {
+                server_name.and_then(|n| generation.verifier.recheck(chain, n))
+            }));
+        }
+        for c in closed {
+            tracing::info!(store = %name, peer = %c.peer, verdict = c.diagnosis.verdict.name(),
+                "closing a connection the new trust material refuses: {}", c.diagnosis.message);
+            telemetry::connection_closed(name, c.diagnosis.verdict);
+            self.emit(&Event::ConnectionClosed {
+                store: name.clone(),
+                peer: c.peer.display_name(),
+                verdict: c.diagnosis.verdict,
+                message: c.diagnosis.message,
+            });
+        }
+    }
+
+    fn emit(&self, event: &Event) {
+        let subscribers = self.inner.subscribers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for s in subscribers {
+            // A subscriber that panics must not take the store down with it.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s(event)));
+        }
+    }
+
+    pub(crate) fn sources(&self) -> Sources {
+        self.inner.sources.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn options(&self) -> &StoreOptions {
+        &self.inner.options
+    }
+
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Self> {
+        weak.upgrade().map(|inner| CredentialStore { inner })
+    }
+}
+
+fn with_material(template: &TlsProfile, loaded: &Loaded) -> TlsProfile {
+    let mut p = template.clone();
+    p.identity = loaded.identity.clone();
+    p.trust = loaded.trust.clone();
+    p
+}
+
+fn info_of(loaded: &Loaded, number: u64) -> GenerationInfo {
+    GenerationInfo {
+        number,
+        loaded_at: SystemTime::now(),
+        certificate: loaded.certificate.clone(),
+        earliest_ca_expiry: loaded.earliest_ca_expiry,
+        crls: loaded.crls.clone(),
+        material_digest: loaded.material_digest.clone(),
+        trust_digest: loaded.trust_digest.clone(),
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path)
+        .map_err(|e| Error::credentials(Some(Verdict::Io), format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// The bytes of each PEM source, files of a directory in name order.
+fn read_pem_sources(sources: &[PemSource], what: &str, exts: &[&str]) -> Result<Vec<(String, Vec<u8>)>, Error> {
+    let mut out = Vec::new();
+    for s in sources {
+        match s {
+            PemSource::Pem(b) => out.push((format!("{what} (bytes)"), b.clone())),
+            PemSource::Path(p) if p.is_dir() => {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                    .map_err(|e| Error::credentials(None, format!("cannot list {what} directory {}: {e}", p.display())))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| {
+                        // Kubernetes secret volumes hold `..data` and `..2024_…` entries: skip.
+                        !f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".."))
+                            && f.is_file()
+                            && f.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.contains(&e))
+                    })
+                    .collect();
+                files.sort();
+                for f in files {
+                    out.push((f.display().to_string(), read(&f, what)?));
+                }
+            }
+            PemSource::Path(p) => out.push((p.display().to_string(), read(p, what)?)),
+        }
+    }
+    Ok(out)
+}
+
+struct Material {
+    identity: Option<(Vec<u8>, Option<Vec<u8>>)>,
+    trust: Vec<(String, Vec<u8>)>,
+    crls: Vec<(String, Vec<u8>)>,
+}
+
+fn read_material(sources: &Sources) -> Result<Material, Error> {
+    let identity = match &sources.identity {
+        IdentitySource::None => None,
+        IdentitySource::Files { chain, key } => {
+            Some((read(chain, "certificate chain")?, Some(read(key, "private key")?)))
+        }
+        IdentitySource::Combined(p) => Some((read(p, "combined key and chain")?, None)),
+        IdentitySource::Pem { chain, key } => Some((chain.clone(), Some(key.clone()))),
+    };
+    Ok(Material {
+        identity,
+        trust: read_pem_sources(&sources.trust, "CA bundle", &["pem", "crt", "cer"])?,
+        crls: read_pem_sources(&sources.crls, "CRL", &["pem", "crl"])?,
+    })
+}
+
+fn digest_of(parts: &[&[u8]]) -> Vec<u8> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+fn material_digest(sources: &Sources) -> Result<Vec<u8>, Error> {
+    let m = read_material(sources)?;
+    Ok(digest_of_material(&m).0)
+}
+
+/// (digest of everything, digest of trust material only)
+fn digest_of_material(m: &Material) -> (Vec<u8>, Vec<u8>) {
+    let mut trust_parts: Vec<&[u8]> = Vec::new();
+    for (_, b) in m.trust.iter() {
+        trust_parts.push(b);
+    }
+    trust_parts.push(b"--crls--");
+    for (_, b) in m.crls.iter() {
+        trust_parts.push(b);
+    }
+    let trust = digest_of(&trust_parts);
+    let mut all: Vec<&[u8]> = vec![&trust];
+    if let Some((chain, key)) = &m.identity {
+        all.push(chain);
+        all.push(key.as_deref().unwrap_or(b"--combined--"));
+    }
+    (digest_of(&all), trust)
+}
+
+/// Reads, parses and validates; nothing is published here.
+fn load(sources: &Sources, template: &TlsProfile, role: Use, store: &str) -> Result<Loaded, Error> {
+    let m = read_material(sources)?;
+    let (material_digest, trust_digest) = digest_of_material(&m);
+    let identity = match &m.identity {
+        None => None,
+        Some((chain, Some(key))) => Some(Identity::from_pem(chain, key)?),
+        Some((combined, None)) => Some(Identity::from_combined_pem(combined)?),
+    };
+    let mut trust = TrustBundle { require_fresh_crls: template.trust.require_fresh_crls, ..Default::default() };
+    for (what, pem) in &m.trust {
+        trust.roots.extend(crate::tls::parse_certs(pem, what)?);
+    }
+    if trust.roots.is_empty() {
+        return Err(Error::credentials(None, "the trust bundle holds no CA certificate"));
+    }
+    let mut earliest_ca_expiry: Option<SystemTime> = None;
+    for ca in &trust.roots {
+        let info = CertificateInfo::from_der(ca)?;
+        let t = info.identity.not_after;
+        earliest_ca_expiry = Some(earliest_ca_expiry.map_or(t, |e| e.min(t)));
+    }
+    let mut crls = Vec::new();
+    for (what, pem) in &m.crls {
+        let before = trust.crls.len();
+        trust.add_crls_pem(pem).map_err(|e| Error::credentials(None, format!("{what}: {e}")))?;
+        if trust.crls.len() == before {
+            return Err(Error::credentials(Some(Verdict::BadPem), format!("{what}: holds no CRL (empty or truncated file?)")));
+        }
+        for crl in &trust.crls[before..] {
+            crls.push(check_crl(crl.as_ref(), &trust.roots, what, template.trust.require_fresh_crls)?);
+        }
+    }
+    let certificate = match &identity {
+        Some(id) => {
+            let info = id.leaf_info()?;
+            check_validity(&info)?;
+            Some(info)
+        }
+        None => None,
+    };
+    if let Some(id) = &identity {
+        if role.server() {
+            preflight::server(id, &trust, template)?;
+        }
+        if role.client() {
+            preflight::client(id, &trust, template)?;
+        }
+    }
+    tracing::debug!(store, "credentials validated");
+    Ok(Loaded { identity, trust, certificate, earliest_ca_expiry, crls, material_digest, trust_digest })
+}
+
+fn check_validity(info: &CertificateInfo) -> Result<(), Error> {
+    let now = SystemTime::now();
+    let id = &info.identity;
+    if now > id.not_after {
+        return Err(Error::credentials(
+            Some(Verdict::Expired),
+            format!(
+                "our certificate for {} expired: not after {}, now {}; the new material was not put in service",
+                id.display_name(),
+                rfc3339(id.not_after),
+                rfc3339(now)
+            ),
+        ));
+    }
+    if now < id.not_before {
+        return Err(Error::credentials(
+            Some(Verdict::NotYetValid),
+            format!(
+                "our certificate for {} is not valid yet: not before {}, now {}",
+                id.display_name(),
+                rfc3339(id.not_before),
+                rfc3339(now)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A CRL must be signed by a CA in the bundle; a stale one is refused when fresh CRLs are
+/// required.
+fn check_crl(der: &[u8], roots: &[CertificateDer<'static>], what: &str, require_fresh: bool) -> Result<CrlInfo, Error> {
+    let (_, crl) = CertificateRevocationList::from_der(der)
+        .map_err(|e| Error::credentials(Some(Verdict::BadPem), format!("{what}: not a valid CRL: {e}")))?;
+    let issuer = crl.issuer().to_string();
+    let mut signed_by_trusted = false;
+    for ca in roots {
+        let Ok((_, cert)) = X509Certificate::from_der(ca.as_ref()) else { continue };
+        if cert.subject().as_raw() == crl.issuer().as_raw()
+            && crl.verify_signature(cert.public_key()).is_ok()
+        {
+            signed_by_trusted = true;
+            break;
+        }
+    }
+    if !signed_by_trusted {
+        return Err(Error::credentials(
+            Some(Verdict::BadSignature),
+            format!("{what}: the CRL from '{issuer}' is not signed by any CA in the trust bundle"),
+        ));
+    }
+    let next_update = crl.next_update().map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64));
+    if require_fresh {
+        if let Some(t) = next_update {
+            if t < SystemTime::now() {
+                return Err(Error::credentials(
+                    Some(Verdict::CrlStale),
+                    format!("{what}: the CRL from '{issuer}' was due for renewal at {}", rfc3339(t)),
+                ));
+            }
+        }
+    }
+    Ok(CrlInfo { issuer, next_update, revoked: crl.iter_revoked_certificates().count() })
+}
