@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::{response_frame, CatchUnwind, Handler, Request};
+use super::{response_frame, CatchUnwind, Handler, HandlerFuture, Request};
 use crate::error::{codes, Error, Verdict};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::policy::{MethodDecision, Policy};
@@ -507,7 +507,10 @@ fn dispatch(
     let tx = tx.clone();
     shared.in_flight.fetch_add(1, Ordering::AcqRel);
     tokio::spawn(async move {
-        let result = match CatchUnwind(handler.call(request)).await {
+        // The handler is called inside the caught future, so a panic while it builds its
+        // future (before any await) is caught too.
+        let call: HandlerFuture = Box::pin(async move { handler.call(request).await });
+        let result = match CatchUnwind(call).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(status)) => Err((status.code, shared.error_text(status.code, &status.text))),
             Err(panic) => {

@@ -1,6 +1,8 @@
 //! Shared fixtures: a dev PKI generated at test time, an echo server, clients.
 #![allow(dead_code)]
 
+pub mod peers;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};

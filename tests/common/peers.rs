@@ -1,0 +1,179 @@
+//! Child processes for interop tests (openssl, python3, go): output collected by background
+//! threads, bounded waits, killed on drop; plus the checks the interop suites share.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use trustwire::rpc::RunningServer;
+use trustwire::tls::TlsProfile;
+use trustwire::wire::{Decoder, Frame};
+use trustwire::{Error, Server, Verdict};
+
+/// Upper bound for anything a child process is waited for.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Proc {
+    pub what: String,
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub out: Arc<Mutex<Vec<u8>>>,
+    pub err: Arc<Mutex<Vec<u8>>>,
+    /// How many of the two output pipes have reached end of file.
+    pub closed: Arc<AtomicUsize>,
+}
+
+#[allow(dead_code)]
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let what = format!("{cmd:?}");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(AtomicUsize::new(0));
+        collect(child.stdout.take().unwrap(), out.clone(), closed.clone());
+        collect(child.stderr.take().unwrap(), err.clone(), closed.clone());
+        let stdin = child.stdin.take();
+        Proc { what, child, stdin, out, err, closed }
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin already closed");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn stdout(&self) -> Vec<u8> {
+        self.out.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    pub fn output(&self) -> String {
+        format!(
+            "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.what,
+            String::from_utf8_lossy(&self.stdout()),
+            self.stderr()
+        )
+    }
+
+    /// After the process exited: lets the reader threads take in the rest of its output.
+    pub fn drain(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.closed.load(Ordering::Acquire) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Polls until `f` finds what it looks for in (stdout, stderr), or panics after `WAIT`.
+    pub fn wait_for<T>(&mut self, what: &str, mut f: impl FnMut(&[u8], &str) -> Option<T>) -> T {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(t) = f(&self.stdout(), &self.stderr()) {
+                return t;
+            }
+            if self.child.try_wait().unwrap().is_some() {
+                self.drain();
+                if let Some(t) = f(&self.stdout(), &self.stderr()) {
+                    return t;
+                }
+                panic!("process exited before {what}:\n{}", self.output());
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit and its output to be read, or panics after `WAIT`.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        self.wait_exit_within(WAIT)
+    }
+
+    /// Waits for the process to exit and its output to be read, or panics after `limit`.
+    pub fn wait_exit_within(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                self.drain();
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {limit:?} waiting for exit:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn collect(mut r: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>, closed: Arc<AtomicUsize>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => into.lock().unwrap().extend_from_slice(&buf[..n]),
+            }
+        }
+        closed.fetch_add(1, Ordering::Release);
+    });
+}
+
+/// One complete baidu_std frame at the start of `bytes`, if there is one yet.
+pub fn frame_in(bytes: &[u8]) -> Option<Frame> {
+    let mut buf = BytesMut::from(bytes);
+    Decoder::default().decode(&mut buf).unwrap_or_else(|e| panic!("bad frame {bytes:02x?}: {e}"))
+}
+
+/// Checks `frame` is the successful answer to the brpc capture echo_request.bin.
+pub fn assert_echo_answer(frame: &Frame) {
+    let resp = frame.meta.response.as_ref().expect("response meta");
+    assert_eq!(resp.error_code.unwrap_or(0), 0, "{:?}", resp.error_text);
+    assert_eq!(frame.meta.correlation_id, Some(4294967298), "correlation_id echoed verbatim");
+    assert_eq!(trustwire::echo::decode(&frame.payload).unwrap(), "hello world");
+    assert!(frame.attachment.is_empty());
+}
+
+/// An echo server that records every refused handshake.
+pub async fn recording_server(profile: &TlsProfile) -> (RunningServer, Arc<Mutex<Vec<Error>>>) {
+    let seen: Arc<Mutex<Vec<Error>>> = Arc::default();
+    let sink = seen.clone();
+    let mut server = Server::new(profile.server().unwrap());
+    trustwire::echo::register(&mut server);
+    server.options_mut().on_handshake_error =
+        Some(Arc::new(move |_, e| sink.lock().unwrap().push(e.clone())));
+    (server.bind("127.0.0.1:0").await.unwrap(), seen)
+}
+
+/// The verdict of the first refused handshake the server records (waits for it).
+pub async fn server_verdict(seen: &Mutex<Vec<Error>>) -> Verdict {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(e) = seen.lock().unwrap().first() {
+            return e.verdict().unwrap_or_else(|| panic!("no verdict in {e:?}"));
+        }
+        assert!(Instant::now() < deadline, "the server recorded no refused handshake");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
