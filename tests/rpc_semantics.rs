@@ -691,3 +691,28 @@ async fn denied_method_never_runs_the_handler_and_the_connection_stays_open() {
     let err = c.call("t.Admin", "Nope", vec![], opts(5000)).await.unwrap_err();
     assert_eq!(err.rpc_code(), Some(codes::ENOMETHOD), "{err:?}");
 }
+
+/// Dropping a client closes its connection at once (not at the server's idle timeout), so a
+/// process that makes short-lived clients does not pile up sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_or_closing_a_client_closes_its_connection() {
+    let pki = Pki::new();
+    let server = echo_server(&pki.server_profile()).await;
+    let addr = server.local_addr().to_string();
+    let open_fds = || std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let before = open_fds();
+    for _ in 0..20 {
+        let c = client(&addr, &pki.client_profile());
+        assert_eq!(echo(&c, "x").await.unwrap(), "x");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open_fds() > before + 2 {
+        assert!(std::time::Instant::now() < deadline, "{} fds still open after 20 dropped clients", open_fds() - before);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let c = client(&addr, &pki.client_profile());
+    assert_eq!(echo(&c, "before close").await.unwrap(), "before close");
+    c.close();
+    assert_eq!(echo(&c, "after close").await.unwrap(), "after close", "a closed client reconnects on demand");
+}

@@ -65,6 +65,8 @@ struct Conn {
     info: Option<HandshakeInfo>,
     /// Our own identity, to name in errors when the peer refuses it.
     ours: Option<String>,
+    /// Tells the reader to close the connection (the client was closed or dropped).
+    shutdown: tokio::sync::Notify,
 }
 
 impl Conn {
@@ -99,6 +101,29 @@ struct Inner {
     slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
 }
 
+impl Inner {
+    fn close_all(&self) {
+        for slot in &self.slots {
+            // A slot being (re)connected is skipped; it is closed when that finishes or when
+            // its connection is dropped.
+            if let Ok(mut guard) = slot.try_lock() {
+                if let Some(conn) = guard.take() {
+                    conn.closed.store(true, Ordering::Release);
+                    conn.shutdown.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// Dropping the last clone of a client closes its connections (the reader task would otherwise
+/// keep them open until the server's idle timeout).
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.close_all();
+    }
+}
+
 /// A client for one endpoint. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct Client {
@@ -131,6 +156,12 @@ impl Client {
                 options,
             }),
         }
+    }
+
+    /// Closes the client's connections now; calls still waiting fail with a transport error.
+    /// Later calls open new connections. Dropping the last clone of a client does the same.
+    pub fn close(&self) {
+        self.inner.close_all();
     }
 
     pub fn addr(&self) -> &str {
@@ -325,6 +356,7 @@ where
         tx,
         pending: Mutex::new(Some(HashMap::new())),
         closed: AtomicBool::new(false),
+        shutdown: tokio::sync::Notify::new(),
         failure: std::sync::OnceLock::new(),
         info,
         ours: ours.clone(),
@@ -408,6 +440,9 @@ where
                     }
                     Err(e) => break crate::transport::stream_error(&e, conn.ours.as_deref()),
                 },
+                _ = conn.shutdown.notified() => {
+                    break Error::transport("the client was closed");
+                }
                 r = changed => {
                     if r.is_err() {
                         trust_closed = None;
