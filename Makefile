@@ -27,6 +27,7 @@ test: deps
 # measured in the same run. Not a test: numbers depend on the machine.
 bench: deps
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
+	$(CARGO) bench --bench rotation
 
 # A longer decoder fuzzing session (stable Rust; see fuzz/src/main.rs).
 fuzz:

@@ -255,3 +255,78 @@ pub(crate) fn reload_succeeded(g: GenerationGauges<'_>) {
         }
     }
 }
+
+/// A `/metrics` HTTP listener; stops when dropped.
+pub struct MetricsServer {
+    local_addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsServer {
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves [`metrics_text`] at `http://addr/metrics` (plain HTTP/1.1, one response per
+/// connection). Meant for a loopback or cluster-internal address scraped by Prometheus.
+pub async fn serve_metrics(addr: &str) -> Result<MetricsServer, Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::config(format!("cannot listen for metrics on {addr}: {e}")))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| Error::config(format!("cannot read the metrics address: {e}")))?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                // Read the request head (bounded in size and time), answer, close.
+                let mut head = Vec::with_capacity(1024);
+                let mut buf = [0u8; 1024];
+                let read = async {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return false,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    true
+                };
+                if !matches!(tokio::time::timeout(std::time::Duration::from_secs(5), read).await, Ok(true)) {
+                    return;
+                }
+                let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+                let line = String::from_utf8_lossy(line);
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let response = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    let body = metrics_text();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    let body = "only GET /metrics is served here\n";
+                    format!(
+                        "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let _ = sock.write_all(response.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok(MetricsServer { local_addr, task })
+}

@@ -157,3 +157,63 @@ fn serve_echo_stops_gracefully_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `serve-echo --metrics` serves the Prometheus exposition over HTTP, and SIGHUP reloads the
+/// credential files: a bad file is refused with its verdict while the old generation serves.
+#[test]
+fn serve_echo_metrics_and_sighup_reload() {
+    use std::io::{Read, Write};
+    let dir = pki_dir();
+    let d = dir.path();
+    let mut child = Command::new(trustwire_bin())
+        .args(["serve-echo", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .args(["--cert", &p(d, "echo.pem"), "--key", &p(d, "echo.key"), "--ca", &p(d, "ca.pem")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let server = Kill(child);
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let metrics = line.trim().rsplit(' ').next().unwrap().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+
+    let called = ok(&["call", &addr, "example.EchoService/Echo", "--echo", "hi", "--cert", &p(d, "echo.pem"), "--key", &p(d, "echo.key"), "--ca", &p(d, "ca.pem")]);
+    assert_eq!(called.trim(), "hi");
+
+    let mut sock = std::net::TcpStream::connect(&metrics).unwrap();
+    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    sock.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let text = &body[body.find("\r\n\r\n").unwrap() + 4..];
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("exposition parses");
+    let generation = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "trustwire_credential_generation" && s.labels.get("store") == Some("serve-echo"));
+    assert!(generation.is_some(), "{text}");
+    assert!(
+        scrape.samples.iter().any(|s| s.metric == "trustwire_calls_total"
+            && s.labels.get("service") == Some("example.EchoService")
+            && s.labels.get("code") == Some("0")),
+        "{text}"
+    );
+
+    // A truncated key file, then SIGHUP: refused with its verdict, old generation serves on.
+    std::fs::write(d.join("echo.key"), "-----BEGIN PRIVATE KEY-----\nMIGH").unwrap();
+    Command::new("kill").args(["-HUP", &server.0.id().to_string()]).status().unwrap();
+    let mut seen = String::new();
+    while !seen.contains("SIGHUP") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "serve-echo ended; stderr: {seen}");
+        seen.push_str(&line);
+    }
+    assert!(seen.contains("reload refused") && seen.contains("[bad_pem]"), "{seen}");
+    let called = ok(&["call", &addr, "example.EchoService/Echo", "--echo", "still", "--ca", &p(d, "ca.pem"), "--cert", &p(d, "web.pem"), "--key", &p(d, "web.key")]);
+    assert_eq!(called.trim(), "still");
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::credentials::{CredentialStore, IdentitySource, PemSource, Sources, StoreOptions, Use};
 use crate::error::Error;
 use crate::pki::{DevCa, IssueRequest, KeyType, Usage};
 use crate::rpc::{CallOptions, Client, ClientOptions, Server};
@@ -39,6 +40,8 @@ enum Command {
         /// cn:NAME or *. Without any, every peer the CA vouches for is accepted.
         #[arg(long = "allow")]
         allow: Vec<String>,
+        #[command(flatten)]
+        reload: ReloadArgs,
     },
     /// Make one call and print the response or the error's verdict.
     Call {
@@ -111,6 +114,19 @@ enum PkiCommand {
     },
 }
 
+/// How a long-running command picks up new credentials. Files are always watched; SIGHUP
+/// reloads at once.
+#[derive(Args, Debug, Clone)]
+struct ReloadArgs {
+    /// Also re-read the credential files every SECS seconds (a fallback where file change
+    /// notification does not work, e.g. some network file systems).
+    #[arg(long, value_name = "SECS")]
+    reload_interval: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+}
+
 /// Where credentials come from: a profile file, or separate PEM files.
 #[derive(Args, Debug, Clone)]
 struct Creds {
@@ -132,6 +148,43 @@ struct Creds {
 }
 
 impl Creds {
+    /// A credential store for these files, reloading as `reload` says.
+    fn store(&self, role: Use, reload: &ReloadArgs, name: &str, allow: &[String]) -> Result<CredentialStore, Error> {
+        let (mut sources, mut template) = match &self.config {
+            Some(path) => {
+                let file = crate::tls::config::ProfileFile::load(path)?;
+                (file.sources()?, file.settings()?)
+            }
+            None => (
+                Sources { identity: IdentitySource::None, trust: vec![], crls: vec![] },
+                TlsProfile::new(None, TrustBundle::default()),
+            ),
+        };
+        if !self.ca.is_empty() {
+            sources.trust = self.ca.iter().cloned().map(PemSource::Path).collect();
+        }
+        if sources.trust.is_empty() {
+            return Err(Error::config("give --ca FILE (trusted CAs) or --config FILE"));
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => sources.identity = IdentitySource::Files { chain: c.clone(), key: k.clone() },
+            (None, None) => {}
+            _ => return Err(Error::config("--cert and --key go together")),
+        }
+        if self.tls12 {
+            template.min_version = MinVersion::Tls12;
+        }
+        if !allow.is_empty() {
+            template.policy = Policy { allow: Policy::from_patterns(allow)?.allow, ..template.policy };
+        }
+        let options = StoreOptions {
+            name: name.to_string(),
+            reload_interval: reload.reload_interval.map(Duration::from_secs),
+            ..StoreOptions::default()
+        };
+        CredentialStore::new(role, sources, template, options)
+    }
+
     fn profile(&self) -> Result<TlsProfile, Error> {
         let mut profile = match &self.config {
             Some(path) => TlsProfile::from_file(path)?,
@@ -179,7 +232,9 @@ where
     let result = match cli.command {
         Command::Demo => rt.block_on(demo::run()),
         Command::Pki(cmd) => pki(cmd),
-        Command::ServeEcho { listen, creds, allow } => rt.block_on(serve_echo(listen, creds, allow)),
+        Command::ServeEcho { listen, creds, allow, reload } => {
+            rt.block_on(serve_echo(listen, creds, allow, reload))
+        }
         Command::Call {
             addr,
             target,
@@ -259,44 +314,66 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
     Ok(())
 }
 
-async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>) -> Result<(), Error> {
-    let mut profile = creds.profile()?;
-    if !allow.is_empty() {
-        profile.policy = Policy { allow: Policy::from_patterns(&allow)?.allow, ..profile.policy };
-    }
-    if profile.policy.allow.is_empty() {
+async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: ReloadArgs) -> Result<(), Error> {
+    let store = creds.store(Use::Server, &reload, "serve-echo", &allow)?;
+    let tls = store.server_tls()?;
+    if tls.policy().allow.is_empty() {
         tracing::warn!("no allow-list: any peer whose certificate the trust bundle verifies may connect");
     }
-    let mut server = Server::new(profile.server()?);
+    let metrics = match &reload.metrics {
+        Some(addr) => Some(crate::telemetry::serve_metrics(addr).await?),
+        None => None,
+    };
+    let mut server = Server::new(tls);
     crate::echo::register(&mut server);
     let running = server.bind(&listen).await?;
     println!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
-    wait_for_stop_signal().await;
+    if let Some(m) = &metrics {
+        println!("metrics on http://{}/metrics", m.local_addr());
+    }
+    while let Signal::Reload = wait_for_signal().await {
+        match store.reload() {
+            Ok(generation) => eprintln!("SIGHUP: credentials generation {generation} in service"),
+            Err(e) => eprintln!("SIGHUP: reload refused, previous generation stays [{}]: {e}",
+                e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())),
+        }
+    }
     // Progress goes to stderr: stdout may be a pipe whose reader only wanted the address.
     eprintln!("stopping: finishing calls in flight");
     running.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// Waits for SIGTERM or Ctrl-C (stop) or SIGHUP (reload credentials).
+async fn wait_for_signal() -> Signal {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+            (Ok(mut term), Ok(mut hup)) => {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => Signal::Stop,
+                    _ = term.recv() => Signal::Stop,
+                    _ = hup.recv() => Signal::Reload,
                 }
             }
-            Err(e) => {
-                tracing::warn!("cannot watch SIGTERM ({e}); stopping on Ctrl-C only");
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("cannot watch SIGTERM/SIGHUP ({e}); stopping on Ctrl-C only");
                 let _ = tokio::signal::ctrl_c().await;
+                Signal::Stop
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        Signal::Stop
+    }
 }
 
 struct CallArgs {
