@@ -20,7 +20,7 @@ demo: build
 
 test: deps
 	$(CARGO) build --release --bin trustwire
-	$(CARGO) test --workspace --release -- --test-threads=2
+	TRUSTWIRE_REQUIRE_PEERS=1 $(CARGO) test --workspace --release -- --test-threads=2
 	$(CARGO) run --release -p trustwire-fuzz -- --seconds $(FUZZ_SECONDS)
 
 # Throughput and handshake benchmarks; prints a table and JSON with ratios against baselines

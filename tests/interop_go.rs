@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -61,20 +60,7 @@ fn go_command(target: &Path) -> Command {
 
 fn build_tlspeer() -> Option<PathBuf> {
     let target = target_dir();
-    let found = go_command(&target)
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !found {
-        // Straight to stderr, past libtest's capture, so the skip shows even when tests pass.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!!!!! SKIPPED: `go` was not found; interop with Go's crypto/tls NOT tested \
-             (run scripts/deps.sh) !!!!!!!!\n"
-        );
+    if !tool_available(go_command(&target).arg("version"), "`go` (Go crypto/tls interop)") {
         return None;
     }
     let dir = target.join("go-bin");

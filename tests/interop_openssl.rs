@@ -6,9 +6,8 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::peers::*;
 use common::*;
@@ -17,22 +16,7 @@ use trustwire::Verdict;
 
 
 fn have_openssl() -> bool {
-    let ok = Command::new("openssl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        // Straight to stderr, past libtest's capture, so the skip shows even when tests pass.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!!!!! SKIPPED: the `openssl` binary was not found; interop with OpenSSL NOT \
-             tested (run scripts/deps.sh) !!!!!!!!\n"
-        );
-    }
-    ok
+    tool_available(Command::new("openssl").arg("version"), "the `openssl` binary (OpenSSL interop)")
 }
 
 

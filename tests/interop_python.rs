@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 
 use common::peers::*;
 use common::*;
@@ -16,22 +15,7 @@ use trustwire::rpc::RunningServer;
 
 
 fn have_python() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import ssl"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        // Straight to stderr, past libtest's capture, so the skip shows even when tests pass.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!!!!! SKIPPED: `python3` with the ssl module was not found; interop with \
-             Python's ssl NOT tested (run scripts/deps.sh) !!!!!!!!\n"
-        );
-    }
-    ok
+    tool_available(Command::new("python3").args(["-c", "import ssl"]), "`python3` with the ssl module (Python's ssl interop)")
 }
 
 /// A child process whose output is collected by background threads. Killed on drop.

@@ -14,6 +14,25 @@ use trustwire::tls::TlsProfile;
 use trustwire::wire::{Decoder, Frame};
 use trustwire::{Error, Server, Verdict};
 
+/// Whether `cmd` runs and exits successfully. When it does not, the interop suite that needs it
+/// is skipped with a loud line on stderr, unless `TRUSTWIRE_REQUIRE_PEERS=1` (set by `make
+/// test`), where a missing peer fails the test instead of passing it untested.
+pub fn tool_available(cmd: &mut Command, skipped: &str) -> bool {
+    let ok = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        let message = format!("{skipped} was not found; run scripts/deps.sh");
+        assert!(std::env::var_os("TRUSTWIRE_REQUIRE_PEERS").is_none(), "{message}");
+        // Straight to stderr, past libtest's capture, so the skip shows even when tests pass.
+        let _ = writeln!(std::io::stderr(), "\n!!!!!!!! SKIPPED: {message} !!!!!!!!\n");
+    }
+    ok
+}
+
 /// Upper bound for anything a child process is waited for.
 pub const WAIT: Duration = Duration::from_secs(20);
 
