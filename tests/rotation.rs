@@ -134,6 +134,11 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `store` serves the certificate with `serial`.
+async fn wait_for_serial(store: &CredentialStore, serial: &str, what: &str) {
+    wait_for(what, || store.generation().certificate.as_ref().is_some_and(|c| c.identity.serial == serial)).await
+}
+
 /// The serial a fresh connection to `addr` sees on the server's certificate.
 async fn server_serial_seen(addr: &str, profile: &TlsProfile) -> String {
     let c = client(addr, profile);
@@ -209,10 +214,7 @@ async fn server_rotates_by_rename_and_by_symlink_swap_without_failed_calls() {
         // the store must treat as a write still in progress.
         cred.write(pki.dir.path(), "server").unwrap();
         let serial = serial_of(&cred);
-        wait_for(&format!("round {round}: new serial in service"), || {
-            store.generation().certificate.as_ref().map(|c| c.identity.serial.clone()) == Some(serial.clone())
-        })
-        .await;
+        wait_for_serial(&store, &serial, &format!("round {round}: new serial in service")).await;
         assert_eq!(server_serial_seen(&addr, &client_profile).await, serial, "round {round}");
     }
     assert!(store.generation().number >= first + 50);
@@ -231,10 +233,7 @@ async fn server_rotates_by_rename_and_by_symlink_swap_without_failed_calls() {
         let cred = pki.ca.issue(&server_request(&pki)).unwrap();
         vol.swap(&cred, pki.ca.cert_pem());
         let serial = serial_of(&cred);
-        wait_for(&format!("k8s round {round}"), || {
-            store.generation().certificate.as_ref().map(|c| c.identity.serial.clone()) == Some(serial.clone())
-        })
-        .await;
+        wait_for_serial(&store, &serial, &format!("k8s round {round}")).await;
         assert_eq!(server_serial_seen(&addr, &client_profile).await, serial, "k8s round {round}");
     }
     load.finish().await;
@@ -270,10 +269,7 @@ async fn client_rotates_by_rename_and_by_symlink_swap_without_failed_calls() {
                 }
             }
             let serial = serial_of(&cred);
-            wait_for(&format!("{layout} round {round}"), || {
-                store.generation().certificate.as_ref().map(|c| c.identity.serial.clone()) == Some(serial.clone())
-            })
-            .await;
+            wait_for_serial(&store, &serial, &format!("{layout} round {round}")).await;
             // A new connection presents the new certificate to the server.
             let fresh = Client::new(addr.clone(), tls.clone(), ClientOptions::default());
             let seen = fresh.call("test.Peer", "Serial", Vec::new(), CallOptions::default()).await.unwrap();
@@ -381,10 +377,7 @@ async fn a_half_written_file_is_retried_not_reported() {
     std::fs::write(pki.path("server.pem"), &cred.cert_pem).unwrap();
     std::fs::write(pki.path("server.key"), &cred.key_pem).unwrap();
     let serial = serial_of(&cred);
-    wait_for("the completed files in service", || {
-        store.generation().certificate.as_ref().map(|c| c.identity.serial.clone()) == Some(serial.clone())
-    })
-    .await;
+    wait_for_serial(&store, &serial, "the completed files in service").await;
     let rejected = seen.lock().unwrap().iter().filter(|e| matches!(e, Event::Rejected { .. })).count();
     assert_eq!(rejected, 0, "{:?}", seen.lock().unwrap());
 }
