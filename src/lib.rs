@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod echo;
 pub mod error;
 pub mod pki;
+pub mod proxy;
 pub mod rpc;
 pub mod runtime;
 pub mod telemetry;

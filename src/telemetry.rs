@@ -51,6 +51,12 @@ struct CrlLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClosedLabels {
     store: String,
     verdict: &'static str,
@@ -62,6 +68,7 @@ struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     calls: Family<CallLabels, Counter>,
     closed: Family<ClosedLabels, Counter>,
+    proxy: Family<ProxyLabels, Counter>,
     generation: Family<StoreLabels, Gauge>,
     not_after: Family<StoreLabels, Gauge>,
     seconds_left: Family<StoreLabels, Gauge>,
@@ -81,6 +88,7 @@ fn metrics() -> &'static Metrics {
             reloads: Family::default(),
             calls: Family::default(),
             closed: Family::default(),
+            proxy: Family::default(),
             generation: Family::default(),
             not_after: Family::default(),
             seconds_left: Family::default(),
@@ -101,6 +109,11 @@ fn metrics() -> &'static Metrics {
             "connections_closed_by_trust_change",
             "Established connections closed because new trust material refuses their peer",
             m.closed.clone(),
+        );
+        registry.register(
+            "proxy_streams",
+            "Proxied streams by route and outcome (completed, handshake_refused, upstream_error, protocol, io)",
+            m.proxy.clone(),
         );
         registry.register("credential_generation", "Generation number in service", m.generation.clone());
         registry.register(
@@ -213,6 +226,10 @@ pub(crate) fn reload_rejected(store: &str, verdict: Option<Verdict>) {
             verdict: verdict.map(Verdict::name).unwrap_or("invalid"),
         })
         .inc();
+}
+
+pub(crate) fn proxy_stream(route: &str, outcome: &'static str) {
+    metrics().proxy.get_or_create(&ProxyLabels { route: route.to_string(), outcome }).inc();
 }
 
 pub(crate) fn connection_closed(store: &str, verdict: Verdict) {

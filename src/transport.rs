@@ -101,11 +101,23 @@ pub async fn accept(
 ) -> Result<(ServerStream<TcpStream>, HandshakeInfo), Error> {
     let _ = tcp.set_nodelay(true);
     let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "peer".into());
+    accept_on(tls, tcp, &remote).await
+}
+
+/// Runs the server side of a handshake on any accepted byte stream (e.g. a Unix socket).
+pub async fn accept_on<IO>(
+    tls: &ServerTls,
+    io: IO,
+    remote: &str,
+) -> Result<(ServerStream<IO>, HandshakeInfo), Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let generation = tls.current.load_full();
     let acceptor = TlsAcceptor::from(generation.config.clone());
-    let handshake = Diagnosed(acceptor.accept(tcp));
+    let handshake = Diagnosed(acceptor.accept(io));
     let Ok((res, diag)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
-        return count(Role::Server, Err(timeout_error(tls.handshake_timeout, &remote)));
+        return count(Role::Server, Err(timeout_error(tls.handshake_timeout, remote)));
     };
     let stream = res.map_err(|e| handshake_error(&e, diag, None));
     let result = stream.and_then(|s| {

@@ -217,3 +217,60 @@ fn serve_echo_metrics_and_sighup_reload() {
     let called = ok(&["call", &addr, "example.EchoService/Echo", "--echo", "still", "--ca", &p(d, "ca.pem"), "--cert", &p(d, "web.pem"), "--key", &p(d, "web.key")]);
     assert_eq!(called.trim(), "still");
 }
+
+/// `trustwire proxy --config`: a client-side route in front of serve-echo carries a plaintext
+/// brpc request over mTLS; SIGTERM drains and exits 0.
+#[test]
+fn proxy_command_routes_plaintext_brpc_over_mtls_and_drains_on_sigterm() {
+    use std::io::{Read, Write};
+    let dir = pki_dir();
+    let d = dir.path();
+    let (_server, addr) = serve(d, &[]);
+    std::fs::write(
+        d.join("client.toml"),
+        "[identity]\ncert = \"web.pem\"\nkey = \"web.key\"\n[trust]\nca = [\"ca.pem\"]\n[client]\nserver_name = \"localhost\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("proxy.toml"),
+        format!(
+            "drain_seconds = 5\n[[route]]\nname = \"out\"\nmode = \"client\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{addr}\"\nprofile = \"client.toml\"\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(trustwire_bin())
+        .args(["proxy", "--config", &p(d, "proxy.toml")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let proxy = Kill(child);
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("route out: listening on "), "{line}");
+    let local = line.trim().rsplit(' ').next().unwrap().to_string();
+
+    let captures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/brpc");
+    let request = std::fs::read(captures.join("echo_request.bin")).unwrap();
+    let want = std::fs::read(captures.join("echo_response.bin")).unwrap();
+    let mut s = std::net::TcpStream::connect(&local).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&request).unwrap();
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, want);
+    drop(s);
+
+    let mut proxy = proxy;
+    Command::new("kill").args(["-TERM", &proxy.0.id().to_string()]).status().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = proxy.0.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "proxy did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -43,6 +43,12 @@ enum Command {
         #[command(flatten)]
         reload: ReloadArgs,
     },
+    /// Run mTLS proxy routes from a config file (see the README): server side (mTLS in,
+    /// plaintext to a local upstream) and client side (plaintext in on loopback, mTLS out).
+    Proxy {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Make one call and print the response or the error's verdict.
     Call {
         /// host:port
@@ -224,7 +230,7 @@ where
         }
     };
     let default_level = match cli.command {
-        Command::ServeEcho { .. } => "info",
+        Command::ServeEcho { .. } | Command::Proxy { .. } => "info",
         _ => "warn",
     };
     init_logging(default_level);
@@ -258,6 +264,7 @@ where
             timeout: Duration::from_millis(timeout_ms),
             log_id,
         })),
+        Command::Proxy { config } => rt.block_on(proxy(config)),
         Command::Probe { addr, creds, server_name } => rt.block_on(probe(addr, creds, server_name)),
         Command::Inspect { file } => inspect(&file),
     };
@@ -341,6 +348,46 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: Re
     // Progress goes to stderr: stdout may be a pipe whose reader only wanted the address.
     eprintln!("stopping: finishing calls in flight");
     running.shutdown().await;
+    Ok(())
+}
+
+async fn proxy(config: PathBuf) -> Result<(), Error> {
+    let file = crate::proxy::config::ProxyFile::load(&config)?;
+    let routes = file.routes()?;
+    let metrics = match &file.metrics {
+        Some(addr) => Some(crate::telemetry::serve_metrics(addr).await?),
+        None => None,
+    };
+    let mut running = Vec::new();
+    let mut stores = Vec::new();
+    for (route, store) in routes {
+        let r = crate::proxy::start(route).await?;
+        println!("route {}: listening on {}", r.name(), r.local());
+        running.push(r);
+        stores.push(store);
+    }
+    if let Some(m) = &metrics {
+        println!("metrics on http://{}/metrics", m.local_addr());
+    }
+    while let Signal::Reload = wait_for_signal().await {
+        for store in &stores {
+            match store.reload() {
+                Ok(g) => eprintln!("SIGHUP: route {}: credentials generation {g} in service", store.name()),
+                Err(e) => eprintln!(
+                    "SIGHUP: route {}: reload refused, previous generation stays [{}]: {e}",
+                    store.name(),
+                    e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())
+                ),
+            }
+        }
+    }
+    eprintln!("draining: open streams may finish for {}s", file.drain().as_secs());
+    let drain = file.drain();
+    // All routes drain at once, under one deadline.
+    let draining: Vec<_> = running.into_iter().map(|r| tokio::spawn(r.shutdown(drain))).collect();
+    for d in draining {
+        let _ = d.await;
+    }
     Ok(())
 }
 

@@ -1,0 +1,147 @@
+//! `trustwire proxy --config FILE`: several routes, each with its own profile (identity, trust,
+//! allow-list) and upstream.
+//!
+//! ```toml
+//! metrics = "127.0.0.1:9464"      # optional /metrics listener
+//! drain_seconds = 30              # SIGTERM: how long open streams may finish
+//!
+//! [[route]]
+//! name = "echo-in"
+//! mode = "server"                 # mTLS in, plaintext to upstream
+//! listen = "0.0.0.0:8443"
+//! upstream = "127.0.0.1:8000"     # or "unix:/run/echo.sock"
+//! profile = "server.toml"         # the profile file format (identity, trust, policy)
+//! protocol = "baidu_std"          # or "tcp" (default)
+//! identity_key_id = "k1"          # baidu_std: sign identity tokens with this key …
+//! identity_key_file = "token.key" # … whose secret is this file's bytes
+//! proxy_protocol = false          # true: PROXY v2 header with identity TLVs first
+//!
+//! [[route]]
+//! name = "echo-out"
+//! mode = "client"                 # plaintext in (loopback/unix only), mTLS to upstream
+//! listen = "127.0.0.1:9000"
+//! upstream = "echo.example.org:8443"
+//! profile = "client.toml"
+//! ```
+//!
+//! Relative paths are relative to the file. Unknown keys are errors.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{Endpoint, Protocol, Route, RouteTls};
+use crate::credentials::{CredentialStore, StoreOptions, Use};
+use crate::error::Error;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyFile {
+    #[serde(default)]
+    pub metrics: Option<String>,
+    #[serde(default)]
+    pub drain_seconds: Option<u64>,
+    pub route: Vec<RouteSection>,
+    #[serde(skip)]
+    base: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: String,
+    pub mode: String,
+    pub listen: String,
+    pub upstream: String,
+    pub profile: PathBuf,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub identity_key_id: Option<String>,
+    #[serde(default)]
+    pub identity_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+}
+
+impl ProxyFile {
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(format!("cannot read proxy config {}: {e}", path.display())))?;
+        let mut file: ProxyFile =
+            toml::from_str(&text).map_err(|e| Error::config(format!("proxy config {}: {e}", path.display())))?;
+        file.base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if file.route.is_empty() {
+            return Err(Error::config("the proxy config has no [[route]]"));
+        }
+        Ok(file)
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_seconds.unwrap_or(30))
+    }
+
+    /// Builds every route, each with its own credential store (named after the route).
+    pub fn routes(&self) -> Result<Vec<(Route, CredentialStore)>, Error> {
+        let mut out = Vec::new();
+        for r in &self.route {
+            let err = |m: String| Error::config(format!("route {}: {m}", r.name));
+            let use_ = match r.mode.as_str() {
+                "server" => Use::Server,
+                "client" => Use::Client,
+                other => return Err(err(format!("mode = \"{other}\": use \"server\" or \"client\""))),
+            };
+            let protocol = match r.protocol.as_deref() {
+                None | Some("tcp") => Protocol::Tcp,
+                Some("baidu_std") => Protocol::BaiduStd,
+                Some(other) => return Err(err(format!("protocol = \"{other}\": use \"tcp\" or \"baidu_std\""))),
+            };
+            let token_key = match (&r.identity_key_id, &r.identity_key_file) {
+                (Some(id), Some(f)) => {
+                    let secret = std::fs::read(self.path(f))
+                        .map_err(|e| err(format!("cannot read identity_key_file {}: {e}", f.display())))?;
+                    if secret.len() < 16 {
+                        return Err(err("identity_key_file must hold at least 16 bytes of secret".into()));
+                    }
+                    Some((id.clone(), secret))
+                }
+                (None, None) => None,
+                _ => return Err(err("identity_key_id and identity_key_file go together".into())),
+            };
+            if protocol == Protocol::BaiduStd && use_ == Use::Server && token_key.is_none() {
+                return Err(err("a server-side baidu_std route needs identity_key_id and identity_key_file".into()));
+            }
+            let options = StoreOptions { name: r.name.clone(), ..StoreOptions::default() };
+            let store = CredentialStore::from_file(self.path(&r.profile), use_, options)?;
+            let tls = match use_ {
+                Use::Server => RouteTls::Server(store.server_tls()?),
+                _ => RouteTls::Client(store.client_tls()?),
+            };
+            out.push((
+                Route {
+                    name: r.name.clone(),
+                    listen: Endpoint::parse(&r.listen),
+                    upstream: Endpoint::parse(&r.upstream),
+                    tls,
+                    protocol,
+                    token_key,
+                    proxy_protocol: r.proxy_protocol,
+                    connect_timeout: Duration::from_millis(r.connect_timeout_ms.unwrap_or(5000)),
+                },
+                store,
+            ));
+        }
+        Ok(out)
+    }
+}
