@@ -28,6 +28,7 @@ test: deps
 bench: deps
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
 	$(CARGO) bench --bench rotation
+	$(CARGO) bench --bench proxy
 
 # A longer decoder fuzzing session (stable Rust; see fuzz/src/main.rs).
 fuzz:
