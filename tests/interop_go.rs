@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -19,64 +19,11 @@ use trustwire::pki::IssueRequest;
 use trustwire::rpc::RunningServer;
 use trustwire::{Error, Verdict};
 
-/// A cold `go build` compiles crypto/tls from source: allow for a slow machine.
-const BUILD_WAIT: Duration = Duration::from_secs(300);
-
-/// The target directory (CARGO_TARGET_TMPDIR is `<target>/tmp`).
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().to_path_buf()
-}
-
 /// Builds tests/go/tlspeer once per test run; None (after a loud notice) when `go` is absent.
 fn tlspeer() -> Option<PathBuf> {
     static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BUILT.get_or_init(build_tlspeer).clone()
+    BUILT.get_or_init(|| go_build("tlspeer", false, "Go crypto/tls interop")).clone()
 }
-
-/// `go` on PATH, else where the official tarball installs it (scripts/deps.sh accepts both).
-fn go_program() -> PathBuf {
-    let on_path = Command::new("go").arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status();
-    let tarball = Path::new("/usr/local/go/bin/go");
-    if on_path.is_err() && tarball.exists() {
-        return tarball.to_path_buf();
-    }
-    PathBuf::from("go")
-}
-
-fn go_command(target: &Path) -> Command {
-    static GO: OnceLock<PathBuf> = OnceLock::new();
-    let mut cmd = Command::new(GO.get_or_init(go_program));
-    cmd.env("GOFLAGS", "-mod=mod -buildvcs=false")
-        .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", target.join("go-cache"))
-        .env("GOPATH", target.join("go-path"))
-        .env("GOMODCACHE", target.join("go-path/pkg/mod"))
-        // The go command keeps telemetry counters under the user config dir.
-        .env("XDG_CONFIG_HOME", target.join("go-config"))
-        .env("GOPROXY", "off")
-        .env("CGO_ENABLED", "0");
-    cmd
-}
-
-fn build_tlspeer() -> Option<PathBuf> {
-    let target = target_dir();
-    if !tool_available(go_command(&target).arg("version"), "`go` (Go crypto/tls interop)") {
-        return None;
-    }
-    let dir = target.join("go-bin");
-    std::fs::create_dir_all(&dir).unwrap();
-    // Build under a private name, then rename: concurrent test runs never see half a binary.
-    let tmp = dir.join(format!("tlspeer.{}", std::process::id()));
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/go/tlspeer");
-    let mut build =
-        Proc::spawn(go_command(&target).current_dir(&src).arg("build").arg("-o").arg(&tmp).arg("."));
-    let status = build.wait_exit_within(BUILD_WAIT);
-    assert!(status.success(), "go build failed:\n{}", build.output());
-    let bin = dir.join("tlspeer");
-    std::fs::rename(&tmp, &bin).unwrap();
-    Some(bin)
-}
-
 
 /// Runs the Go client against `server`; returns its exit status, stdout and the whole output.
 fn go_client(

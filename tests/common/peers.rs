@@ -196,3 +196,61 @@ pub async fn server_verdict(seen: &Mutex<Vec<Error>>) -> Verdict {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A cold `go build` compiles crypto/tls (and for go-micro, a few dozen modules): allow for a
+/// slow machine.
+const GO_BUILD_WAIT: Duration = Duration::from_secs(600);
+
+/// The target directory (CARGO_TARGET_TMPDIR is `<target>/tmp`).
+pub fn target_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().to_path_buf()
+}
+
+/// `go` on PATH, else where the official tarball installs it (scripts/deps.sh accepts both).
+fn go_program() -> std::path::PathBuf {
+    let on_path = Command::new("go").arg("version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let tarball = std::path::Path::new("/usr/local/go/bin/go");
+    if on_path.is_err() && tarball.exists() {
+        return tarball.to_path_buf();
+    }
+    std::path::PathBuf::from("go")
+}
+
+/// A `go` command whose caches, module downloads and config all live under the target dir.
+/// `online`: modules may be fetched from the Go module proxy (else GOPROXY=off: stdlib only).
+pub fn go_command(online: bool) -> Command {
+    static GO: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let target = target_dir();
+    let mut cmd = Command::new(GO.get_or_init(go_program));
+    cmd.env("GOFLAGS", "-mod=mod -buildvcs=false")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOCACHE", target.join("go-cache"))
+        .env("GOPATH", target.join("go-path"))
+        .env("GOMODCACHE", target.join("go-path/pkg/mod"))
+        // The go command keeps telemetry counters under the user config dir.
+        .env("XDG_CONFIG_HOME", target.join("go-config"))
+        .env("CGO_ENABLED", "0");
+    if !online {
+        cmd.env("GOPROXY", "off");
+    }
+    cmd
+}
+
+/// Builds tests/go/NAME into `<target>/go-bin/NAME`; None (after a loud notice, or a failure
+/// under TRUSTWIRE_REQUIRE_PEERS) when `go` is absent.
+pub fn go_build(name: &str, online: bool, what: &str) -> Option<std::path::PathBuf> {
+    if !tool_available(go_command(false).arg("version"), &format!("`go` ({what})")) {
+        return None;
+    }
+    let dir = target_dir().join("go-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Build under a private name, then rename: concurrent test runs never see half a binary.
+    let tmp = dir.join(format!("{name}.{}", std::process::id()));
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/go").join(name);
+    let mut build = Proc::spawn(go_command(online).current_dir(&src).arg("build").arg("-o").arg(&tmp).arg("."));
+    let status = build.wait_exit_within(GO_BUILD_WAIT);
+    assert!(status.success(), "go build of {name} failed:\n{}", build.output());
+    let bin = dir.join(name);
+    std::fs::rename(&tmp, &bin).unwrap();
+    Some(bin)
+}
