@@ -397,3 +397,32 @@ with socket.create_connection(("127.0.0.1", port)) as raw:
         assert_eq!(text.trim(), "hello from python TLSv1.3");
     }
 }
+
+/// Go's crypto/tls as the client of a server-side baidu_std route: the brpc echo capture goes
+/// through, and the upstream receives the identity token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_client_through_a_baidu_std_route() {
+    use common::peers::{go_build, Proc, WAIT};
+    let Some(bin) = tokio::task::block_in_place(|| go_build("tlspeer", false, "Go crypto/tls through the proxy")) else {
+        return;
+    };
+    let pki = Pki::new();
+    let (upstream, seen) = brpc_upstream().await;
+    let proxy = trustwire::proxy::start(server_route(&pki, &upstream, Protocol::BaiduStd, &[CLIENT_ID])).await.unwrap();
+    let addr = addr_of(&proxy);
+    let (status, out, output) = tokio::task::block_in_place(|| {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.current_dir(pki.dir.path()).arg("client");
+        cmd.args(["-addr", &addr, "-ca", "ca.pem", "-servername", "localhost", "-cert", "client.pem", "-key", "client.key"]);
+        cmd.arg("-send").arg(captures().join("echo_request.bin"));
+        let mut p = Proc::spawn(&mut cmd);
+        drop(p.stdin.take());
+        let status = p.wait_exit_within(WAIT);
+        (status, p.stdout(), p.output())
+    });
+    assert!(status.success(), "{output}");
+    let frame = Decoder::default().decode(&mut BytesMut::from(&out[..])).unwrap().expect("a response frame");
+    assert_eq!(frame.meta.correlation_id, Some(4294967298));
+    let auth = seen.lock().unwrap()[0].clone().expect("token");
+    assert_eq!(token::verify(&auth, &[("k1", KEY)]).unwrap().spiffe_id.as_deref(), Some(CLIENT_ID));
+}
