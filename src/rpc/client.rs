@@ -364,29 +364,16 @@ where
     let reader_conn = conn.clone();
     let writer_conn = Arc::downgrade(&conn);
     tokio::spawn(async move {
-        let mut batch = BytesMut::with_capacity(64 * 1024);
-        while let Some(first) = rx.recv().await {
-            batch.extend_from_slice(&first);
-            while batch.len() < 256 * 1024 {
-                match rx.try_recv() {
-                    Ok(next) => batch.extend_from_slice(&next),
-                    Err(_) => break,
-                }
+        match super::write_queued(&mut wr, &mut rx).await {
+            Ok(()) => {
+                let _ = wr.shutdown().await;
             }
-            let res = async {
-                wr.write_all(&batch).await?;
-                wr.flush().await
-            }
-            .await;
-            batch.clear();
-            if let Err(e) = res {
+            Err(e) => {
                 if let Some(c) = writer_conn.upgrade() {
                     c.fail_all(crate::transport::stream_error(&e, ours.as_deref()));
                 }
-                return;
             }
         }
-        let _ = wr.shutdown().await;
     });
     tokio::spawn(async move {
         let conn = reader_conn;

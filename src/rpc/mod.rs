@@ -140,3 +140,31 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into())
 }
+
+/// Writes queued frames until the queue ends, coalescing what is already queued into one TLS
+/// write (up to 256 KiB); a frame that large on its own is written without a copy.
+pub(crate) async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    const BATCH: usize = 256 * 1024;
+    let mut batch = bytes::BytesMut::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        if first.len() >= BATCH {
+            wr.write_all(&first).await?;
+        } else {
+            batch.extend_from_slice(&first);
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(next) => batch.extend_from_slice(&next),
+                    Err(_) => break,
+                }
+            }
+            wr.write_all(&batch).await?;
+            batch.clear();
+        }
+        wr.flush().await?;
+    }
+    Ok(())
+}

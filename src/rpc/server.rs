@@ -409,30 +409,11 @@ fn send(tx: &mpsc::UnboundedSender<Bytes>, frame: Frame) {
     }
 }
 
-/// Writes queued responses, coalescing whatever is queued into one TLS write.
+/// Writes queued responses; the write side is closed (close_notify) once the queue ends.
 async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
-    const BATCH: usize = 256 * 1024;
-    let mut batch = BytesMut::with_capacity(64 * 1024);
-    while let Some(first) = rx.recv().await {
-        let res = if first.len() >= BATCH {
-            wr.write_all(&first).await
-        } else {
-            batch.extend_from_slice(&first);
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(next) => batch.extend_from_slice(&next),
-                    Err(_) => break,
-                }
-            }
-            let r = wr.write_all(&batch).await;
-            batch.clear();
-            r
-        };
-        if res.is_err() || wr.flush().await.is_err() {
-            return;
-        }
+    if super::write_queued(&mut wr, &mut rx).await.is_ok() {
+        let _ = wr.shutdown().await;
     }
-    let _ = wr.shutdown().await;
 }
 
 fn dispatch(
