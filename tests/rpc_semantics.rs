@@ -716,3 +716,56 @@ async fn dropping_or_closing_a_client_closes_its_connection() {
     c.close();
     assert_eq!(echo(&c, "after close").await.unwrap(), "after close", "a closed client reconnects on demand");
 }
+
+/// A server that ends a connection cleanly (close_notify) has answered all it read, so a call
+/// left unanswered then is sent once more on a new connection; only once, so a server that keeps
+/// doing it gives a transport error rather than a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_unanswered_at_a_clean_close_is_retried_once() {
+    let pki = Pki::new();
+    let tls = pki.server_profile().server().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let answer_from = Arc::new(AtomicUsize::new(1));
+    {
+        let (accepted, answer_from) = (accepted.clone(), answer_from.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let n = accepted.fetch_add(1, Ordering::SeqCst);
+                let tls = tls.clone();
+                let answer = n >= answer_from.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut s, _) = trustwire::transport::accept(&tls, tcp).await.unwrap();
+                    let Some(req) = read_frame(&mut s).await else { return };
+                    if answer {
+                        let f = decode(&req);
+                        let reply = Frame {
+                            meta: RpcMeta {
+                                response: Some(Default::default()),
+                                correlation_id: f.meta.correlation_id,
+                                ..Default::default()
+                            },
+                            payload: f.payload,
+                            attachment: Bytes::new(),
+                        };
+                        s.write_all(&reply.to_bytes().unwrap()).await.unwrap();
+                        let _ = read_frame(&mut s).await;
+                    }
+                    // close_notify, then FIN.
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+    }
+    let c = client(addr, &pki.client_profile());
+    assert_eq!(bounded("retried call", echo(&c, "second time lucky")).await.unwrap(), "second time lucky");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "one retry on a new connection");
+
+    answer_from.store(usize::MAX, Ordering::SeqCst);
+    let c = client(addr, &pki.client_profile());
+    let err = bounded("unanswered call", echo(&c, "never")).await.unwrap_err();
+    assert!(matches!(err, Error::Transport { .. }), "{err:?}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 4, "exactly one retry");
+}

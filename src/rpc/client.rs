@@ -67,6 +67,8 @@ struct Conn {
     ours: Option<String>,
     /// Tells the reader to close the connection (the client was closed or dropped).
     shutdown: tokio::sync::Notify,
+    /// The server ended the connection cleanly (TLS close_notify, then end of stream).
+    closed_cleanly: AtomicBool,
 }
 
 impl Conn {
@@ -236,23 +238,18 @@ impl Client {
         let bytes = frame.to_bytes().map_err(|e| Error::Protocol { message: e.to_string() })?;
         let slot = self.inner.next_conn.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
         let work = async {
-            let conn = self.conn(slot).await?;
-            let (tx, rx) = oneshot::channel();
-            {
-                let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
-                match pending.as_mut() {
-                    Some(p) => p.insert(id, tx),
-                    None => return Err(conn.failure_or_closed()),
-                };
+            // A server that closes a connection cleanly (close_notify) has answered everything
+            // it read, so a call still unanswered then was never run: it is sent once more on a
+            // new connection (as brpc's client retries on a closed connection).
+            let mut retried = false;
+            loop {
+                let conn = self.conn(slot).await?;
+                let result = Self::send_on(&conn, id, bytes.clone()).await;
+                match result {
+                    Err(_) if !retried && conn.closed_cleanly.load(Ordering::Acquire) => retried = true,
+                    other => return other,
+                }
             }
-            if conn.tx.send(bytes).is_err() {
-                conn.pending.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(|p| p.remove(&id));
-                return Err(conn.failure_or_closed());
-            }
-            let guard = PendingGuard { conn: &conn, id };
-            let res = rx.await.unwrap_or_else(|_| Err(Error::transport("connection dropped")));
-            std::mem::forget(guard);
-            res
         };
         let reply = match timeout {
             Some(t) => tokio::time::timeout(t, work).await.map_err(|_| Error::Timeout {
@@ -262,6 +259,25 @@ impl Client {
             None => work.await?,
         };
         response_of(reply)
+    }
+
+    async fn send_on(conn: &Conn, id: i64, bytes: Bytes) -> Result<Frame, Error> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match pending.as_mut() {
+                Some(p) => p.insert(id, tx),
+                None => return Err(conn.failure_or_closed()),
+            };
+        }
+        if conn.tx.send(bytes).is_err() {
+            conn.pending.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(|p| p.remove(&id));
+            return Err(conn.failure_or_closed());
+        }
+        let guard = PendingGuard { conn, id };
+        let res = rx.await.unwrap_or_else(|_| Err(Error::transport("connection dropped")));
+        std::mem::forget(guard);
+        res
     }
 
     async fn conn(&self, slot: usize) -> Result<Arc<Conn>, Error> {
@@ -357,6 +373,7 @@ where
         pending: Mutex::new(Some(HashMap::new())),
         closed: AtomicBool::new(false),
         shutdown: tokio::sync::Notify::new(),
+        closed_cleanly: AtomicBool::new(false),
         failure: std::sync::OnceLock::new(),
         info,
         ours: ours.clone(),
@@ -419,7 +436,10 @@ where
             };
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
-                    Ok(0) => break Error::transport("the server closed the connection"),
+                    Ok(0) => {
+                        conn.closed_cleanly.store(true, Ordering::Release);
+                        break Error::transport("the server closed the connection");
+                    }
                     Ok(_) => {
                         if buf.capacity() - buf.len() < 4096 {
                             buf.reserve(decoder.wanted(&buf).max(16 * 1024));
