@@ -216,11 +216,21 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    ExitCode::from(status_with_args(args))
+}
+
+/// [`main_with_args`] returning the exit status as a number, for embedders that cannot take an
+/// `ExitCode` apart (the Python console script hands it to `sys.exit`).
+pub fn status_with_args<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() { 2 } else { 0 };
         }
     };
     let default_level = match cli.command {
@@ -262,13 +272,13 @@ where
         Command::Inspect { file } => inspect(&file),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("{}", describe_error(&e));
-            ExitCode::from(match e {
+            match e {
                 Error::Config { .. } => 2,
                 _ => 1,
-            })
+            }
         }
     }
 }
