@@ -33,7 +33,7 @@ test: deps
 python: deps
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "maturin>=1.7,<2" pytest "mypy==2.4.1"
-	$(PY) -m pip install -q --no-build-isolation .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation .
 
 test-python: python
 	$(PY) -m pytest tests/python -q
