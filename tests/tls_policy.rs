@@ -286,7 +286,7 @@ fn verdict_names_are_stable() {
             "unknown_issuer", "bad_signature", "expired", "not_yet_valid", "revoked", "crl_stale",
             "name_mismatch", "bad_key_usage", "unsupported_certificate", "no_peer_certificate",
             "peer_not_allowed", "method_not_allowed", "protocol_version", "no_shared_cipher",
-            "handshake_timeout", "peer_alert", "not_tls", "io"
+            "handshake_timeout", "peer_alert", "not_tls", "io", "key_mismatch", "bad_pem"
         ]
     );
     for (i, v) in Verdict::ALL.iter().enumerate() {
