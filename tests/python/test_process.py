@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -57,3 +58,20 @@ def test_metrics_text_counts_calls(env: Env, echo_server: trustwire.Server) -> N
     assert "trustwire_calls_total" in text
     assert 'service="example.EchoService"' in text
     assert 'store="python"' in text
+
+
+def test_core_logs_reach_python_logging(env: Env, echo_server: trustwire.Server, caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    tls = trustwire.TlsConfig(ca=env.ca_path, server_name="localhost")  # no client certificate
+    with caplog.at_level(logging.INFO, logger="trustwire"):
+        with trustwire.Client(f"127.0.0.1:{echo_server.port}", tls) as client:
+            with pytest.raises(trustwire.PeerAlert):
+                client.call(*ECHO, b"x")
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not any("handshake refused" in r.getMessage() for r in caplog.records):
+            time.sleep(0.02)
+    refused = [r for r in caplog.records if "handshake refused" in r.getMessage()]
+    assert refused, [r.getMessage() for r in caplog.records]
+    assert refused[0].name.startswith("trustwire.")
+    assert "verdict=no_peer_certificate" in refused[0].getMessage()

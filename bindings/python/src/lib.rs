@@ -2,6 +2,7 @@
 //! and calls the core; no TLS or policy logic lives here.
 
 mod errors;
+mod logging;
 mod rpc;
 mod rt;
 mod tls;
@@ -107,6 +108,7 @@ fn cli_main(py: Python<'_>, argv: Vec<String>) -> u8 {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
+    logging::install();
     m.add_class::<tls::PyTlsConfig>()?;
     m.add_class::<tls::PyEvent>()?;
     m.add_class::<rpc::PyServer>()?;
