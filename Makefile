@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: all build demo test test-rust test-fuzz test-python python bench fuzz deps lint clean
+.PHONY: all build demo test test-rust test-fuzz test-python python bench bench-python fuzz deps lint clean
 
 all: build
 
@@ -45,6 +45,10 @@ test-python: python
 bench: deps
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
 	$(CARGO) bench --bench rotation
+
+# trustwire's Python Client against stdlib ssl with a hand-written baidu_std client.
+bench-python: build python
+	$(PY) benches/python_client.py
 
 # A longer decoder fuzzing session (stable Rust; see fuzz/src/main.rs).
 fuzz:

@@ -171,3 +171,23 @@ def test_python_client_rust_server(env: Env) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_handler_calls_another_server(env: Env, echo_server: trustwire.Server) -> None:
+    # A blocking call made from inside a handler (a thread the runtime owns) must not deadlock.
+    backend = trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("frontend-to-backend"))
+    front = trustwire.Server(env.tls("frontend"))
+
+    @front.method("example.Frontend", "Relay")
+    def relay(request: bytes, ctx: trustwire.CallContext) -> bytes:
+        return b"relayed " + backend.call(*ECHO, request, timeout=5)
+
+    with front, trustwire.Client(f"127.0.0.1:{front.port}", env.tls("client")) as client:
+        assert client.call("example.Frontend", "Relay", b"x") == b"relayed x"
+
+        async def many() -> None:
+            answers = await asyncio.gather(*(client.acall("example.Frontend", "Relay", b"%d" % i) for i in range(50)))
+            assert answers == [b"relayed %d" % i for i in range(50)]
+
+        asyncio.run(many())
+    backend.close()

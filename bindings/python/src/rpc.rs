@@ -5,7 +5,7 @@
 //! cannot stall the connections the workers drive.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -195,6 +195,45 @@ impl PyServer {
     }
 }
 
+/// An asynchronous call's answer, on its way to the Python callback.
+struct Completion {
+    done: Py<PyAny>,
+    result: Result<Response, trustwire::Error>,
+}
+
+static COMPLETIONS: OnceLock<mpsc::Sender<Completion>> = OnceLock::new();
+
+/// Answers are handed to Python by one thread of their own, which takes the GIL once for all
+/// the answers waiting (under load, many): runtime workers never wait for the GIL.
+fn completions() -> mpsc::Sender<Completion> {
+    COMPLETIONS
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Completion>();
+            let _ = std::thread::Builder::new().name("trustwire-completions".into()).spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    Python::with_gil(|py| {
+                        deliver(py, first);
+                        for next in rx.try_iter().take(1024) {
+                            deliver(py, next);
+                        }
+                    });
+                }
+            });
+            tx
+        })
+        .clone()
+}
+
+fn deliver(py: Python<'_>, c: Completion) {
+    let outcome = match c.result {
+        Ok(r) => c.done.call1(py, (Some((PyBytes::new(py, &r.payload), PyBytes::new(py, &r.attachment))), py.None())),
+        Err(e) => c.done.call1(py, (py.None(), to_pyerr(py, e).into_value(py))),
+    };
+    if let Err(e) = outcome {
+        e.write_unraisable(py, Some(c.done.bind(py)));
+    }
+}
+
 /// A client for one endpoint; connects on the first call.
 #[pyclass(module = "trustwire._native", name = "Client", frozen)]
 pub struct PyClient {
@@ -271,24 +310,10 @@ impl PyClient {
         let client = self.live(py)?;
         let opts = call_options(timeout, attachment, log_id)?;
         let rt = checked_runtime(py)?;
+        let completions = completions();
         rt.spawn(async move {
             let result = client.call(&service, &method, payload, opts).await;
-            // Taking the GIL may wait; do it off the runtime's workers.
-            let _ = tokio::task::spawn_blocking(move || {
-                Python::with_gil(|py| {
-                    let outcome = match result {
-                        Ok(r) => done.call1(
-                            py,
-                            (Some((PyBytes::new(py, &r.payload), PyBytes::new(py, &r.attachment))), py.None()),
-                        ),
-                        Err(e) => done.call1(py, (py.None(), to_pyerr(py, e).into_value(py))),
-                    };
-                    if let Err(e) = outcome {
-                        e.write_unraisable(py, Some(done.bind(py)));
-                    }
-                })
-            })
-            .await;
+            let _ = completions.send(Completion { done, result });
         });
         Ok(())
     }

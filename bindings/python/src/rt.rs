@@ -31,14 +31,37 @@ pub fn checked_runtime(py: Python<'_>) -> PyResult<&'static tokio::runtime::Runt
     Ok(runtime())
 }
 
-/// Runs `fut` on the runtime and waits for it with the GIL released, waking every 100 ms to
-/// run Python's signal handlers; a KeyboardInterrupt cancels the task.
+/// Runs `fut` and waits for it with the GIL released, waking every 100 ms to run Python's
+/// signal handlers; a KeyboardInterrupt drops (cancels) the operation.
 pub fn block_on<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, Error>> + Send + 'static,
 {
     let rt = checked_runtime(py)?;
+    if tokio::runtime::Handle::try_current().is_ok() {
+        // A Python handler calling out from one of the runtime's blocking threads, where the
+        // runtime cannot be entered again: run the operation as a task and wait for it.
+        return block_on_task(py, rt, fut);
+    }
+    // Polling the operation on this thread saves a task hop per call; its I/O still runs on
+    // the runtime's workers.
+    let mut fut = Box::pin(fut);
+    loop {
+        // The timer must be made inside the runtime (block_on enters it).
+        let polled = py.allow_threads(|| rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut fut).await }));
+        match polled {
+            Ok(result) => return result.map_err(|e| to_pyerr(py, e)),
+            Err(_elapsed) => py.check_signals()?,
+        }
+    }
+}
+
+fn block_on_task<T, F>(py: Python<'_>, rt: &tokio::runtime::Runtime, fut: F) -> PyResult<T>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, Error>> + Send + 'static,
+{
     let (tx, rx) = mpsc::sync_channel(1);
     // Only this thread receives; the mutex just makes the receiver shareable with allow_threads.
     let rx = std::sync::Mutex::new(rx);
