@@ -75,3 +75,20 @@ def test_core_logs_reach_python_logging(env: Env, echo_server: trustwire.Server,
     assert refused, [r.getMessage() for r in caplog.records]
     assert refused[0].name.startswith("trustwire.")
     assert "verdict=no_peer_certificate" in refused[0].getMessage()
+
+
+def test_ctrl_c_interrupts_a_blocking_call(env: Env) -> None:
+    import signal
+    import threading
+    import time
+
+    server = trustwire.Server(env.tls("server"))
+    server.register("example.EchoService", "Slow", lambda p, c: time.sleep(3) or p)
+    with server, trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client")) as client:
+        timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            client.call("example.EchoService", "Slow", b"", timeout=10)
+        assert time.monotonic() - start < 2
+        timer.join()
