@@ -29,6 +29,7 @@ __all__ = [
     "PeerAlert",
     "PeerIdentity",
     "PeerNotAllowed",
+    "PendingCall",
     "ProtocolVersion",
     "Revoked",
     "RpcError",
@@ -206,6 +207,10 @@ class Server:
     def running(self) -> bool: ...
 
 @final
+class PendingCall:
+    def cancel(self) -> None: ...
+
+@final
 class Client:
     def __new__(cls, address: str, tls: TlsConfig, *, connect_timeout: float = 5.0, pool_size: int = 1) -> Client: ...
     def call(
@@ -228,7 +233,7 @@ class Client:
         timeout: Optional[float] = None,
         attachment: Optional[bytes] = None,
         log_id: Optional[int] = None,
-    ) -> None: ...
+    ) -> PendingCall: ...
     def close(self) -> None: ...
     @property
     def address(self) -> str: ...

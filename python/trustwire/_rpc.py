@@ -273,10 +273,15 @@ class Client:
             except RuntimeError:  # the loop was closed before the answer came
                 pass
 
-        self._native.call_async(
+        pending = self._native.call_async(
             service, method, _to_bytes(payload), done, timeout=timeout, attachment=attachment, log_id=log_id
         )
-        data, att = await fut
+        try:
+            data, att = await fut
+        except asyncio.CancelledError:
+            # e.g. asyncio.wait_for gave up: stop waiting on the wire too.
+            pending.cancel()
+            raise
         return Response(data, att)
 
     @overload

@@ -191,3 +191,19 @@ def test_handler_calls_another_server(env: Env, echo_server: trustwire.Server) -
 
         asyncio.run(many())
     backend.close()
+
+
+def test_cancelled_acall_does_not_disturb_the_client(env: Env) -> None:
+    server = trustwire.Server(env.tls("server"))
+    server.register("example.EchoService", "Slow", lambda p, c: time.sleep(0.5) or p)
+    server.register(*ECHO, lambda p, c: p)
+    with server:
+        client = trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client"))
+
+        async def main() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.acall("example.EchoService", "Slow", b"x", timeout=10), 0.1)
+            assert await client.acall(*ECHO, b"after") == b"after"
+
+        asyncio.run(main())
+        client.close()

@@ -121,6 +121,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tls::PyEvent>()?;
     m.add_class::<rpc::PyServer>()?;
     m.add_class::<rpc::PyClient>()?;
+    m.add_class::<rpc::PendingCall>()?;
     m.add_class::<rpc::PyCallContext>()?;
     m.add_class::<rpc::PyPeerIdentity>()?;
     m.add_class::<PyDevCa>()?;

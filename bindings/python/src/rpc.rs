@@ -292,6 +292,20 @@ fn deliver(py: Python<'_>, c: Completion) {
     }
 }
 
+/// A call started by `Client.call_async`.
+#[pyclass(module = "trustwire._native", name = "PendingCall", frozen)]
+pub struct PendingCall {
+    task: tokio::task::AbortHandle,
+}
+
+#[pymethods]
+impl PendingCall {
+    /// Abandons the call: its answer, if one comes, is dropped. Safe to call at any time.
+    fn cancel(&self) {
+        self.task.abort();
+    }
+}
+
 /// A client for one endpoint; connects on the first call.
 #[pyclass(module = "trustwire._native", name = "Client", frozen)]
 pub struct PyClient {
@@ -378,7 +392,8 @@ impl PyClient {
     }
 
     /// Starts a call and returns at once; `done(result, error)` is called later from a thread
-    /// of trustwire's with `((payload, attachment), None)` or `(None, exception)`.
+    /// of trustwire's with `((payload, attachment), None)` or `(None, exception)`, unless the
+    /// returned handle's `cancel()` comes first (then `done` is never called).
     #[pyo3(signature = (service, method, payload, done, *, timeout=None, attachment=None, log_id=None))]
     #[allow(clippy::too_many_arguments)]
     fn call_async(
@@ -391,16 +406,18 @@ impl PyClient {
         timeout: Option<f64>,
         attachment: Option<Vec<u8>>,
         log_id: Option<i64>,
-    ) -> PyResult<()> {
+    ) -> PyResult<PendingCall> {
         let client = self.live(py)?;
         let opts = call_options(timeout, attachment, log_id)?;
         let rt = checked_runtime(py)?;
         let completions = completions();
-        rt.spawn(async move {
+        let task = rt.spawn(async move {
             let result = client.call(&service, &method, payload, opts).await;
             let _ = completions.send(Completion { done, result });
         });
-        Ok(())
+        Ok(PendingCall {
+            task: task.abort_handle(),
+        })
     }
 
     /// Closes the connections; later calls raise TransportError.
