@@ -4,8 +4,12 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 FUZZ_SECONDS ?= 20
+# One target dir for cargo and maturin, so the Python build reuses the core's compiled crates.
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+VENV ?= .venv
+PY := $(VENV)/bin/python
 
-.PHONY: all build demo test test-rust test-fuzz bench fuzz deps lint clean
+.PHONY: all build demo test test-rust test-fuzz test-python python bench bench-python fuzz deps lint clean
 
 all: build
 
@@ -22,6 +26,19 @@ test: deps
 	$(CARGO) build --release --bin trustwire
 	TRUSTWIRE_REQUIRE_PEERS=1 $(CARGO) test --workspace --release -- --test-threads=2
 	$(CARGO) run --release -p trustwire-fuzz -- --seconds $(FUZZ_SECONDS)
+	$(MAKE) --no-print-directory test-python
+
+# The Python package in a virtualenv of its own (.venv): build it the way `pip install .` does,
+# then its tests, the stub check and strict typing of the package and examples.
+python: deps
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "maturin>=1.7,<2" pytest "mypy==2.4.1"
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation .
+
+test-python: python
+	$(PY) -m pytest tests/python -q
+	$(PY) -m mypy.stubtest trustwire._native
+	$(PY) -m mypy --strict python/trustwire $(wildcard examples/python/*.py)
 
 # Throughput and handshake benchmarks; prints a table and JSON with ratios against baselines
 # measured in the same run. Not a test: numbers depend on the machine.
@@ -29,6 +46,10 @@ bench: deps
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
 	$(CARGO) bench --bench rotation
 	$(CARGO) bench --bench proxy
+
+# trustwire's Python Client against stdlib ssl with a hand-written baidu_std client.
+bench-python: build python
+	$(PY) benches/python_client.py
 
 # A longer decoder fuzzing session (stable Rust; see fuzz/src/main.rs).
 fuzz:

@@ -6,6 +6,10 @@ need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || need_apt+=(golang-go)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# The Python suite builds the package in a virtualenv (make test-python).
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  need_apt+=(python3-venv)
+fi
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 

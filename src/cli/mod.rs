@@ -222,11 +222,21 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
+    ExitCode::from(status_with_args(args))
+}
+
+/// [`main_with_args`] returning the exit status as a number, for embedders that cannot take an
+/// `ExitCode` apart (the Python console script hands it to `sys.exit`).
+pub fn status_with_args<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() { 2 } else { 0 };
         }
     };
     let default_level = match cli.command {
@@ -269,13 +279,13 @@ where
         Command::Inspect { file } => inspect(&file),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("{}", describe_error(&e));
-            ExitCode::from(match e {
+            match e {
                 Error::Config { .. } => 2,
                 _ => 1,
-            })
+            }
         }
     }
 }
@@ -333,12 +343,15 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: Re
     };
     let mut server = Server::new(tls);
     crate::echo::register(&mut server);
+    // Listen for signals before announcing the server: a SIGTERM sent as soon as it is up must
+    // stop it gracefully, not kill it with the default action.
+    let mut signals = Signals::new();
     let running = server.bind(&listen).await?;
     println!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
     if let Some(m) = &metrics {
         println!("metrics on http://{}/metrics", m.local_addr());
     }
-    while let Signal::Reload = wait_for_signal().await {
+    while let Signal::Reload = signals.next().await {
         match store.reload() {
             Ok(generation) => eprintln!("SIGHUP: credentials generation {generation} in service"),
             Err(e) => eprintln!("SIGHUP: reload refused, previous generation stays [{}]: {e}",
@@ -396,28 +409,47 @@ enum Signal {
     Reload,
 }
 
-/// Waits for SIGTERM or Ctrl-C (stop) or SIGHUP (reload credentials).
-async fn wait_for_signal() -> Signal {
+/// SIGTERM or Ctrl-C (stop) and SIGHUP (reload credentials), listened for from creation on so
+/// that no signal in between two waits is lost.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
-            (Ok(mut term), Ok(mut hup)) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => Signal::Stop,
-                    _ = term.recv() => Signal::Stop,
-                    _ = hup.recv() => Signal::Reload,
+    unix: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    /// Must be called inside the runtime.
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = (|| {
+                Ok::<_, std::io::Error>([
+                    signal(SignalKind::terminate())?,
+                    signal(SignalKind::interrupt())?,
+                    signal(SignalKind::hangup())?,
+                ])
+            })();
+            match streams {
+                Ok(s) => Signals { unix: Some(s) },
+                Err(e) => {
+                    tracing::warn!("cannot watch SIGTERM/SIGHUP ({e}); stopping on Ctrl-C only");
+                    Signals { unix: None }
                 }
             }
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!("cannot watch SIGTERM/SIGHUP ({e}); stopping on Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
-                Signal::Stop
-            }
         }
+        #[cfg(not(unix))]
+        Signals {}
     }
-    #[cfg(not(unix))]
-    {
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        if let Some([term, int, hup]) = &mut self.unix {
+            return tokio::select! {
+                _ = term.recv() => Signal::Stop,
+                _ = int.recv() => Signal::Stop,
+                _ = hup.recv() => Signal::Reload,
+            };
+        }
         let _ = tokio::signal::ctrl_c().await;
         Signal::Stop
     }

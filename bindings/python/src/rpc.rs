@@ -1,0 +1,433 @@
+//! Server and Client.
+//!
+//! Python handlers never run on the runtime's worker threads: each call is handed to tokio's
+//! blocking pool, which takes the GIL there, so a slow handler (or one waiting for the GIL)
+//! cannot stall the connections the workers drive.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use trustwire::rpc::RunningServer;
+use trustwire::{
+    CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status,
+};
+
+use crate::errors::{rpc_status, to_pyerr, transport_error};
+use crate::rt::{block_on, checked_runtime};
+use crate::tls::{unix, PyTlsConfig};
+
+/// The verified identity of the peer.
+#[pyclass(module = "trustwire._native", name = "PeerIdentity", frozen, get_all)]
+pub struct PyPeerIdentity {
+    spiffe_id: Option<String>,
+    dns_sans: Vec<String>,
+    ip_sans: Vec<String>,
+    uri_sans: Vec<String>,
+    common_name: Option<String>,
+    /// SHA-256 of the certificate (hex).
+    fingerprint: String,
+    /// Serial number (hex).
+    serial: String,
+    /// Unix timestamps.
+    not_before: f64,
+    not_after: f64,
+    subject: String,
+    issuer: String,
+}
+
+impl From<&PeerIdentity> for PyPeerIdentity {
+    fn from(p: &PeerIdentity) -> Self {
+        PyPeerIdentity {
+            spiffe_id: p.spiffe_id.clone(),
+            dns_sans: p.dns_sans.clone(),
+            ip_sans: p.ip_sans.iter().map(|i| i.to_string()).collect(),
+            uri_sans: p.uri_sans.clone(),
+            common_name: p.common_name.clone(),
+            fingerprint: p.fingerprint_sha256.clone(),
+            serial: p.serial.clone(),
+            not_before: unix(p.not_before),
+            not_after: unix(p.not_after),
+            subject: p.subject.clone(),
+            issuer: p.issuer.clone(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyPeerIdentity {
+    fn __repr__(&self) -> String {
+        format!(
+            "PeerIdentity(spiffe_id={:?}, dns_sans={:?}, serial={:?})",
+            self.spiffe_id, self.dns_sans, self.serial
+        )
+    }
+}
+
+/// What a handler knows about the call besides its payload.
+#[pyclass(module = "trustwire._native", name = "CallContext", frozen, get_all)]
+pub struct PyCallContext {
+    service: String,
+    method: String,
+    peer: Py<PyPeerIdentity>,
+    attachment: Py<PyBytes>,
+    log_id: Option<i64>,
+    request_id: Option<String>,
+    timeout_ms: Option<i32>,
+    /// When the caller gives up, as a Unix timestamp (comparable with time.time()).
+    deadline: Option<f64>,
+}
+
+#[pymethods]
+impl PyCallContext {
+    fn __repr__(&self) -> String {
+        format!(
+            "CallContext(service={:?}, method={:?}, log_id={:?})",
+            self.service, self.method, self.log_id
+        )
+    }
+}
+
+fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request) -> Result<Response, Status> {
+    let build = || -> PyResult<(Py<PyBytes>, Py<PyCallContext>)> {
+        let deadline = req.deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            unix(SystemTime::now() + left)
+        });
+        let ctx = PyCallContext {
+            service: req.service.clone(),
+            method: req.method.clone(),
+            peer: Py::new(py, PyPeerIdentity::from(&*req.peer))?,
+            attachment: PyBytes::new(py, &req.attachment).unbind(),
+            log_id: req.log_id,
+            request_id: req.request_id.clone(),
+            timeout_ms: req.timeout_ms,
+            deadline,
+        };
+        Ok((PyBytes::new(py, &req.payload).unbind(), Py::new(py, ctx)?))
+    };
+    let outcome = build().and_then(|(payload, ctx)| {
+        let value = handler.call1(py, (payload, ctx))?;
+        let (payload, attachment): (Vec<u8>, Vec<u8>) = value.extract(py)?;
+        Ok(Response::new(payload).with_attachment(attachment))
+    });
+    outcome.map_err(|e| match rpc_status(py, &e) {
+        Some((code, text)) => Status::new(code, text),
+        // The Python side has logged the traceback; the caller learns only the exception type.
+        None => Status::internal(format!(
+            "handler raised {}",
+            e.get_type(py)
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "an exception".into())
+        )),
+    })
+}
+
+/// A handler and the service and method it answers.
+type Registered = (String, String, Arc<Py<PyAny>>);
+
+/// A server; register handlers, then `start`.
+#[pyclass(module = "trustwire._native", name = "Server", frozen)]
+pub struct PyServer {
+    tls: Py<PyTlsConfig>,
+    handlers: Mutex<Vec<Registered>>,
+    running: Mutex<Option<RunningServer>>,
+    port: Mutex<Option<(String, u16)>>,
+}
+
+#[pymethods]
+impl PyServer {
+    #[new]
+    fn new(tls: Py<PyTlsConfig>) -> Self {
+        PyServer {
+            tls,
+            handlers: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
+            port: Mutex::new(None),
+        }
+    }
+
+    /// Registers `handler(payload: bytes, ctx: CallContext) -> tuple[bytes, bytes]` (payload,
+    /// attachment). Runs on a thread of trustwire's blocking pool.
+    fn register(&self, service: String, method: String, handler: Py<PyAny>) {
+        self.handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((service, method, Arc::new(handler)));
+    }
+
+    /// Binds `address` ("host:port", port 0 for any) and starts serving.
+    fn start(&self, py: Python<'_>, address: String) -> PyResult<u16> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.is_some() {
+            return Err(transport_error(py, "the server is already running"));
+        }
+        let tls = self.tls.get().server_tls(py)?;
+        let mut server = Server::new(tls);
+        for (service, method, handler) in self
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let handler = handler.clone();
+            server.register(service, method, move |req: Request| {
+                let handler = handler.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        Python::with_gil(|py| run_handler(py, &handler, req))
+                    })
+                    .await
+                    .unwrap_or_else(|_| Err(Status::internal("handler thread failed")))
+                }
+            });
+        }
+        let addr = address.clone();
+        let bound = block_on(py, async move { server.bind(&addr).await })?;
+        let local = bound.local_addr();
+        *self.port.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((local.ip().to_string(), local.port()));
+        *running = Some(bound);
+        Ok(local.port())
+    }
+
+    /// The bound port, or None before `start`.
+    #[getter]
+    fn port(&self) -> Option<u16> {
+        self.port
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, p)| *p)
+    }
+
+    /// The bound host, or None before `start`.
+    #[getter]
+    fn host(&self) -> Option<String> {
+        self.port
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(h, _)| h.clone())
+    }
+
+    /// Stops accepting, lets calls in flight finish, then closes connections. Idempotent.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(running) = running {
+            block_on(py, async move {
+                running.shutdown().await;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+/// An asynchronous call's answer, on its way to the Python callback.
+struct Completion {
+    done: Py<PyAny>,
+    result: Result<Response, trustwire::Error>,
+}
+
+static COMPLETIONS: OnceLock<mpsc::Sender<Completion>> = OnceLock::new();
+
+/// Answers are handed to Python by one thread of their own, which takes the GIL once for all
+/// the answers waiting (under load, many): runtime workers never wait for the GIL.
+fn completions() -> mpsc::Sender<Completion> {
+    COMPLETIONS
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Completion>();
+            let _ = std::thread::Builder::new()
+                .name("trustwire-completions".into())
+                .spawn(move || {
+                    while let Ok(first) = rx.recv() {
+                        Python::with_gil(|py| {
+                            deliver(py, first);
+                            for next in rx.try_iter().take(1024) {
+                                deliver(py, next);
+                            }
+                        });
+                    }
+                });
+            tx
+        })
+        .clone()
+}
+
+fn deliver(py: Python<'_>, c: Completion) {
+    let outcome = match c.result {
+        Ok(r) => c.done.call1(
+            py,
+            (
+                Some((
+                    PyBytes::new(py, &r.payload),
+                    PyBytes::new(py, &r.attachment),
+                )),
+                py.None(),
+            ),
+        ),
+        Err(e) => c
+            .done
+            .call1(py, (py.None(), to_pyerr(py, e).into_value(py))),
+    };
+    if let Err(e) = outcome {
+        e.write_unraisable(py, Some(c.done.bind(py)));
+    }
+}
+
+/// A call started by `Client.call_async`.
+#[pyclass(module = "trustwire._native", name = "PendingCall", frozen)]
+pub struct PendingCall {
+    task: tokio::task::AbortHandle,
+}
+
+#[pymethods]
+impl PendingCall {
+    /// Abandons the call: its answer, if one comes, is dropped. Safe to call at any time.
+    fn cancel(&self) {
+        self.task.abort();
+    }
+}
+
+/// A client for one endpoint; connects on the first call.
+#[pyclass(module = "trustwire._native", name = "Client", frozen)]
+pub struct PyClient {
+    client: Client,
+    closed: AtomicBool,
+}
+
+fn call_options(
+    timeout: Option<f64>,
+    attachment: Option<Vec<u8>>,
+    log_id: Option<i64>,
+) -> PyResult<CallOptions> {
+    let timeout = match timeout {
+        None => None,
+        Some(t) if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
+        Some(_) => {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "timeout must be a positive number of seconds",
+            ))
+        }
+    };
+    Ok(CallOptions {
+        timeout,
+        attachment: attachment.map(Bytes::from).unwrap_or_default(),
+        log_id,
+        request_id: None,
+    })
+}
+
+impl PyClient {
+    fn live(&self, py: Python<'_>) -> PyResult<Client> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(transport_error(py, "the client is closed"));
+        }
+        Ok(self.client.clone())
+    }
+}
+
+#[pymethods]
+impl PyClient {
+    #[new]
+    #[pyo3(signature = (address, tls, *, connect_timeout=5.0, pool_size=1))]
+    fn new(
+        py: Python<'_>,
+        address: String,
+        tls: &PyTlsConfig,
+        connect_timeout: f64,
+        pool_size: usize,
+    ) -> PyResult<Self> {
+        let tls = tls.client_tls(py)?;
+        let options = ClientOptions {
+            connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.001)),
+            pool_size: pool_size.max(1),
+            ..ClientOptions::default()
+        };
+        Ok(PyClient {
+            client: Client::new(address, tls, options),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Calls and waits (GIL released); returns (payload, attachment).
+    #[pyo3(signature = (service, method, payload, *, timeout=None, attachment=None, log_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn call<'py>(
+        &self,
+        py: Python<'py>,
+        service: String,
+        method: String,
+        payload: Vec<u8>,
+        timeout: Option<f64>,
+        attachment: Option<Vec<u8>>,
+        log_id: Option<i64>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let client = self.live(py)?;
+        let opts = call_options(timeout, attachment, log_id)?;
+        let r = block_on(py, async move {
+            client.call(&service, &method, payload, opts).await
+        })?;
+        Ok((
+            PyBytes::new(py, &r.payload),
+            PyBytes::new(py, &r.attachment),
+        ))
+    }
+
+    /// Starts a call and returns at once; `done(result, error)` is called later from a thread
+    /// of trustwire's with `((payload, attachment), None)` or `(None, exception)`, unless the
+    /// returned handle's `cancel()` comes first (then `done` is never called).
+    #[pyo3(signature = (service, method, payload, done, *, timeout=None, attachment=None, log_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn call_async(
+        &self,
+        py: Python<'_>,
+        service: String,
+        method: String,
+        payload: Vec<u8>,
+        done: Py<PyAny>,
+        timeout: Option<f64>,
+        attachment: Option<Vec<u8>>,
+        log_id: Option<i64>,
+    ) -> PyResult<PendingCall> {
+        let client = self.live(py)?;
+        let opts = call_options(timeout, attachment, log_id)?;
+        let rt = checked_runtime(py)?;
+        let completions = completions();
+        let task = rt.spawn(async move {
+            let result = client.call(&service, &method, payload, opts).await;
+            let _ = completions.send(Completion { done, result });
+        });
+        Ok(PendingCall {
+            task: task.abort_handle(),
+        })
+    }
+
+    /// Closes the connections; later calls raise TransportError.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.client.close();
+    }
+
+    #[getter]
+    fn address(&self) -> String {
+        self.client.addr().to_string()
+    }
+}

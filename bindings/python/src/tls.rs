@@ -1,0 +1,399 @@
+//! `TlsConfig`: a credential store built from paths, bytes or a profile file.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use trustwire::credentials::{
+    CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use,
+};
+use trustwire::tls::{ClientTls, ServerTls, TlsProfile, TrustBundle};
+use trustwire::{Error, Policy, Verdict};
+
+use crate::errors::{config_error, to_pyerr};
+use crate::rt::checked_runtime;
+
+pub fn unix(t: SystemTime) -> f64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+/// A path (str or os.PathLike) or PEM bytes.
+fn pem_source(obj: &Bound<'_, PyAny>) -> PyResult<PemSource> {
+    if let Ok(b) = obj.downcast::<PyBytes>() {
+        return Ok(PemSource::Pem(b.as_bytes().to_vec()));
+    }
+    Ok(PemSource::Path(obj.extract::<PathBuf>()?))
+}
+
+/// One source or a list of them.
+fn pem_sources(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<PemSource>> {
+    let Some(obj) = obj else {
+        return Ok(Vec::new());
+    };
+    if obj.is_none() {
+        return Ok(Vec::new());
+    }
+    if obj.downcast::<PyBytes>().is_ok()
+        || obj.downcast::<PyString>().is_ok()
+        || obj.extract::<PathBuf>().is_ok()
+    {
+        return Ok(vec![pem_source(obj)?]);
+    }
+    obj.try_iter()?.map(|item| pem_source(&item?)).collect()
+}
+
+/// Subscribers of one store, called in order on one thread of their own so that a slow Python
+/// callback never holds up a reload or a runtime worker.
+struct Dispatcher {
+    callbacks: Arc<Mutex<Vec<Py<PyAny>>>>,
+}
+
+impl Dispatcher {
+    fn start(store: &CredentialStore) -> Self {
+        let callbacks: Arc<Mutex<Vec<Py<PyAny>>>> = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel::<Event>();
+        let tx = Mutex::new(tx);
+        store.subscribe(move |event| {
+            let _ = tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(event.clone());
+        });
+        let cbs = callbacks.clone();
+        let _ = std::thread::Builder::new()
+            .name("trustwire-events".into())
+            .spawn(move || {
+                while let Ok(event) = rx.recv() {
+                    Python::with_gil(|py| {
+                        let list: Vec<Py<PyAny>> = cbs
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .iter()
+                            .map(|c| c.clone_ref(py))
+                            .collect();
+                        if list.is_empty() {
+                            return;
+                        }
+                        let ev = match Py::new(py, PyEvent::from(&event)) {
+                            Ok(ev) => ev,
+                            Err(e) => return e.write_unraisable(py, None),
+                        };
+                        for cb in list {
+                            if let Err(e) = cb.call1(py, (ev.clone_ref(py),)) {
+                                e.write_unraisable(py, Some(cb.bind(py)));
+                            }
+                        }
+                    })
+                }
+            });
+        Dispatcher { callbacks }
+    }
+}
+
+/// A credential lifecycle event.
+#[pyclass(module = "trustwire._native", name = "Event", frozen, get_all)]
+pub struct PyEvent {
+    /// "reloaded", "rejected", "expiring" or "connection_closed".
+    kind: &'static str,
+    store: String,
+    generation: Option<u64>,
+    verdict: Option<&'static str>,
+    message: Option<String>,
+    serial: Option<String>,
+    not_after: Option<f64>,
+    seconds_left: Option<i64>,
+    peer: Option<String>,
+}
+
+impl From<&Event> for PyEvent {
+    fn from(e: &Event) -> Self {
+        let mut out = PyEvent {
+            kind: "",
+            store: String::new(),
+            generation: None,
+            verdict: None,
+            message: None,
+            serial: None,
+            not_after: None,
+            seconds_left: None,
+            peer: None,
+        };
+        match e {
+            Event::Reloaded {
+                store,
+                generation,
+                serial,
+                not_after,
+            } => {
+                out.kind = "reloaded";
+                out.store = store.clone();
+                out.generation = Some(*generation);
+                out.serial = serial.clone();
+                out.not_after = not_after.map(unix);
+            }
+            Event::Rejected {
+                store,
+                verdict,
+                message,
+            } => {
+                out.kind = "rejected";
+                out.store = store.clone();
+                out.verdict = verdict.map(Verdict::name);
+                out.message = Some(message.clone());
+            }
+            Event::Expiring {
+                store,
+                generation,
+                not_after,
+                seconds_left,
+            } => {
+                out.kind = "expiring";
+                out.store = store.clone();
+                out.generation = Some(*generation);
+                out.not_after = Some(unix(*not_after));
+                out.seconds_left = Some(*seconds_left);
+            }
+            Event::ConnectionClosed {
+                store,
+                peer,
+                verdict,
+                message,
+            } => {
+                out.kind = "connection_closed";
+                out.store = store.clone();
+                out.peer = Some(peer.clone());
+                out.verdict = Some(verdict.name());
+                out.message = Some(message.clone());
+            }
+        }
+        out
+    }
+}
+
+#[pymethods]
+impl PyEvent {
+    fn __repr__(&self) -> String {
+        format!(
+            "Event(kind={:?}, store={:?}, generation={:?}, verdict={:?}, message={:?})",
+            self.kind, self.store, self.generation, self.verdict, self.message
+        )
+    }
+}
+
+/// Certificates, trust and policy for servers and clients; reloads without a restart.
+#[pyclass(module = "trustwire._native", name = "TlsConfig", frozen)]
+pub struct PyTlsConfig {
+    store: CredentialStore,
+    role: Use,
+    events: Dispatcher,
+}
+
+impl PyTlsConfig {
+    pub fn server_tls(&self, py: Python<'_>) -> PyResult<ServerTls> {
+        self.store.server_tls().map_err(|_| {
+            config_error(py, "this TlsConfig's certificate cannot be used by a server (client-only usage, or no key)")
+        })
+    }
+
+    pub fn client_tls(&self, py: Python<'_>) -> PyResult<ClientTls> {
+        self.store.client_tls().map_err(|_| {
+            config_error(
+                py,
+                "this TlsConfig's certificate cannot be used by a client (server-only usage)",
+            )
+        })
+    }
+
+    /// Builds the store for both roles when the certificate allows it, else for the one it
+    /// allows (a certificate marked server-only or client-only), else clients without identity.
+    fn build(
+        py: Python<'_>,
+        sources: Sources,
+        template: TlsProfile,
+        options: StoreOptions,
+    ) -> PyResult<Self> {
+        checked_runtime(py)?;
+        let has_identity = !matches!(sources.identity, IdentitySource::None);
+        let result = py.allow_threads(move || -> Result<(CredentialStore, Use), Error> {
+            // The store's watcher runs on the shared runtime.
+            let _guard = trustwire::runtime::runtime().enter();
+            if !has_identity {
+                return CredentialStore::new(Use::Client, sources, template, options)
+                    .map(|s| (s, Use::Client));
+            }
+            let mut last = None;
+            for role in [Use::Both, Use::Server, Use::Client] {
+                match CredentialStore::new(role, sources.clone(), template.clone(), options.clone())
+                {
+                    Ok(s) => return Ok((s, role)),
+                    Err(e) if e.verdict() == Some(Verdict::BadKeyUsage) => last = Some(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(last.expect("at least one role was tried"))
+        });
+        let (store, role) = result.map_err(|e| to_pyerr(py, e))?;
+        let events = Dispatcher::start(&store);
+        Ok(PyTlsConfig {
+            store,
+            role,
+            events,
+        })
+    }
+}
+
+fn options(reload_interval: Option<f64>) -> PyResult<StoreOptions> {
+    let reload_interval = match reload_interval {
+        None => None,
+        Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
+        Some(_) => {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "reload_interval must be a positive number of seconds",
+            ))
+        }
+    };
+    Ok(StoreOptions {
+        name: "python".into(),
+        reload_interval,
+        ..StoreOptions::default()
+    })
+}
+
+#[pymethods]
+impl PyTlsConfig {
+    #[new]
+    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        cert: Option<&Bound<'_, PyAny>>,
+        key: Option<&Bound<'_, PyAny>>,
+        ca: Option<&Bound<'_, PyAny>>,
+        crl: Option<&Bound<'_, PyAny>>,
+        allow: Option<Vec<String>>,
+        rules: Option<Vec<(Vec<String>, Vec<String>)>>,
+        server_name: Option<String>,
+        server_spiffe_id: Option<String>,
+        reload_interval: Option<f64>,
+        require_fresh_crls: bool,
+    ) -> PyResult<Self> {
+        let identity = match (cert, key) {
+            (None, None) => IdentitySource::None,
+            (Some(c), Some(k)) => match (pem_source(c)?, pem_source(k)?) {
+                (PemSource::Path(chain), PemSource::Path(key)) => {
+                    IdentitySource::Files { chain, key }
+                }
+                (PemSource::Pem(chain), PemSource::Pem(key)) => IdentitySource::Pem { chain, key },
+                _ => {
+                    return Err(config_error(
+                        py,
+                        "cert and key must both be paths or both be bytes",
+                    ))
+                }
+            },
+            _ => return Err(config_error(py, "cert and key go together")),
+        };
+        let trust = pem_sources(ca)?;
+        if trust.is_empty() {
+            return Err(config_error(
+                py,
+                "ca is required: the CA certificates that vouch for peers",
+            ));
+        }
+        let sources = Sources {
+            identity,
+            trust,
+            crls: pem_sources(crl)?,
+        };
+        let mut policy =
+            Policy::from_patterns(&allow.unwrap_or_default()).map_err(|e| to_pyerr(py, e))?;
+        for (methods, allow) in rules.unwrap_or_default() {
+            policy = policy
+                .with_rule(&methods, &allow)
+                .map_err(|e| to_pyerr(py, e))?;
+        }
+        let mut template = TlsProfile::new(None, TrustBundle::default());
+        template.policy = policy;
+        template.server_name = server_name;
+        template.server_spiffe_id = server_spiffe_id;
+        template.trust.require_fresh_crls = require_fresh_crls;
+        Self::build(py, sources, template, options(reload_interval)?)
+    }
+
+    /// Loads a TOML profile file (the format the CLI and C API share).
+    #[staticmethod]
+    #[pyo3(signature = (path, *, reload_interval=None))]
+    fn from_file(py: Python<'_>, path: PathBuf, reload_interval: Option<f64>) -> PyResult<Self> {
+        let file = trustwire::tls::config::ProfileFile::load(&path).map_err(|e| to_pyerr(py, e))?;
+        let sources = file.sources().map_err(|e| to_pyerr(py, e))?;
+        let template = file.settings().map_err(|e| to_pyerr(py, e))?;
+        Self::build(py, sources, template, options(reload_interval)?)
+    }
+
+    /// Re-reads the sources now; returns the generation in service afterwards. On failure the
+    /// previous generation stays in service and the exception says why.
+    fn reload(&self, py: Python<'_>) -> PyResult<u64> {
+        let store = self.store.clone();
+        py.allow_threads(move || store.reload())
+            .map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Calls `callback(event)` for every later event, in order, on a thread of trustwire's.
+    fn on_event(&self, callback: Py<PyAny>) {
+        self.events
+            .callbacks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(callback);
+    }
+
+    /// The number of the generation in service (1 after construction).
+    #[getter]
+    fn generation(&self) -> u64 {
+        self.store.generation().number
+    }
+
+    /// Our certificate's not-after as a Unix timestamp, or None without an identity.
+    #[getter]
+    fn not_after(&self) -> Option<f64> {
+        self.store
+            .generation()
+            .certificate
+            .as_ref()
+            .map(|c| unix(c.identity.not_after))
+    }
+
+    /// Our certificate's serial (hex), or None without an identity.
+    #[getter]
+    fn serial(&self) -> Option<String> {
+        self.store
+            .generation()
+            .certificate
+            .as_ref()
+            .map(|c| c.identity.serial.clone())
+    }
+
+    /// The roles this configuration serves: "both", "server" or "client".
+    #[getter]
+    fn roles(&self) -> &'static str {
+        match self.role {
+            Use::Both => "both",
+            Use::Server => "server",
+            Use::Client => "client",
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "TlsConfig(roles={:?}, generation={})",
+            self.roles(),
+            self.generation()
+        )
+    }
+}

@@ -1,0 +1,349 @@
+"""Server and Client: the Python shape around the native ones."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from dataclasses import dataclass
+from types import TracebackType
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Optional,
+    Protocol,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+    overload,
+)
+
+from . import _native
+from ._native import CallContext, RpcError, TlsConfig
+
+_log = logging.getLogger("trustwire")
+
+
+class _Message(Protocol):
+    """A protobuf message (anything with SerializeToString)."""
+
+    def SerializeToString(self) -> bytes: ...  # noqa: N802 (protobuf's name)
+
+
+class _Parseable(Protocol):
+    def ParseFromString(self, data: bytes) -> Any: ...  # noqa: N802 (protobuf's name)
+
+
+M = TypeVar("M", bound=_Parseable)
+Payload = Union[bytes, bytearray, memoryview, _Message]
+HandlerResult = Union[Payload, Tuple[Payload, Union[bytes, bytearray, memoryview]]]
+Handler = Callable[[bytes, CallContext], Union[HandlerResult, Awaitable[HandlerResult]]]
+H = TypeVar("H", bound=Handler)
+
+
+def _to_bytes(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    serialize = getattr(value, "SerializeToString", None)
+    if serialize is None:
+        raise TypeError(f"expected bytes or a message with SerializeToString, got {type(value).__name__}")
+    data = serialize()
+    if not isinstance(data, bytes):
+        raise TypeError("SerializeToString did not return bytes")
+    return data
+
+
+def _response_pair(result: Any) -> Tuple[bytes, bytes]:
+    if isinstance(result, tuple):
+        if len(result) != 2:
+            raise TypeError("a handler returns payload or (payload, attachment)")
+        return _to_bytes(result[0]), _to_bytes(result[1])
+    return _to_bytes(result), b""
+
+
+@dataclass(frozen=True)
+class Response:
+    """A successful answer: the payload and the attachment (b"" when none was sent)."""
+
+    payload: bytes
+    attachment: bytes
+
+
+class Server:
+    """An mTLS baidu_std server.
+
+    Handlers are registered with :meth:`method` and get ``(request: bytes, ctx: CallContext)``;
+    they return ``bytes`` (or a message with ``SerializeToString``) or ``(payload, attachment)``,
+    and may be ``async def``. Raising :class:`RpcError` answers with that code and text; any
+    other exception is logged with its traceback under the ``trustwire`` logger and answers
+    EINTERNAL (2001), and the server keeps serving.
+
+    Plain handlers run on trustwire's worker threads (many at once); ``async def`` handlers run
+    on one event loop thread the server starts for them.
+    """
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self._native = _native.Server(tls)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def method(self, service: str, method: str) -> Callable[[H], H]:
+        """Decorator registering a handler for ``service`` (full name) and ``method``."""
+
+        def register(fn: H) -> H:
+            self.register(service, method, fn)
+            return fn
+
+        return register
+
+    def register(self, service: str, method: str, handler: Handler) -> None:
+        if self._native.running:
+            raise RuntimeError("register handlers before start()")
+
+        def run(payload: bytes, ctx: CallContext) -> Tuple[bytes, bytes]:
+            try:
+                result = handler(payload, ctx)
+                if inspect.isawaitable(result):
+                    result = asyncio.run_coroutine_threadsafe(_as_coroutine(result), self._handler_loop()).result()
+                return _response_pair(result)
+            except RpcError:
+                raise
+            except Exception:
+                _log.exception("handler for %s/%s raised; answered EINTERNAL (2001)", service, method)
+                raise
+
+        self._native.register(service, method, run)
+
+    def _handler_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="trustwire-async-handlers", daemon=True)
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    def start(self, address: str = "127.0.0.1:0") -> int:
+        """Binds ``address`` (port 0: any free port) and serves; returns the port."""
+        return self._native.start(address)
+
+    @property
+    def port(self) -> int:
+        port = self._native.port
+        if port is None:
+            raise RuntimeError("the server has not been started")
+        return port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on."""
+        return f"{self._native.host}:{self.port}"
+
+    def stop(self) -> None:
+        """Stops accepting, lets calls in flight finish, closes connections. Idempotent."""
+        self._native.stop()
+        with self._lock:
+            loop, thread = self._loop, self._loop_thread
+            self._loop = self._loop_thread = None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    def __enter__(self) -> "Server":
+        if not self._native.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.stop()
+
+
+async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _settle(fut: "asyncio.Future[Tuple[bytes, bytes]]", result: Optional[Tuple[bytes, bytes]], error: Optional[BaseException]) -> None:
+    if fut.done():  # cancelled by the caller meanwhile
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        assert result is not None
+        fut.set_result(result)
+
+
+class Client:
+    """An mTLS baidu_std client for one endpoint. Connects on the first call; thread-safe.
+
+    :meth:`call` and :meth:`acall` return the response payload as ``bytes``, or parsed into
+    ``response_type()`` when one is given (anything with ``ParseFromString``, e.g. a protobuf
+    message class). :meth:`call_full`/:meth:`acall_full` return a :class:`Response` with the
+    attachment as well. Blocking calls release the GIL and honour Ctrl-C.
+    """
+
+    def __init__(self, address: str, tls: TlsConfig, *, connect_timeout: float = 5.0, pool_size: int = 1) -> None:
+        self._native = _native.Client(address, tls, connect_timeout=connect_timeout, pool_size=pool_size)
+
+    @property
+    def address(self) -> str:
+        return self._native.address
+
+    def call_full(
+        self,
+        service: str,
+        method: str,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = None,
+        attachment: Optional[bytes] = None,
+        log_id: Optional[int] = None,
+    ) -> Response:
+        data, att = self._native.call(
+            service, method, _to_bytes(payload), timeout=timeout, attachment=attachment, log_id=log_id
+        )
+        return Response(data, att)
+
+    @overload
+    def call(
+        self,
+        service: str,
+        method: str,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = ...,
+        attachment: Optional[bytes] = ...,
+        log_id: Optional[int] = ...,
+        response_type: None = ...,
+    ) -> bytes: ...
+
+    @overload
+    def call(
+        self,
+        service: str,
+        method: str,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = ...,
+        attachment: Optional[bytes] = ...,
+        log_id: Optional[int] = ...,
+        response_type: Type[M],
+    ) -> M: ...
+
+    def call(
+        self,
+        service: str,
+        method: str,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = None,
+        attachment: Optional[bytes] = None,
+        log_id: Optional[int] = None,
+        response_type: Optional[Type[M]] = None,
+    ) -> Union[bytes, M]:
+        """Calls ``service/method`` and waits for the answer (``timeout`` in seconds)."""
+        r = self.call_full(service, method, payload, timeout=timeout, attachment=attachment, log_id=log_id)
+        return _parse(r.payload, response_type)
+
+    async def acall_full(
+        self,
+        service: str,
+        method: str,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = None,
+        attachment: Optional[bytes] = None,
+        log_id: Optional[int] = None,
+    ) -> Response:
+        loop = asyncio.get_running_loop()
+        fut: "asyncio.Future[Tuple[bytes, bytes]]" = loop.create_future()
+
+        def done(result: Optional[Tuple[bytes, bytes]], error: Optional[BaseException]) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the loop was closed before the answer came
+                pass
+
+        pending = self._native.call_async(
+            service, method, _to_bytes(payload), done, timeout=timeout, attachment=attachment, log_id=log_id
+        )
+        try:
+            data, att = await fut
+        except asyncio.CancelledError:
+            # e.g. asyncio.wait_for gave up: stop waiting on the wire too.
+            pending.cancel()
+            raise
+        return Response(data, att)
+
+    @overload
+    async def acall(
+        self,
+        service: str,
+        method: str,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = ...,
+        attachment: Optional[bytes] = ...,
+        log_id: Optional[int] = ...,
+        response_type: None = ...,
+    ) -> bytes: ...
+
+    @overload
+    async def acall(
+        self,
+        service: str,
+        method: str,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = ...,
+        attachment: Optional[bytes] = ...,
+        log_id: Optional[int] = ...,
+        response_type: Type[M],
+    ) -> M: ...
+
+    async def acall(
+        self,
+        service: str,
+        method: str,
+        payload: Payload,
+        *,
+        timeout: Optional[float] = None,
+        attachment: Optional[bytes] = None,
+        log_id: Optional[int] = None,
+        response_type: Optional[Type[M]] = None,
+    ) -> Union[bytes, M]:
+        """:meth:`call` for asyncio: the event loop keeps running while the call is on the wire."""
+        r = await self.acall_full(service, method, payload, timeout=timeout, attachment=attachment, log_id=log_id)
+        return _parse(r.payload, response_type)
+
+    def close(self) -> None:
+        """Closes the connections; later calls raise :class:`TransportError`."""
+        self._native.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+
+def _parse(data: bytes, response_type: Optional[Type[M]]) -> Union[bytes, M]:
+    if response_type is None:
+        return data
+    message = response_type()
+    message.ParseFromString(data)
+    return message

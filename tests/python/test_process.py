@@ -1,0 +1,94 @@
+"""Process-level behaviour: fork, the console script, metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+import trustwire
+from conftest import ECHO, Env
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_gets_a_clear_error(env: Env, echo_server: trustwire.Server) -> None:
+    client = trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("client"))
+    assert client.call(*ECHO, b"parent") == b"parent"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report what happened through the pipe, never return into pytest
+        os.close(r)
+        try:
+            client.call(*ECHO, b"child", timeout=2)
+            msg = b"worked"
+        except trustwire.TrustwireError as e:
+            msg = b"error: " + str(e).encode()
+        except BaseException as e:  # noqa: BLE001
+            msg = b"other: " + repr(e).encode()
+        os.write(w, msg)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read()
+    os.waitpid(pid, 0)
+    assert msg.startswith(b"error: ") and b"fork" in msg, msg
+    assert client.call(*ECHO, b"parent again") == b"parent again"
+    client.close()
+
+
+def test_console_script_runs_the_cli(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    exe = os.path.join(os.path.dirname(sys.executable), "trustwire")
+    assert os.path.exists(exe)
+    out = subprocess.run([exe, "pki", "init", "--dir", str(tmp_path), "--trust-domain", "example.org"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "ca.pem").exists()
+    bad = subprocess.run([exe, "inspect", str(tmp_path / "missing.pem")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "error" in bad.stderr
+    assert subprocess.run([exe, "--no-such-flag"], capture_output=True, timeout=60).returncode == 2
+
+
+def test_metrics_text_counts_calls(env: Env, echo_server: trustwire.Server) -> None:
+    with trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("client")) as client:
+        client.call(*ECHO, b"x")
+    text = trustwire.metrics_text()
+    assert "trustwire_calls_total" in text
+    assert 'service="example.EchoService"' in text
+    assert 'store="python"' in text
+
+
+def test_core_logs_reach_python_logging(env: Env, echo_server: trustwire.Server, caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    tls = trustwire.TlsConfig(ca=env.ca_path, server_name="localhost")  # no client certificate
+    with caplog.at_level(logging.INFO, logger="trustwire"):
+        with trustwire.Client(f"127.0.0.1:{echo_server.port}", tls) as client:
+            with pytest.raises(trustwire.PeerAlert):
+                client.call(*ECHO, b"x")
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not any("handshake refused" in r.getMessage() for r in caplog.records):
+            time.sleep(0.02)
+    refused = [r for r in caplog.records if "handshake refused" in r.getMessage()]
+    assert refused, [r.getMessage() for r in caplog.records]
+    assert refused[0].name.startswith("trustwire.")
+    assert "verdict=no_peer_certificate" in refused[0].getMessage()
+
+
+def test_ctrl_c_interrupts_a_blocking_call(env: Env) -> None:
+    import signal
+    import threading
+    import time
+
+    server = trustwire.Server(env.tls("server"))
+    server.register("example.EchoService", "Slow", lambda p, c: time.sleep(3) or p)
+    with server, trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client")) as client:
+        timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            client.call("example.EchoService", "Slow", b"", timeout=10)
+        assert time.monotonic() - start < 2
+        timer.join()

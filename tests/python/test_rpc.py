@@ -1,0 +1,209 @@
+"""Python client and server against each other and against the Rust `trustwire serve-echo`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import time
+from typing import Tuple
+
+import pytest
+
+import trustwire
+from conftest import ECHO, Env, target_binary
+
+
+def test_python_client_python_server_echo(env: Env, echo_server: trustwire.Server) -> None:
+    with trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("client")) as client:
+        assert client.call(*ECHO, b"hello") == b"hello"
+        r = client.call_full(*ECHO, b"with attachment", attachment=b"att", timeout=5)
+        assert r == trustwire.Response(b"with attachment", b"att")
+
+
+def test_handler_sees_peer_identity_and_call_context(env: Env) -> None:
+    seen = {}
+
+    server = trustwire.Server(env.tls("server"))
+
+    @server.method("example.EchoService", "Who")
+    def who(request: bytes, ctx: trustwire.CallContext) -> bytes:
+        seen["ctx"] = ctx
+        seen["peer"] = ctx.peer
+        return (ctx.peer.spiffe_id or "").encode()
+
+    with server:
+        client_tls = env.tls("frontend")
+        with trustwire.Client(f"127.0.0.1:{server.port}", client_tls) as client:
+            before = time.time()
+            answer = client.call("example.EchoService", "Who", b"", timeout=3, attachment=b"a", log_id=42)
+    assert answer == b"spiffe://example.org/ns/test/frontend"
+    peer = seen["peer"]
+    assert peer.serial == client_tls.serial
+    assert "localhost" in peer.dns_sans
+    assert len(peer.fingerprint) == 64
+    assert abs(peer.not_after - (client_tls.not_after or 0)) < 1
+    ctx = seen["ctx"]
+    assert (ctx.attachment, ctx.log_id, ctx.service, ctx.method) == (b"a", 42, "example.EchoService", "Who")
+    assert ctx.deadline is not None and before < ctx.deadline <= time.time() + 3.5
+
+
+def test_async_handler_and_acall(env: Env) -> None:
+    server = trustwire.Server(env.tls("server"))
+
+    @server.method("example.EchoService", "Echo")
+    async def slow_echo(request: bytes, ctx: trustwire.CallContext) -> Tuple[bytes, bytes]:
+        await asyncio.sleep(0.01)
+        return request.upper(), b"async"
+
+    with server:
+        client = trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client"))
+
+        async def main() -> trustwire.Response:
+            return await client.acall_full(*ECHO, b"abc")
+
+        assert asyncio.run(main()) == trustwire.Response(b"ABC", b"async")
+        client.close()
+
+
+def test_rpc_error_and_handler_exception(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    server = trustwire.Server(env.tls("server"))
+
+    @server.method("example.EchoService", "Refuse")
+    def refuse(request: bytes, ctx: trustwire.CallContext) -> bytes:
+        raise trustwire.RpcError(1003, "bad request: no name")
+
+    @server.method("example.EchoService", "Crash")
+    def crash(request: bytes, ctx: trustwire.CallContext) -> bytes:
+        raise ValueError("boom")
+
+    server.register(*ECHO, lambda p, c: p)
+    with server, trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client")) as client:
+        with pytest.raises(trustwire.RpcError) as e:
+            client.call("example.EchoService", "Refuse", b"")
+        # the server adds brpc's "[ip:port][E<code>]" prefix, as a brpc server does
+        assert e.value.code == 1003
+        assert e.value.text.endswith("][E1003]bad request: no name")
+        with caplog.at_level(logging.ERROR, logger="trustwire"):
+            for _ in range(3):
+                with pytest.raises(trustwire.RpcError) as e:
+                    client.call("example.EchoService", "Crash", b"")
+                assert e.value.code == 2001
+                assert "ValueError" in e.value.text
+        assert any("boom" in (r.exc_text or "") for r in caplog.records)
+        # the server keeps serving
+        assert client.call(*ECHO, b"still here") == b"still here"
+        with pytest.raises(trustwire.RpcError) as e:
+            client.call("example.EchoService", "Nope", b"")
+        assert e.value.code == 1002
+
+
+def test_thousand_concurrent_acalls(env: Env, echo_server: trustwire.Server) -> None:
+    client = trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("client"))
+
+    async def main() -> None:
+        payloads = [f"call {i}".encode() for i in range(1000)]
+        answers = await asyncio.gather(*(client.acall(*ECHO, p, timeout=30) for p in payloads))
+        assert answers == payloads
+
+    asyncio.run(main())
+    client.close()
+
+
+def test_timeout_is_timeout_error(env: Env) -> None:
+    server = trustwire.Server(env.tls("server"))
+    server.register("example.EchoService", "Sleep", lambda p, c: time.sleep(1.0) or b"late")
+    with server, trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client")) as client:
+        with pytest.raises(TimeoutError) as e:
+            client.call("example.EchoService", "Sleep", b"", timeout=0.2)
+        assert isinstance(e.value, trustwire.Timeout)
+
+
+def test_closed_client_raises_transport_error(env: Env, echo_server: trustwire.Server) -> None:
+    client = trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("client"))
+    assert client.call(*ECHO, b"x") == b"x"
+    client.close()
+    with pytest.raises(trustwire.TransportError):
+        client.call(*ECHO, b"x")
+
+
+def test_payload_with_serialize_to_string_and_response_type(env: Env, echo_server: trustwire.Server) -> None:
+    class Msg:
+        def __init__(self, data: bytes = b"") -> None:
+            self.data = data
+
+        def SerializeToString(self) -> bytes:  # noqa: N802
+            return self.data
+
+        def ParseFromString(self, data: bytes) -> None:  # noqa: N802
+            self.data = data
+
+    with trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("client")) as client:
+        answer = client.call(*ECHO, Msg(b"proto bytes"), response_type=Msg)
+        assert isinstance(answer, Msg) and answer.data == b"proto bytes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(not os.path.exists(target_binary()), reason="build the trustwire binary first (make build)")
+def test_python_client_rust_server(env: Env) -> None:
+    cert, key = env.files("echo")
+    port = free_port()
+    proc = subprocess.Popen(
+        [target_binary(), "serve-echo", "--listen", f"127.0.0.1:{port}", "--cert", cert, "--key", key, "--ca", env.ca_path,
+         "--allow", "spiffe://example.org/ns/test/*"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert "serving" in line, line
+        with trustwire.Client(f"127.0.0.1:{port}", env.tls("client")) as client:
+            r = client.call_full(*ECHO, b"to rust", attachment=b"att")
+            assert r == trustwire.Response(b"to rust", b"att")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_handler_calls_another_server(env: Env, echo_server: trustwire.Server) -> None:
+    # A blocking call made from inside a handler (a thread the runtime owns) must not deadlock.
+    backend = trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("frontend-to-backend"))
+    front = trustwire.Server(env.tls("frontend"))
+
+    @front.method("example.Frontend", "Relay")
+    def relay(request: bytes, ctx: trustwire.CallContext) -> bytes:
+        return b"relayed " + backend.call(*ECHO, request, timeout=5)
+
+    with front, trustwire.Client(f"127.0.0.1:{front.port}", env.tls("client")) as client:
+        assert client.call("example.Frontend", "Relay", b"x") == b"relayed x"
+
+        async def many() -> None:
+            answers = await asyncio.gather(*(client.acall("example.Frontend", "Relay", b"%d" % i) for i in range(50)))
+            assert answers == [b"relayed %d" % i for i in range(50)]
+
+        asyncio.run(many())
+    backend.close()
+
+
+def test_cancelled_acall_does_not_disturb_the_client(env: Env) -> None:
+    server = trustwire.Server(env.tls("server"))
+    server.register("example.EchoService", "Slow", lambda p, c: time.sleep(0.5) or p)
+    server.register(*ECHO, lambda p, c: p)
+    with server:
+        client = trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client"))
+
+        async def main() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.acall("example.EchoService", "Slow", b"x", timeout=10), 0.1)
+            assert await client.acall(*ECHO, b"after") == b"after"
+
+        asyncio.run(main())
+        client.close()
