@@ -371,6 +371,7 @@ async fn proxy(config: PathBuf) -> Result<(), Error> {
         Some(addr) => Some(crate::telemetry::serve_metrics(addr).await?),
         None => None,
     };
+    let mut signals = Signals::new();
     let mut running = Vec::new();
     let mut stores = Vec::new();
     for (route, store) in routes {
@@ -382,7 +383,7 @@ async fn proxy(config: PathBuf) -> Result<(), Error> {
     if let Some(m) = &metrics {
         println!("metrics on http://{}/metrics", m.local_addr());
     }
-    while let Signal::Reload = wait_for_signal().await {
+    while let Signal::Reload = signals.next().await {
         for store in &stores {
             match store.reload() {
                 Ok(g) => eprintln!("SIGHUP: route {}: credentials generation {g} in service", store.name()),
