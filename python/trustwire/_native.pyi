@@ -2,9 +2,11 @@
 # against the built module (make test-python).
 
 import os
-from typing import Callable, Final, List, Optional, Sequence, Tuple, Union, final
+from typing import Callable, Final, List, Mapping, Optional, Sequence, Tuple, Union, final
 
 __all__ = [
+    "Proxy",
+    "verify_identity_token",
     "BadKeyUsage",
     "BadPem",
     "BadSignature",
@@ -257,4 +259,15 @@ class DevCa:
     def crl_pem(self, serials: Sequence[str], next_update: float) -> str: ...
 
 def metrics_text() -> str: ...
+def verify_identity_token(
+    token: bytes, keys: Mapping[str, bytes]
+) -> tuple[str | None, str, str, str | None, str, int, int]: ...
+
+@final
+class Proxy:
+    @staticmethod
+    def start(config: str | os.PathLike[str]) -> Proxy: ...
+    def addresses(self) -> dict[str, str]: ...
+    def reload(self) -> dict[str, int]: ...
+    def stop(self) -> None: ...
 def cli_main(argv: Sequence[str]) -> int: ...

@@ -106,6 +106,76 @@ fn metrics_text() -> String {
     trustwire::telemetry::metrics_text()
 }
 
+/// Verifies an identity token written by a trustwire server-side proxy. Returns
+/// `(reason, message, key_id, spiffe_id, fingerprint_sha256, not_after, issued_at)`: `reason`
+/// is None for a valid token, else the refusal's stable name (the Python layer raises).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn verify_identity_token(
+    token: &[u8],
+    keys: std::collections::HashMap<String, Vec<u8>>,
+) -> (Option<&'static str>, String, String, Option<String>, String, u64, u64) {
+    let keys: Vec<(&str, &[u8])> = keys.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    match trustwire::proxy::token::verify(token, &keys) {
+        Ok(id) => (None, String::new(), id.key_id, id.spiffe_id, id.fingerprint_sha256, id.not_after, id.issued_at),
+        Err(e) => (Some(e.name()), e.to_string(), String::new(), None, String::new(), 0, 0),
+    }
+}
+
+/// Proxy routes from a `trustwire proxy` config file, running in this process.
+#[pyclass(name = "Proxy", module = "trustwire._native")]
+struct PyProxy {
+    running: Vec<trustwire::proxy::RunningProxy>,
+    stores: Vec<trustwire::credentials::CredentialStore>,
+    drain: std::time::Duration,
+}
+
+#[pymethods]
+impl PyProxy {
+    /// Starts every route of the config file; returns once all listen.
+    #[staticmethod]
+    fn start(py: Python<'_>, config: std::path::PathBuf) -> PyResult<Self> {
+        let (running, stores, drain) = rt::block_on(py, async move {
+            let file = trustwire::proxy::config::ProxyFile::load(&config)?;
+            let mut running = Vec::new();
+            let mut stores = Vec::new();
+            for (route, store) in file.routes()? {
+                running.push(trustwire::proxy::start(route).await?);
+                stores.push(store);
+            }
+            Ok((running, stores, file.drain()))
+        })?;
+        Ok(PyProxy { running, stores, drain })
+    }
+
+    /// `{route name: listen address}` (bound ports filled in).
+    fn addresses(&self) -> std::collections::BTreeMap<String, String> {
+        self.running.iter().map(|r| (r.name().to_string(), r.local().to_string())).collect()
+    }
+
+    /// Reloads every route's credentials now; returns `{route: generation}`.
+    fn reload(&self, py: Python<'_>) -> PyResult<std::collections::BTreeMap<String, u64>> {
+        let mut out = std::collections::BTreeMap::new();
+        for s in &self.stores {
+            out.insert(s.name().to_string(), s.reload().map_err(|e| errors::to_pyerr(py, e))?);
+        }
+        Ok(out)
+    }
+
+    /// Stops accepting and lets open streams finish (up to the config's drain_seconds).
+    fn stop(&mut self, py: Python<'_>) -> PyResult<()> {
+        let running = std::mem::take(&mut self.running);
+        let drain = self.drain;
+        rt::block_on(py, async move {
+            let tasks: Vec<_> = running.into_iter().map(|r| tokio::spawn(r.shutdown(drain))).collect();
+            for t in tasks {
+                let _ = t.await;
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Runs the `trustwire` command with `argv` (argv[0] is the program name); returns the exit
 /// status. The GIL is released while it runs.
 #[pyfunction]
@@ -127,6 +197,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDevCa>()?;
     m.add_function(wrap_pyfunction!(metrics_text, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_identity_token, m)?)?;
+    m.add_class::<PyProxy>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

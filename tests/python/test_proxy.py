@@ -1,0 +1,101 @@
+"""Proxy mode from Python: routes started in-process, and identity tokens verified."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+import trustwire
+from trustwire.testing import TestPKI
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def _frame(cid: int, payload: bytes) -> bytes:
+    # RpcMeta: request{service_name, method_name}, correlation_id.
+    def field(tag: int, data: bytes) -> bytes:
+        return bytes([tag << 3 | 2, len(data)]) + data
+
+    request = field(1, b"example.EchoService") + field(2, b"Echo")
+    meta = field(1, request) + bytes([4 << 3]) + bytes([cid])
+    body = meta + payload
+    return b"PRPC" + len(body).to_bytes(4, "big") + len(meta).to_bytes(4, "big") + body
+
+
+def _upstream(seen: list[bytes]) -> int:
+    """A plaintext baidu_std upstream that records each request's bytes and closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while len(data) < 12 or len(data) < 12 + int.from_bytes(data[4:8], "big"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            seen.append(data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def test_in_process_proxy_injects_a_token_python_can_verify(tmp_path: Path) -> None:
+    pki = TestPKI()
+    server = pki.issue("proxy", spiffe_id="spiffe://example.org/ns/test/proxy", dns=["localhost"])
+    client = pki.issue("caller", spiffe_id="spiffe://example.org/ns/test/caller")
+    server.write(tmp_path)
+    client.write(tmp_path)
+    (tmp_path / "ca.pem").write_text(pki.ca_pem)
+    (tmp_path / "token.key").write_bytes(KEY)
+    (tmp_path / "server.toml").write_text(
+        '[identity]\ncert = "proxy.pem"\nkey = "proxy.key"\n[trust]\nca = ["ca.pem"]\n'
+    )
+    seen: list[bytes] = []
+    port = _upstream(seen)
+    (tmp_path / "proxy.toml").write_text(
+        "[[route]]\n"
+        'name = "in"\nmode = "server"\nlisten = "127.0.0.1:0"\n'
+        f'upstream = "127.0.0.1:{port}"\nprofile = "server.toml"\n'
+        'protocol = "baidu_std"\nidentity_key_id = "k1"\nidentity_key_file = "token.key"\n'
+    )
+    proxy = trustwire.Proxy.start(tmp_path / "proxy.toml")
+    try:
+        host, _, listen_port = proxy.addresses()["in"].rpartition(":")
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        ctx.load_cert_chain(str(tmp_path / "caller.pem"), str(tmp_path / "caller.key"))
+        with socket.create_connection((host, int(listen_port))) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(_frame(5, b"\x0a\x02hi"))
+                for _ in range(100):
+                    if seen:
+                        break
+                    threading.Event().wait(0.05)
+    finally:
+        proxy.stop()
+    assert seen, "the upstream got the request"
+    frame = seen[0]
+    start = frame.find(b"tw1;kid=k1;")
+    assert start > 0
+    end = frame.find(b"\x0a\x02hi")
+    token = frame[start : start + frame[start:].find(b";mac=") + 5 + 64]
+    ident = trustwire.verify_identity_token(token, {"k1": KEY})
+    assert ident.spiffe_id == "spiffe://example.org/ns/test/caller"
+    assert end > start
+
+    with pytest.raises(trustwire.IdentityTokenError) as bad:
+        trustwire.verify_identity_token(token, {"k1": b"another secret of 32 bytes......"})
+    assert bad.value.reason == "bad_mac"
+    with pytest.raises(trustwire.IdentityTokenError) as unknown:
+        trustwire.verify_identity_token(token, {"k2": KEY})
+    assert unknown.value.reason == "unknown_key"
+    with pytest.raises(trustwire.IdentityTokenError) as garbled:
+        trustwire.verify_identity_token(b"tw1;garbage", {"k1": KEY})
+    assert garbled.value.reason == "bad_format"
