@@ -46,9 +46,15 @@ bench: deps
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
 	$(CARGO) bench --bench rotation
 	$(CARGO) bench --bench proxy
+	$(MAKE) --no-print-directory bench-python
 
-# trustwire's Python Client against stdlib ssl with a hand-written baidu_std client.
+# trustwire from Python against grpcio (installed into the bench's own virtualenv) and against
+# stdlib ssl with a hand-written baidu_std client.
+BENCH_VENV ?= .venv-bench
 bench-python: build python
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q "grpcio>=1.60"
+	PYTHONPATH="$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" $(BENCH_VENV)/bin/python benches/python_grpc.py
 	$(PY) benches/python_client.py
 
 # A longer decoder fuzzing session (stable Rust; see fuzz/src/main.rs).
