@@ -615,3 +615,50 @@ async fn handshake_and_call_counters() {
     let p = "trustwire_handshakes_total{role=\"client\",result=\"refused\",verdict=\"peer_alert\",decided_by=\"remote\"}";
     assert!(count(&after, p) > count(&before, p), "{after}");
 }
+
+/// One combined key+chain file (as SPIFFE's file delivery writes it) and a CA directory: both
+/// rotate like separate files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_file_and_ca_directory_rotate() {
+    let pki = Pki::new();
+    let combined = pki.path("svid.pem");
+    let ca_dir = pki.path("bundle");
+    std::fs::create_dir(&ca_dir).unwrap();
+    std::fs::write(ca_dir.join("a.pem"), pki.ca.cert_pem()).unwrap();
+    let write_combined = |c: &Credential| {
+        trustwire::pki::write_atomic(&combined, format!("{}{}", c.key_pem, c.cert_pem).as_bytes(), true).unwrap()
+    };
+    write_combined(&pki.server);
+    let store = CredentialStore::new(
+        Use::Server,
+        Sources {
+            identity: IdentitySource::Combined(combined.clone()),
+            trust: vec![PemSource::Path(ca_dir.clone())],
+            crls: vec![],
+        },
+        template(),
+        fast_options("combined"),
+    )
+    .unwrap();
+    let server = serial_server(store.server_tls().unwrap()).await;
+    let addr = server.local_addr().to_string();
+    let c = client(&addr, &pki.client_profile());
+    assert_eq!(echo(&c, "before").await.unwrap(), "before");
+
+    let next = pki.ca.issue(&server_request(&pki)).unwrap();
+    write_combined(&next);
+    let serial = serial_of(&next);
+    wait_for_serial(&store, &serial, "the combined file's new certificate").await;
+    assert_eq!(server_serial_seen(&addr, &pki.client_profile()).await, serial);
+
+    // A second CA dropped into the directory is trusted from the next generation on.
+    let other = DevCa::new("example.org").unwrap();
+    let before = store.generation().number;
+    std::fs::write(ca_dir.join("b.pem"), other.cert_pem()).unwrap();
+    wait_for("the new CA in the bundle", || store.generation().number > before).await;
+    let other_client = other.issue(&client_usage("other", "spiffe://example.org/ns/test/other")).unwrap();
+    let both = format!("{}{}", pki.ca.cert_pem(), other.cert_pem());
+    let profile = TlsProfile::new(Some(identity(&other_client)), trustwire::tls::TrustBundle::from_pem(both.as_bytes()).unwrap());
+    assert_eq!(echo(&client(&addr, &profile), "other CA").await.unwrap(), "other CA");
+    assert_eq!(echo(&c, "still").await.unwrap(), "still");
+}
