@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use trustwire::pki::{DevCa, IssueRequest, Usage};
-use trustwire::proxy::{Endpoint, Protocol, Route, RouteTls};
+use trustwire::proxy::{Endpoint, Route, RouteTls};
 use trustwire::tls::{Identity, TlsProfile, TrustBundle};
 
 const ROUNDS: usize = 3;
@@ -123,29 +123,11 @@ fn main() {
         let mut client = profile(&ca, IssueRequest::new("proxy-out").spiffe_id("spiffe://example.org/bench/out").usage(Usage::Client));
         client.server_name = Some("localhost".into());
         let upstream = echo_upstream().await;
-        let inbound = trustwire::proxy::start(Route {
-            name: "bench-in".into(),
-            listen: Endpoint::Tcp("127.0.0.1:0".into()),
-            upstream: Endpoint::Tcp(upstream.clone()),
-            tls: RouteTls::Server(server.server().unwrap()),
-            protocol: Protocol::Tcp,
-            token_key: None,
-            proxy_protocol: false,
-            connect_timeout: Duration::from_secs(5),
-        })
+        let inbound = trustwire::proxy::start(Route::new("bench-in", Endpoint::Tcp("127.0.0.1:0".into()), Endpoint::Tcp(upstream.clone()), RouteTls::Server(server.server().unwrap())))
         .await
         .unwrap();
         let Endpoint::Tcp(in_addr) = inbound.local().clone() else { unreachable!() };
-        let outbound = trustwire::proxy::start(Route {
-            name: "bench-out".into(),
-            listen: Endpoint::Tcp("127.0.0.1:0".into()),
-            upstream: Endpoint::Tcp(in_addr),
-            tls: RouteTls::Client(client.client().unwrap()),
-            protocol: Protocol::Tcp,
-            token_key: None,
-            proxy_protocol: false,
-            connect_timeout: Duration::from_secs(5),
-        })
+        let outbound = trustwire::proxy::start(Route::new("bench-out", Endpoint::Tcp("127.0.0.1:0".into()), Endpoint::Tcp(in_addr), RouteTls::Client(client.client().unwrap())))
         .await
         .unwrap();
         let Endpoint::Tcp(pair) = outbound.local().clone() else { unreachable!() };

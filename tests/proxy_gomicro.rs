@@ -10,11 +10,10 @@ mod common;
 
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use common::peers::*;
 use common::*;
-use trustwire::proxy::{Endpoint, Protocol, Route, RouteTls, RunningProxy};
+use trustwire::proxy::{Endpoint, Route, RouteTls, RunningProxy};
 use trustwire::tls::{Policy, TlsProfile};
 
 fn gomicro() -> Option<std::path::PathBuf> {
@@ -36,16 +35,12 @@ fn tcp(p: &RunningProxy) -> String {
 async fn client_route(upstream: &str, profile: &TlsProfile) -> RunningProxy {
     let mut profile = profile.clone();
     profile.server_name = Some("localhost".into());
-    trustwire::proxy::start(Route {
-        name: "gm-out".into(),
-        listen: Endpoint::Tcp("127.0.0.1:0".into()),
-        upstream: Endpoint::Tcp(upstream.to_string()),
-        tls: RouteTls::Client(profile.client().unwrap()),
-        protocol: Protocol::Tcp,
-        token_key: None,
-        proxy_protocol: false,
-        connect_timeout: Duration::from_secs(5),
-    })
+    trustwire::proxy::start(Route::new(
+        "gm-out",
+        Endpoint::Tcp("127.0.0.1:0".into()),
+        Endpoint::Tcp(upstream.to_string()),
+        RouteTls::Client(profile.client().unwrap()),
+    ))
     .await
     .unwrap()
 }
@@ -62,16 +57,12 @@ async fn go_micro_service_and_client_talk_through_both_proxies() {
 
     let mut server_profile = pki.server_profile();
     server_profile.policy = Policy::from_patterns(&[CLIENT_ID]).unwrap();
-    let inbound = trustwire::proxy::start(Route {
-        name: "gm-in".into(),
-        listen: Endpoint::Tcp("127.0.0.1:0".into()),
-        upstream: Endpoint::Tcp(service_addr.clone()),
-        tls: RouteTls::Server(server_profile.server().unwrap()),
-        protocol: Protocol::Tcp,
-        token_key: None,
-        proxy_protocol: false,
-        connect_timeout: Duration::from_secs(5),
-    })
+    let inbound = trustwire::proxy::start(Route::new(
+        "gm-in",
+        Endpoint::Tcp("127.0.0.1:0".into()),
+        Endpoint::Tcp(service_addr.clone()),
+        RouteTls::Server(server_profile.server().unwrap()),
+    ))
     .await
     .unwrap();
     let outbound = client_route(&tcp(&inbound), &pki.client_profile()).await;

@@ -98,6 +98,20 @@ pub struct Route {
 }
 
 impl Route {
+    /// A plain TCP route (no identity token, no PROXY header, 5 s upstream connect timeout).
+    pub fn new(name: impl Into<String>, listen: Endpoint, upstream: Endpoint, tls: RouteTls) -> Route {
+        Route {
+            name: name.into(),
+            listen,
+            upstream,
+            tls,
+            protocol: Protocol::Tcp,
+            token_key: None,
+            proxy_protocol: false,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
     fn mode(&self) -> Mode {
         match self.tls {
             RouteTls::Server(_) => Mode::Server,

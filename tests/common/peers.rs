@@ -18,12 +18,7 @@ use trustwire::{Error, Server, Verdict};
 /// is skipped with a loud line on stderr, unless `TRUSTWIRE_REQUIRE_PEERS=1` (set by `make
 /// test`), where a missing peer fails the test instead of passing it untested.
 pub fn tool_available(cmd: &mut Command, skipped: &str) -> bool {
-    let ok = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+    let ok = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
     if !ok {
         let message = format!("{skipped} was not found; run scripts/deps.sh");
         assert!(std::env::var_os("TRUSTWIRE_REQUIRE_PEERS").is_none(), "{message}");
@@ -247,7 +242,8 @@ pub fn go_build(name: &str, online: bool, what: &str) -> Option<std::path::PathB
     // Build under a private name, then rename: concurrent test runs never see half a binary.
     let tmp = dir.join(format!("{name}.{}", std::process::id()));
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/go").join(name);
-    let mut build = Proc::spawn(go_command(online).current_dir(&src).arg("build").arg("-o").arg(&tmp).arg("."));
+    let mut build =
+        Proc::spawn(go_command(online).current_dir(&src).arg("build").arg("-o").arg(&tmp).arg("."));
     let status = build.wait_exit_within(GO_BUILD_WAIT);
     assert!(status.success(), "go build of {name} failed:\n{}", build.output());
     let bin = dir.join(name);
