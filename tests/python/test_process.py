@@ -87,6 +87,9 @@ def test_ctrl_c_interrupts_a_blocking_call(env: Env) -> None:
     release = threading.Event()
     server = trustwire.Server(env.tls("server"))
     server.register("example.EchoService", "Slow", lambda p, c: release.wait(30) and p)
+    # Python leaves SIGINT ignored when it starts with it ignored (a background job of a
+    # non-interactive shell, as CI may run us); install the default Ctrl-C handler for the test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with server, trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client")) as client:
         timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
         timer.start()
@@ -98,3 +101,4 @@ def test_ctrl_c_interrupts_a_blocking_call(env: Env) -> None:
         finally:
             release.set()
             timer.join()
+            signal.signal(signal.SIGINT, previous)
