@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tw::rpc::{CallOptions, Client, ClientOptions, Response};
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, str_arg, Failure, UserData};
+use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, out_box, str_arg, Failure, UserData};
 use crate::profile::tw_profile;
 use crate::tw_result;
 
@@ -74,8 +74,9 @@ pub unsafe extern "C" fn tw_client_new(profile: *const tw_profile, address: *con
         let p = unsafe { arg(profile, "profile") }?;
         let address = unsafe { str_arg(address, "address") }?.to_string();
         let tls = p.client_tls()?;
+        ffi::ignore_sigpipe();
         let client = Client::new(address, tls, ClientOptions::default());
-        unsafe { out(client_out, Box::into_raw(Box::new(tw_client { client, closed: AtomicBool::new(false) }))) }
+        unsafe { out_box(client_out, tw_client { client, closed: AtomicBool::new(false) }) }
     })
 }
 
@@ -101,7 +102,7 @@ pub unsafe extern "C" fn tw_client_free(client: *mut tw_client) {
 /// On TW_OK `*options_out` is owned by the caller (`tw_call_options_free`).
 #[no_mangle]
 pub unsafe extern "C" fn tw_call_options_new(options_out: *mut *mut tw_call_options) -> tw_result {
-    guard(|| unsafe { out(options_out, Box::into_raw(Box::new(tw_call_options { options: CallOptions::default() }))) })
+    guard(|| unsafe { out_box(options_out, tw_call_options { options: CallOptions::default() }) })
 }
 
 /// Frees call options. NULL does nothing.
@@ -196,7 +197,7 @@ pub unsafe extern "C" fn tw_client_call(
         // Polled on this thread (the I/O runs on the runtime's threads): one thread hop fewer
         // per call than spawning a task and waiting for it.
         let r = tw::runtime::runtime().block_on(a.client.call(&a.service, &a.method, a.payload, a.options))?;
-        unsafe { out(response_out, Box::into_raw(Box::new(tw_response::from(Ok(r))))) }
+        unsafe { out_box(response_out, tw_response::from(Ok(r))) }
     })
 }
 

@@ -339,3 +339,37 @@ pub unsafe fn free_box<T>(p: *mut T) {
         let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(p) })));
     }
 }
+
+/// A peer that closes while we write must give an error, not kill the process: Rust programs
+/// ignore SIGPIPE from the start, C programs do not. Leaves a handler the program installed
+/// itself alone.
+pub fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut current) == 0 && current.sa_sigaction == libc::SIG_DFL {
+            let mut ignore: libc::sigaction = std::mem::zeroed();
+            ignore.sa_sigaction = libc::SIG_IGN;
+            libc::sigemptyset(&mut ignore.sa_mask);
+            libc::sigaction(libc::SIGPIPE, &ignore, std::ptr::null_mut());
+        }
+    });
+}
+
+/// Boxes `value` and gives it to C through `p`, checking `p` first so nothing leaks on NULL.
+pub unsafe fn out_box<T>(p: *mut *mut T, value: T) -> Result<(), Failure> {
+    if p.is_null() {
+        return Err(Failure::null("the output pointer"));
+    }
+    unsafe { p.write(Box::into_raw(Box::new(value))) };
+    Ok(())
+}
+
+/// Gives a string to C through `p` (freed with tw_string_free), checking `p` first.
+pub unsafe fn out_string(p: *mut *mut c_char, s: CString) -> Result<(), Failure> {
+    if p.is_null() {
+        return Err(Failure::null("the output pointer"));
+    }
+    unsafe { p.write(s.into_raw()) };
+    Ok(())
+}

@@ -27,7 +27,7 @@ pub use profile::*;
 pub use proxy::*;
 pub use server::*;
 
-use ffi::{guard, out};
+use ffi::guard;
 #[cfg(test)]
 use ffi::Failure;
 
@@ -146,7 +146,7 @@ pub extern "C" fn tw_version() -> *const c_char {
 pub unsafe extern "C" fn tw_metrics_text(text_out: *mut *mut c_char) -> tw_result {
     guard(|| {
         let text = ffi::owned_cstring(tw::telemetry::metrics_text());
-        unsafe { out(text_out, ffi::give_string(text)) }
+        unsafe { ffi::out_string(text_out, text) }
     })
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tw::pki::{DevCa, IssueRequest, Usage};
 
-use crate::ffi::{self, arg, guard, guard_value, opt_str_arg, out, str_arg, str_array_arg, Failure};
+use crate::ffi::{self, arg, guard, guard_value, opt_str_arg, out_box, str_arg, str_array_arg, Failure};
 use crate::tw_result;
 
 /// A development certificate authority whose key lives in memory. For tests and demos, not for
@@ -34,7 +34,7 @@ pub unsafe extern "C" fn tw_dev_ca_new(trust_domain: *const c_char, ca_out: *mut
         let domain = unsafe { str_arg(trust_domain, "trust_domain") }?;
         let ca = DevCa::new(domain)?;
         let cert_pem = ffi::owned_cstring(ca.cert_pem().to_string());
-        unsafe { out(ca_out, Box::into_raw(Box::new(tw_dev_ca { ca, cert_pem }))) }
+        unsafe { out_box(ca_out, tw_dev_ca { ca, cert_pem }) }
     })
 }
 
@@ -131,6 +131,6 @@ pub unsafe extern "C" fn tw_dev_ca_crl_pem(
         let ca = unsafe { arg(ca, "ca") }?;
         let serials = unsafe { str_array_arg(serials, serials_len, "serials") }?;
         let pem = ca.ca.crl_pem(&serials, time(next_update))?;
-        unsafe { out(crl_pem_out, ffi::give_string(ffi::owned_cstring(pem))) }
+        unsafe { ffi::out_string(crl_pem_out, ffi::owned_cstring(pem)) }
     })
 }

@@ -12,7 +12,7 @@ use tw::credentials::{CredentialStore, Event, IdentitySource, PemSource, Sources
 use tw::tls::{ClientTls, MinVersion, ServerTls, TlsProfile, TrustBundle};
 use tw::{Error, Policy, Verdict};
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, str_arg, str_array_arg, Failure, UserData};
+use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, out_box, str_arg, str_array_arg, Failure, UserData};
 use crate::tw_result;
 
 /// Settings for a profile, set one by one and turned into a `tw_profile` by
@@ -205,7 +205,7 @@ pub unsafe extern "C" fn tw_profile_builder_new(builder_out: *mut *mut tw_profil
             template: TlsProfile::new(None, TrustBundle::default()),
             options: StoreOptions { name: "c".into(), ..StoreOptions::default() },
         };
-        unsafe { out(builder_out, Box::into_raw(Box::new(b))) }
+        unsafe { out_box(builder_out, b) }
     })
 }
 
@@ -447,7 +447,7 @@ pub unsafe extern "C" fn tw_profile_builder_build(builder: *mut tw_profile_build
             options.poll_interval = None;
         }
         let p = build(b.sources, b.template, options)?;
-        unsafe { out(profile_out, Box::into_raw(Box::new(p))) }
+        unsafe { out_box(profile_out, p) }
     })
 }
 
@@ -493,7 +493,7 @@ pub unsafe extern "C" fn tw_profile_load_file(path: *const c_char, profile_out: 
         let file = tw::tls::config::ProfileFile::load(&path)?;
         let options = StoreOptions { name: "c".into(), ..StoreOptions::default() };
         let p = build(file.sources()?, file.settings()?, options)?;
-        unsafe { out(profile_out, Box::into_raw(Box::new(p))) }
+        unsafe { out_box(profile_out, p) }
     })
 }
 
@@ -619,7 +619,7 @@ pub unsafe extern "C" fn tw_profile_serial(profile: *const tw_profile, serial_ou
         let g = p.store.generation();
         let cert = g.certificate.as_ref().ok_or_else(|| Failure::new(tw_result::TW_NOT_FOUND, "this profile has no identity"))?;
         let s: CString = ffi::owned_cstring(cert.identity.serial.clone());
-        unsafe { out(serial_out, ffi::give_string(s)) }
+        unsafe { ffi::out_string(serial_out, s) }
     })
 }
 

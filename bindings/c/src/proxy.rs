@@ -35,6 +35,7 @@ pub unsafe extern "C" fn tw_proxy_start(config_path: *const c_char, proxy_out: *
         if ffi::on_runtime_thread() {
             return Err(ffi::would_block("tw_proxy_start"));
         }
+        ffi::ignore_sigpipe();
         let (running, stores, drain) = tw::runtime::runtime().block_on(async move {
             let file = tw::proxy::config::ProxyFile::load(&path)?;
             let mut running = Vec::new();

@@ -10,7 +10,7 @@ use tw::rpc::{Request, Response, RunningServer, Server, Status};
 use tw::tls::identity::PeerIdentity;
 use tw::tls::ServerTls;
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, str_arg, Failure, UserData};
+use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, out_box, str_arg, Failure, UserData};
 use crate::profile::tw_profile;
 use crate::tw_result;
 
@@ -101,6 +101,7 @@ pub struct tw_server {
 pub unsafe extern "C" fn tw_server_new(profile: *const tw_profile, server_out: *mut *mut tw_server) -> tw_result {
     guard(|| {
         let p = unsafe { arg(profile, "profile") }?;
+        ffi::ignore_sigpipe();
         let s = tw_server {
             tls: p.server_tls()?,
             state: Mutex::new(State::Configuring(Vec::new())),
@@ -108,7 +109,7 @@ pub unsafe extern "C" fn tw_server_new(profile: *const tw_profile, server_out: *
             grace: Mutex::new(None),
             closed: Arc::new(AtomicBool::new(false)),
         };
-        unsafe { out(server_out, Box::into_raw(Box::new(s))) }
+        unsafe { out_box(server_out, s) }
     })
 }
 

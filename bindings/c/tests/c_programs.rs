@@ -1,0 +1,348 @@
+//! C programs against the built library: tests/c/api_test.c under ASan/UBSan and under
+//! Valgrind, and tests/c/peer.c facing Rust peers (a C client calling a Rust server, a C server
+//! answering a Rust client, the token verifier, the in-process proxy).
+//!
+//! A C compiler (and valgrind) missing is a failure with TRUSTWIRE_REQUIRE_PEERS=1 (as in
+//! `make test`), else the test is skipped with a message.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tw::pki::{Credential, DevCa, IssueRequest};
+use tw::rpc::{CallOptions, Client, ClientOptions, Request, Response, Server};
+use tw::tls::{Identity, Policy, TlsProfile, TrustBundle};
+use tw::Error;
+
+const WARNINGS: &[&str] = &["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"];
+const SANITIZERS: &[&str] = &["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// target/<profile>, where this run built libtrustwire.so.
+fn lib_dir() -> PathBuf {
+    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn required() -> bool {
+    std::env::var_os("TRUSTWIRE_REQUIRE_PEERS").is_some_and(|v| v == "1")
+}
+
+fn tool(program: &str, arg: &str) -> bool {
+    let found = Command::new(program).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    if !found {
+        assert!(!required(), "{program} is required (TRUSTWIRE_REQUIRE_PEERS=1) but was not found; run scripts/deps.sh");
+        eprintln!("skipped: {program} not found");
+    }
+    found
+}
+
+fn cc() -> String {
+    std::env::var("CC").unwrap_or_else(|_| "cc".into())
+}
+
+/// Compiles `source` (under tests/c) into target/<profile>/c-tests/`name`, once per test run.
+fn compile(source: &str, name: &str, sanitize: bool) -> PathBuf {
+    let out_dir = lib_dir().join("c-tests");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let exe = out_dir.join(name);
+    let lib = lib_dir();
+    let mut cmd = Command::new(cc());
+    cmd.args(WARNINGS);
+    if sanitize {
+        cmd.args(SANITIZERS);
+    }
+    cmd.arg("-I").arg(root().join("include")).arg("-I").arg(root().join("tests/c"));
+    cmd.arg(root().join("tests/c").join(source));
+    cmd.arg("-L").arg(&lib).arg("-ltrustwire").arg(format!("-Wl,-rpath,{}", lib.display())).arg("-lpthread");
+    cmd.arg("-o").arg(&exe);
+    let out = cmd.output().expect("cannot run the C compiler");
+    assert!(out.status.success(), "compiling {source} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+fn peer_program() -> Option<&'static Path> {
+    static PEER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    PEER.get_or_init(|| tool(&cc(), "--version").then(|| compile("peer.c", "peer", true))).as_deref()
+}
+
+fn sanitizer_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=86")
+        .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+}
+
+fn report(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn api_test_passes_under_asan_and_ubsan() {
+    if !tool(&cc(), "--version") {
+        return;
+    }
+    let exe = compile("api_test.c", "api_test_asan", true);
+    let out = sanitizer_env(&mut Command::new(&exe)).output().unwrap();
+    assert!(out.status.success(), "{}", report(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1000 async calls: all answered"), "{stdout}");
+    assert!(stdout.contains("api_test: all passed"), "{stdout}");
+}
+
+#[test]
+fn api_test_leaks_nothing_under_valgrind() {
+    if !tool(&cc(), "--version") || !tool("valgrind", "--version") {
+        return;
+    }
+    let exe = compile("api_test.c", "api_test_plain", false);
+    // Definite leaks and memory errors fail the run. Blocks still reachable from the runtime's
+    // threads at exit (the process-wide runtime is never torn down) are not leaks.
+    let out = Command::new("valgrind")
+        .args(["--leak-check=full", "--show-leak-kinds=definite", "--errors-for-leak-kinds=definite", "--error-exitcode=99"])
+        .arg(&exe)
+        .arg("quick")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", report(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("definitely lost: 0 bytes") || stderr.contains("no leaks are possible"), "{stderr}");
+    assert!(stderr.contains("ERROR SUMMARY: 0 errors"), "{stderr}");
+}
+
+/// A CA, a server credential (SPIFFE spiffe://example.org/server, names localhost and
+/// 127.0.0.1) and client credentials, written to a temporary directory with profile files.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: DevCa,
+    server: Credential,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::new("example.org").unwrap();
+        ca.write(dir.path()).unwrap();
+        let server = ca
+            .issue(&IssueRequest::new("server").spiffe_id("spiffe://example.org/server").dns("localhost").ip("127.0.0.1".parse().unwrap()))
+            .unwrap();
+        server.write(dir.path(), "server").unwrap();
+        Pki { dir, ca, server }
+    }
+
+    fn issue(&self, name: &str, spiffe_id: &str) -> Credential {
+        let c = self.ca.issue(&IssueRequest::new(name).spiffe_id(spiffe_id)).unwrap();
+        c.write(self.dir.path(), name).unwrap();
+        c
+    }
+
+    /// Writes NAME.toml for the credential NAME.pem/NAME.key, with an allow-list.
+    fn profile_file(&self, name: &str, allow: &[&str]) -> PathBuf {
+        let allow: Vec<String> = allow.iter().map(|a| format!("{a:?}")).collect();
+        let text = format!(
+            "[identity]\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n\n[trust]\nca = [\"ca.pem\"]\n\n[policy]\nallow = [{}]\n",
+            allow.join(", ")
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn profile(&self, c: &Credential, allow: &[&str]) -> TlsProfile {
+        let mut p = TlsProfile::new(
+            Some(Identity::from_pem(c.cert_pem.as_bytes(), c.key_pem.as_bytes()).unwrap()),
+            TrustBundle::from_pem(self.ca.cert_pem().as_bytes()).unwrap(),
+        );
+        p.policy = Policy::from_patterns(allow).unwrap();
+        p
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tw::runtime::runtime().block_on(f)
+}
+
+fn run_peer(args: &[&std::ffi::OsStr]) -> String {
+    let out = sanitizer_env(&mut Command::new(peer_program().unwrap())).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", report(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn c_client_calls_a_rust_server_and_gets_refusals_by_name() {
+    if peer_program().is_none() {
+        return;
+    }
+    let pki = Pki::new();
+    pki.issue("client", "spiffe://example.org/client");
+    pki.issue("intruder", "spiffe://example.org/intruder");
+    let client_profile = pki.profile_file("client", &[]);
+    let intruder_profile = pki.profile_file("intruder", &[]);
+
+    let mut server = Server::new(pki.profile(&pki.server, &["spiffe://example.org/client"]).server().unwrap());
+    server.register("example.EchoService", "Echo", |req: Request| async move {
+        let who = req.peer.spiffe_id.clone().unwrap_or_default();
+        Ok(Response::new(req.payload).with_attachment(who))
+    });
+    let running = block_on(server.bind("127.0.0.1:0")).unwrap();
+    let addr = running.local_addr().to_string();
+
+    let out = run_peer(&["client".as_ref(), client_profile.as_os_str(), addr.as_ref(), "hello from C".as_ref()]);
+    assert_eq!(out, "ok hello from C|spiffe://example.org/client");
+
+    // The Rust server refuses the identity; the C client learns it from the alert.
+    let out = run_peer(&["client".as_ref(), intruder_profile.as_os_str(), addr.as_ref(), "x".as_ref()]);
+    assert!(out.starts_with("error peer_alert 0 peer_alert: handshake failed"), "{out}");
+    assert!(out.contains("access_denied"), "{out}");
+
+    // Nobody listening.
+    drop(running);
+    let out = run_peer(&["client".as_ref(), client_profile.as_os_str(), addr.as_ref(), "x".as_ref()]);
+    assert!(out.starts_with("error transport"), "{out}");
+}
+
+/// Starts `peer ARGS…` with a pipe on stdin and returns it with its first stdout line.
+fn spawn_peer(args: &[&std::ffi::OsStr]) -> (Child, BufReader<std::process::ChildStdout>, String) {
+    let mut child = sanitizer_env(&mut Command::new(peer_program().unwrap()))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    (child, stdout, first.trim().to_string())
+}
+
+/// Closes the peer's stdin and checks it exits cleanly after printing "stopped".
+fn finish(mut child: Child, mut stdout: BufReader<std::process::ChildStdout>) {
+    drop(child.stdin.take());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "status {status:?}\nstdout: {rest}\nstderr: {stderr}");
+    assert!(rest.contains("stopped"), "{rest}\n{stderr}");
+}
+
+#[test]
+fn c_server_answers_rust_clients() {
+    if peer_program().is_none() {
+        return;
+    }
+    let pki = Pki::new();
+    let server_profile = pki.profile_file("server", &["spiffe://example.org/client"]);
+    let (child, stdout, first) = spawn_peer(&["server".as_ref(), server_profile.as_os_str()]);
+    let port: u16 = first.strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{first}"));
+    let addr = format!("127.0.0.1:{port}");
+
+    let client_cred = pki.issue("client", "spiffe://example.org/client");
+    let client = Client::new(addr.clone(), pki.profile(&client_cred, &[]).client().unwrap(), ClientOptions::default());
+    let call = |method: &'static str, payload: &'static str| {
+        let client = client.clone();
+        block_on(async move { client.call("example.EchoService", method, payload, CallOptions::default()).await })
+    };
+    let r = call("Echo", "hello from Rust").unwrap();
+    assert_eq!((&r.payload[..], &r.attachment[..]), (&b"hello from Rust"[..], &b"from C"[..]));
+    assert_eq!(&call("Peer", "").unwrap().payload[..], b"spiffe://example.org/client");
+    assert_eq!(&call("Later", "").unwrap().payload[..], b"answered from a C thread");
+    match call("Missing", "") {
+        Err(Error::Rpc { code: 1002, .. }) => {}
+        other => panic!("expected ENOMETHOD, got {other:?}"),
+    }
+
+    // An identity outside the C server's allow-list is refused at the handshake.
+    let intruder = pki.issue("intruder", "spiffe://example.org/intruder");
+    let refused = Client::new(addr, pki.profile(&intruder, &[]).client().unwrap(), ClientOptions::default());
+    let err = block_on(async move { refused.call("example.EchoService", "Echo", "x", CallOptions::default()).await }).unwrap_err();
+    assert_eq!(err.verdict(), Some(tw::Verdict::PeerAlert), "{err}");
+    assert!(err.to_string().contains("access_denied"), "{err}");
+
+    drop(client);
+    finish(child, stdout);
+}
+
+#[test]
+fn c_verifier_accepts_proxy_tokens_and_names_each_refusal() {
+    if peer_program().is_none() {
+        return;
+    }
+    let pki = Pki::new();
+    let cred = pki.issue("web", "spiffe://example.org/web");
+    let peer = Identity::from_pem(cred.cert_pem.as_bytes(), cred.key_pem.as_bytes()).unwrap().leaf_info().unwrap().identity;
+    let secret = "0123456789abcdef-secret";
+    let token = tw::proxy::token::issue(&peer, "k1", secret.as_bytes());
+    let verify = |token: &str, kid: &str, secret: &str| run_peer(&["token".as_ref(), token.as_ref(), kid.as_ref(), secret.as_ref()]);
+
+    assert_eq!(verify(&token, "k1", secret), format!("ok spiffe://example.org/web {}", peer.not_after_unix()));
+    assert!(verify(&token, "k1", "another secret").starts_with("token_bad_mac "));
+    assert!(verify(&token, "k2", secret).starts_with("token_unknown_key "));
+    let tampered = token.replace("spiffe://example.org/web", "spiffe://example.org/admin");
+    assert!(verify(&tampered, "k1", secret).starts_with("token_bad_mac "));
+    assert!(verify("tw1;kid=k1;mac=00", "k1", secret).starts_with("token_bad_format "));
+
+    let now = std::time::SystemTime::now();
+    let expired_cert = pki
+        .ca
+        .issue(&IssueRequest::new("old").spiffe_id("spiffe://example.org/old").validity(now - Duration::from_secs(7200), now - Duration::from_secs(3600)))
+        .unwrap();
+    let old = Identity::from_pem(expired_cert.cert_pem.as_bytes(), expired_cert.key_pem.as_bytes()).unwrap().leaf_info().unwrap().identity;
+    let expired = tw::proxy::token::issue(&old, "k1", secret.as_bytes());
+    assert!(verify(&expired, "k1", secret).starts_with("token_expired "));
+}
+
+#[test]
+fn proxy_started_from_c_carries_mtls_to_a_plain_upstream() {
+    if peer_program().is_none() {
+        return;
+    }
+    let pki = Pki::new();
+    let server_profile = pki.profile_file("server", &["spiffe://example.org/client"]);
+    // A plaintext echo upstream.
+    let upstream = block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tw::runtime::runtime().spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let config = pki.dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "drain_seconds = 2\n\n[[route]]\nname = \"echo-in\"\nmode = \"server\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream_addr}\"\nprofile = \"{}\"\n",
+            server_profile.display()
+        ),
+    )
+    .unwrap();
+    let (child, stdout, first) = spawn_peer(&["proxy".as_ref(), config.as_os_str()]);
+    let addr = first.strip_prefix("route echo-in ").unwrap_or_else(|| panic!("{first}")).to_string();
+
+    let client_cred = pki.issue("client", "spiffe://example.org/client");
+    let tls = pki.profile(&client_cred, &[]).client().unwrap();
+    let echoed = block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, _) = tw::transport::connect(&tls, &addr, Duration::from_secs(5)).await?;
+        let message = b"through the proxy started from C";
+        stream.write_all(message).await.map_err(|e| Error::Transport { message: e.to_string() })?;
+        let mut buf = vec![0u8; message.len()];
+        stream.read_exact(&mut buf).await.map_err(|e| Error::Transport { message: e.to_string() })?;
+        Ok::<_, Error>(buf)
+    })
+    .unwrap();
+    assert_eq!(&echoed[..], b"through the proxy started from C");
+    finish(child, stdout);
+}
