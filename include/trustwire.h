@@ -492,10 +492,11 @@ tw_result tw_profile_builder_set_name(tw_profile_builder *builder, const char *n
 tw_result tw_profile_builder_build(tw_profile_builder *builder, tw_profile **profile_out);
 
 // Loads a profile file (the TOML format `trustwire` and the Python module share; see
-// docs/profile.md). Relative paths in it are relative to the file. Watches the files it names
+// "Profile file" in the README). Relative paths in it are relative to the file. Watches the files it names
 // and reloads on change. On TW_OK `*profile_out` is owned by the caller (`tw_profile_free`).
 // Blocks while it reads files.
-tw_result tw_profile_load_file(const char *path, tw_profile **profile_out);
+tw_result tw_profile_load_file(const char *path,
+                               tw_profile **profile_out);
 
 // Releases the caller's profile. Servers and clients made from it keep working. After it
 // returns no event callback of this profile is running or will run (unless called from such
@@ -551,7 +552,7 @@ tw_result tw_profile_serial(const tw_profile *profile, char **serial_out);
 bool tw_profile_can_serve(const tw_profile *profile);
 
 // Starts every route of the proxy config file at `config_path` (the `trustwire proxy
-// --config` format, see docs/proxy.md) and returns once all listen. Each route reloads its
+// --config` format; "Proxy mode" in the README) and returns once all listen. Each route reloads its
 // credentials when its files change. On TW_OK `*proxy_out` is owned by the caller
 // (`tw_proxy_free`). Blocks; TW_WOULD_BLOCK from a handler or callback.
 tw_result tw_proxy_start(const char *config_path, tw_proxy **proxy_out);
@@ -586,7 +587,7 @@ void tw_proxy_free(tw_proxy *proxy);
 // may be NULL when `spiffe_id_cap` is 0 and the ID is not wanted), and `*not_after_out` (may
 // be NULL) is its certificate's not-after in Unix seconds. A refusal names its reason:
 // TW_TOKEN_BAD_FORMAT, TW_TOKEN_UNKNOWN_KEY, TW_TOKEN_BAD_MAC (wrong key or tampered) or
-// TW_TOKEN_EXPIRED; TW_BUFFER_TOO_SMALL when the ID does not fit. Token format: docs/proxy.md.
+// TW_TOKEN_EXPIRED; TW_BUFFER_TOO_SMALL when the ID does not fit. Token format: "Proxy mode" in the README.
 // Any thread; does not block.
 tw_result tw_identity_token_verify(const uint8_t *token,
                                    size_t token_len,

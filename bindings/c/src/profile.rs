@@ -480,7 +480,7 @@ fn build(sources: Sources, template: TlsProfile, options: StoreOptions) -> Resul
 }
 
 /// Loads a profile file (the TOML format `trustwire` and the Python module share; see
-/// docs/profile.md). Relative paths in it are relative to the file. Watches the files it names
+/// "Profile file" in the README). Relative paths in it are relative to the file. Watches the files it names
 /// and reloads on change. On TW_OK `*profile_out` is owned by the caller (`tw_profile_free`).
 /// Blocks while it reads files.
 #[no_mangle]

@@ -22,7 +22,7 @@ pub struct tw_proxy {
 }
 
 /// Starts every route of the proxy config file at `config_path` (the `trustwire proxy
-/// --config` format, see docs/proxy.md) and returns once all listen. Each route reloads its
+/// --config` format; "Proxy mode" in the README) and returns once all listen. Each route reloads its
 /// credentials when its files change. On TW_OK `*proxy_out` is owned by the caller
 /// (`tw_proxy_free`). Blocks; TW_WOULD_BLOCK from a handler or callback.
 #[no_mangle]
@@ -126,7 +126,7 @@ pub unsafe extern "C" fn tw_proxy_free(proxy: *mut tw_proxy) {
 /// may be NULL when `spiffe_id_cap` is 0 and the ID is not wanted), and `*not_after_out` (may
 /// be NULL) is its certificate's not-after in Unix seconds. A refusal names its reason:
 /// TW_TOKEN_BAD_FORMAT, TW_TOKEN_UNKNOWN_KEY, TW_TOKEN_BAD_MAC (wrong key or tampered) or
-/// TW_TOKEN_EXPIRED; TW_BUFFER_TOO_SMALL when the ID does not fit. Token format: docs/proxy.md.
+/// TW_TOKEN_EXPIRED; TW_BUFFER_TOO_SMALL when the ID does not fit. Token format: "Proxy mode" in the README.
 /// Any thread; does not block.
 #[no_mangle]
 pub unsafe extern "C" fn tw_identity_token_verify(

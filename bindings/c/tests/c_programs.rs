@@ -346,3 +346,58 @@ fn proxy_started_from_c_carries_mtls_to_a_plain_upstream() {
     assert_eq!(&echoed[..], b"through the proxy started from C");
     finish(child, stdout);
 }
+
+/// The brpc Authenticator example (examples/brpc_authenticator) compiles against our header.
+/// brpc is not installed here, so minimal stand-ins declare the few brpc and butil names it
+/// uses, with brpc's signatures; a machine with brpc builds it against the real headers.
+#[test]
+fn brpc_authenticator_example_compiles_against_the_header() {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if !tool(&cxx, "--version") {
+        return;
+    }
+    let stubs = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(stubs.path().join("brpc")).unwrap();
+    std::fs::create_dir_all(stubs.path().join("butil")).unwrap();
+    std::fs::write(
+        stubs.path().join("brpc/authenticator.h"),
+        r#"#pragma once
+#include <ostream>
+#include <string>
+namespace butil { struct EndPoint {}; inline std::ostream& operator<<(std::ostream& o, const EndPoint&) { return o; } }
+namespace brpc {
+class AuthContext {
+public:
+    void set_user(const std::string& u) { user_ = u; }
+    void set_group(const std::string& g) { group_ = g; }
+    void set_is_service(bool s) { is_service_ = s; }
+private:
+    std::string user_, group_;
+    bool is_service_ = false;
+};
+class Authenticator {
+public:
+    virtual ~Authenticator() {}
+    virtual int GenerateCredential(std::string* auth_str) const = 0;
+    virtual int VerifyCredential(const std::string& auth_str, const butil::EndPoint& client_addr, AuthContext* out_ctx) const = 0;
+};
+}
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        stubs.path().join("butil/logging.h"),
+        "#pragma once\n#include <iostream>\n#define LOG(level) std::cerr\n",
+    )
+    .unwrap();
+    let out = Command::new(&cxx)
+        .args(["-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only"])
+        .arg("-I")
+        .arg(stubs.path())
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join("examples/brpc_authenticator/trustwire_authenticator.cc"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", report(&out));
+}
