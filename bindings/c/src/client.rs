@@ -220,8 +220,11 @@ pub unsafe extern "C" fn tw_client_call_async(
         let a = unsafe { call_args(client, service, method, payload, payload_len, options) }?;
         let done = done.ok_or_else(|| Failure::null("done"))?;
         let user_data = UserData(user_data);
+        // The call's future is large; boxed, the task spawned per call stays small and cheap
+        // to move into the runtime.
+        let call = Box::pin(async move { a.client.call(&a.service, &a.method, a.payload, a.options).await });
         tw::runtime::runtime().spawn(async move {
-            let result = a.client.call(&a.service, &a.method, a.payload, a.options).await;
+            let result = call.await;
             let response = tw_response::from(result);
             let user_data = user_data;
             unsafe { done(user_data.0, response.result, &response) };
