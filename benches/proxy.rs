@@ -6,6 +6,9 @@
 //! 2. small-message round trips: 16 connections, each sending 64 bytes and waiting for them.
 //!
 //! Rounds alternate (B, T, B, T, …) so background load falls on both. Target for (1): ≥ 0.7×.
+//! A third side, two plaintext TCP relays in a row, shows the ceiling for any proxy pair when
+//! client, relays and upstream share one host: each byte crosses three sockets each way
+//! instead of one.
 //! `BENCH_SECONDS` sets the round-trip measurement time per side and round (default 2).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +34,27 @@ async fn echo_upstream() -> String {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
                 let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A plaintext TCP relay to `to`, copying with the proxy's buffer sizes. Two of them in a row
+/// carry every byte over the same number of sockets as the proxy pair, without TLS: the ceiling
+/// for any proxy pair on one host.
+async fn plain_relay(to: String) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut a, _)) = l.accept().await else { return };
+            let to = to.clone();
+            tokio::spawn(async move {
+                let _ = a.set_nodelay(true);
+                let Ok(mut b) = TcpStream::connect(&to).await else { return };
+                let _ = b.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 64 * 1024, 64 * 1024).await;
             });
         }
     });
@@ -132,14 +156,19 @@ fn main() {
         .unwrap();
         let Endpoint::Tcp(pair) = outbound.local().clone() else { unreachable!() };
 
+        let relay = plain_relay(plain_relay(upstream.clone()).await).await;
+
         throughput(&upstream).await;
         throughput(&pair).await;
         let (mut t_direct, mut t_pair, mut r_direct, mut r_pair) = (0.0, 0.0, 0.0, 0.0);
+        let (mut t_relay, mut r_relay) = (0.0, 0.0);
         for _ in 0..ROUNDS {
             t_direct += throughput(&upstream).await / ROUNDS as f64;
             t_pair += throughput(&pair).await / ROUNDS as f64;
+            t_relay += throughput(&relay).await / ROUNDS as f64;
             r_direct += round_trips(&upstream, secs).await / ROUNDS as f64;
             r_pair += round_trips(&pair, secs).await / ROUNDS as f64;
+            r_relay += round_trips(&relay, secs).await / ROUNDS as f64;
         }
         println!("trustwire proxy bench: plaintext client -> client-side route -> mTLS -> server-side route -> echo upstream,");
         println!("vs the same client straight to the upstream; {ROUNDS} alternating rounds; one 2-worker runtime for everything");
@@ -155,7 +184,17 @@ fn main() {
         println!("{:<48} {:>8} {:>10.0} {:>10.0} {:>7.3} {:>8} {:>5}", "2. 64-byte round trips, 16 connections", "rt/s", r_direct, r_pair, rr, "-", "-");
         println!("{}", "-".repeat(102));
         println!(
-            "BENCH_JSON {{\"throughput_direct_mib_s\":{t_direct:.1},\"throughput_proxied_mib_s\":{t_pair:.1},\"throughput_ratio\":{tr:.4},\"round_trips_direct\":{r_direct:.1},\"round_trips_proxied\":{r_pair:.1},\"round_trip_ratio\":{rr:.4}}}"
+            "Ceiling on one host: two plaintext relays in a row carry each byte over three sockets each way, like the pair:"
+        );
+        println!(
+            "  relay pair without TLS: {t_relay:.0} MiB/s ({:.3} of direct), {r_relay:.0} rt/s ({:.3}); proxy pair / relay pair: {:.3} and {:.3}",
+            t_relay / t_direct,
+            r_relay / r_direct,
+            t_pair / t_relay,
+            r_pair / r_relay
+        );
+        println!(
+            "BENCH_JSON {{\"throughput_direct_mib_s\":{t_direct:.1},\"throughput_proxied_mib_s\":{t_pair:.1},\"throughput_ratio\":{tr:.4},\"round_trips_direct\":{r_direct:.1},\"round_trips_proxied\":{r_pair:.1},\"round_trip_ratio\":{rr:.4},\"throughput_relay_pair_mib_s\":{t_relay:.1},\"round_trips_relay_pair\":{r_relay:.1}}}"
         );
     });
 }
