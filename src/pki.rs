@@ -289,7 +289,7 @@ impl DevCa {
             revoked_certs,
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
-        Ok(params.signed_by(&self.issuer).map_err(pki_err)?.pem().map_err(pki_err)?)
+        params.signed_by(&self.issuer).map_err(pki_err)?.pem().map_err(pki_err)
     }
 }
 

@@ -229,7 +229,7 @@ impl Client {
                 checksum_value: Some(Bytes::new()),
                 ..Default::default()
             },
-            payload: payload.into(),
+            payload,
             attachment: opts.attachment,
         };
         if self.inner.options.checksum {
