@@ -9,7 +9,10 @@ export CARGO_TARGET_DIR ?= $(CURDIR)/target
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: all build demo test test-rust test-fuzz test-python python bench bench-python fuzz deps lint clean
+
+PREFIX ?= /usr/local
+
+.PHONY: install test-packaging header all build demo test test-rust test-fuzz test-python python bench bench-python fuzz deps lint clean
 
 all: build
 
@@ -27,6 +30,7 @@ test: deps
 	TRUSTWIRE_REQUIRE_PEERS=1 $(CARGO) test --workspace --release -- --test-threads=2
 	$(CARGO) run --release -p trustwire-fuzz -- --seconds $(FUZZ_SECONDS)
 	$(MAKE) --no-print-directory test-python
+	$(MAKE) --no-print-directory test-packaging
 
 # The Python package in a virtualenv of its own (.venv): build it the way `pip install .` does,
 # then its tests, the stub check and strict typing of the package and examples.
@@ -46,6 +50,7 @@ bench: deps
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
 	$(CARGO) bench --bench rotation
 	$(CARGO) bench --bench proxy
+	$(CARGO) bench -p trustwire-c --bench c_client
 	$(MAKE) --no-print-directory bench-python
 
 # trustwire from Python against grpcio (installed into the bench's own virtualenv) and against
@@ -60,6 +65,20 @@ bench-python: build python
 # A longer decoder fuzzing session (stable Rust; see fuzz/src/main.rs).
 fuzz:
 	$(CARGO) run --release -p trustwire-fuzz -- --seconds 600
+
+# The C library, both headers, trustwire.pc and a CMake package under PREFIX.
+install:
+	bash scripts/install.sh "$(PREFIX)"
+
+# Installs into a temporary prefix and builds a project out of tree with pkg-config and CMake.
+test-packaging:
+	bash tests/packaging/run.sh
+
+# Regenerates include/trustwire.h and bindings/c/symbols.txt from the C ABI crate (the tests
+# fail while the committed copies differ). Review the diff: removing or renaming a symbol
+# breaks programs linked against the library.
+header:
+	TW_BLESS=1 $(CARGO) test --release -p trustwire-c --test header
 
 lint:
 	$(CARGO) fmt --all -- --check

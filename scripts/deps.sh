@@ -14,6 +14,8 @@ command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 # The C API's tests run one program under Valgrind (bindings/c/tests/c_programs.rs).
 command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
+# make test-packaging builds a project against the installed library with pkg-config.
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
