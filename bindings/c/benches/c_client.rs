@@ -5,7 +5,7 @@
 //! `cargo bench -p trustwire-c --bench c_client` (part of `make bench`); BENCH_SECONDS sets the
 //! length of each measurement (default 3).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,13 +18,9 @@ use tw::tls::{Identity, TlsProfile, TrustBundle};
 const PAYLOAD: &[u8] = b"\x0a\x0bhello world";
 const IN_FLIGHT: usize = 64;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn lib_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{lib_dir, root};
 
 fn rust_sequential(client: &Client, seconds: f64) -> f64 {
     let rt = tw::runtime::runtime();

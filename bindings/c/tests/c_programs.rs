@@ -16,17 +16,10 @@ use tw::rpc::{CallOptions, Client, ClientOptions, Request, Response, Server};
 use tw::tls::{Identity, Policy, TlsProfile, TrustBundle};
 use tw::Error;
 
-const WARNINGS: &[&str] = &["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"];
+mod common;
+use common::{lib_dir, root};
+
 const SANITIZERS: &[&str] = &["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"];
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-/// target/<profile>, where this run built libtrustwire.so.
-fn lib_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf()
-}
 
 fn required() -> bool {
     std::env::var_os("TRUSTWIRE_REQUIRE_PEERS").is_some_and(|v| v == "1")
@@ -45,24 +38,9 @@ fn cc() -> String {
     std::env::var("CC").unwrap_or_else(|_| "cc".into())
 }
 
-/// Compiles `source` (under tests/c) into target/<profile>/c-tests/`name`, once per test run.
+/// Compiles tests/c/`source` (C11) into target/<profile>/c-tests/`name`.
 fn compile(source: &str, name: &str, sanitize: bool) -> PathBuf {
-    let out_dir = lib_dir().join("c-tests");
-    std::fs::create_dir_all(&out_dir).unwrap();
-    let exe = out_dir.join(name);
-    let lib = lib_dir();
-    let mut cmd = Command::new(cc());
-    cmd.args(WARNINGS);
-    if sanitize {
-        cmd.args(SANITIZERS);
-    }
-    cmd.arg("-I").arg(root().join("include")).arg("-I").arg(root().join("tests/c"));
-    cmd.arg(root().join("tests/c").join(source));
-    cmd.arg("-L").arg(&lib).arg("-ltrustwire").arg(format!("-Wl,-rpath,{}", lib.display())).arg("-lpthread");
-    cmd.arg("-o").arg(&exe);
-    let out = cmd.output().expect("cannot run the C compiler");
-    assert!(out.status.success(), "compiling {source} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    exe
+    build(&format!("tests/c/{source}"), name, false, sanitize)
 }
 
 fn peer_program() -> Option<&'static Path> {
@@ -417,7 +395,7 @@ fn build(source: &str, name: &str, cpp: bool, sanitize: bool) -> PathBuf {
     if sanitize {
         cmd.args(SANITIZERS);
     }
-    cmd.arg("-I").arg(root().join("include")).arg("-I").arg(root().join("examples/c"));
+    cmd.arg("-I").arg(root().join("include")).arg("-I").arg(root().join("tests/c")).arg("-I").arg(root().join("examples/c"));
     cmd.arg(root().join(source));
     cmd.arg("-L").arg(&lib).arg("-ltrustwire").arg(format!("-Wl,-rpath,{}", lib.display())).arg("-lpthread");
     cmd.arg("-o").arg(&exe);

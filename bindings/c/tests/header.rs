@@ -58,10 +58,11 @@ fn committed_header_is_what_cbindgen_generates() {
     check(&dir.join("../../include/trustwire.h"), &header, "the header");
 }
 
-/// The library this test run built (target/<profile>/libtrustwire.so).
+mod common;
+
+/// target/<profile>/libtrustwire.so, built from the current sources.
 fn library() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("libtrustwire.so")
+    common::lib_dir().join("libtrustwire.so")
 }
 
 #[test]
