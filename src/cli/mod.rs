@@ -366,19 +366,14 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: Re
 
 async fn proxy(config: PathBuf) -> Result<(), Error> {
     let file = crate::proxy::config::ProxyFile::load(&config)?;
-    let routes = file.routes()?;
     let metrics = match &file.metrics {
         Some(addr) => Some(crate::telemetry::serve_metrics(addr).await?),
         None => None,
     };
     let mut signals = Signals::new();
-    let mut running = Vec::new();
-    let mut stores = Vec::new();
-    for (route, store) in routes {
-        let r = crate::proxy::start(route).await?;
+    let (running, stores): (Vec<_>, Vec<_>) = file.start().await?.into_iter().unzip();
+    for r in &running {
         println!("route {}: listening on {}", r.name(), r.local());
-        running.push(r);
-        stores.push(store);
     }
     if let Some(m) = &metrics {
         println!("metrics on http://{}/metrics", m.local_addr());

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Endpoint, Protocol, Route, RouteTls};
+use super::{Endpoint, Protocol, Route, RouteTls, RunningProxy};
 use crate::credentials::{CredentialStore, StoreOptions, Use};
 use crate::error::Error;
 
@@ -90,6 +90,16 @@ impl ProxyFile {
 
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_seconds.unwrap_or(30))
+    }
+
+    /// Starts every route and returns once all listen, with each route's credential store (for
+    /// reloads), in file order. If one cannot start, those started before are closed.
+    pub async fn start(&self) -> Result<Vec<(RunningProxy, CredentialStore)>, Error> {
+        let mut started = Vec::new();
+        for (route, store) in self.routes()? {
+            started.push((super::start(route).await?, store));
+        }
+        Ok(started)
     }
 
     /// Builds every route, each with its own credential store (named after the route).

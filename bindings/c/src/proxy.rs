@@ -36,16 +36,9 @@ pub unsafe extern "C" fn tw_proxy_start(config_path: *const c_char, proxy_out: *
             return Err(ffi::would_block("tw_proxy_start"));
         }
         ffi::ignore_sigpipe();
-        let (running, stores, drain) = tw::runtime::runtime().block_on(async move {
-            let file = tw::proxy::config::ProxyFile::load(&path)?;
-            let mut running = Vec::new();
-            let mut stores = Vec::new();
-            for (route, store) in file.routes()? {
-                running.push(tw::proxy::start(route).await?);
-                stores.push(store);
-            }
-            Ok::<_, tw::Error>((running, stores, file.drain()))
-        })?;
+        let file = tw::proxy::config::ProxyFile::load(&path)?;
+        let (running, stores): (Vec<_>, Vec<_>) = tw::runtime::runtime().block_on(file.start())?.into_iter().unzip();
+        let drain = file.drain();
         let names = running.iter().map(|r| ffi::owned_cstring(r.name().to_string())).collect();
         let addresses = running.iter().map(|r| ffi::owned_cstring(r.local().to_string())).collect();
         let p = tw_proxy { running: std::sync::Mutex::new(running), stores, names, addresses, drain };

@@ -137,12 +137,7 @@ impl PyProxy {
     fn start(py: Python<'_>, config: std::path::PathBuf) -> PyResult<Self> {
         let (running, stores, drain) = rt::block_on(py, async move {
             let file = trustwire::proxy::config::ProxyFile::load(&config)?;
-            let mut running = Vec::new();
-            let mut stores = Vec::new();
-            for (route, store) in file.routes()? {
-                running.push(trustwire::proxy::start(route).await?);
-                stores.push(store);
-            }
+            let (running, stores) = file.start().await?.into_iter().unzip();
             Ok((running, stores, file.drain()))
         })?;
         Ok(PyProxy { running, stores, drain })
