@@ -296,7 +296,7 @@ async fn handshake_level_peers(fx: &Fixture) {
     let mut p = pki.client_profile();
     p.server_name = Some("payments.example.org".into());
     let (res, local) = fx.tls_with(&p).await;
-    let e = res.err().expect("client must refuse the server");
+    let e = res.expect_err("client must refuse the server");
     assert_eq!(handshake_parts(&e).0, Verdict::NameMismatch, "{e}");
     let e = fx.server_verdict(local, "name mismatch").await;
     let (verdict, side, alert) = handshake_parts(&e);
@@ -391,7 +391,7 @@ async fn bad_peers_do_not_disturb_a_healthy_client() {
 
     stop.store(true, Ordering::Release);
     bounded("healthy client stops", healthy).await.unwrap();
-    let failures = failures.lock().unwrap();
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
     assert!(failures.is_empty(), "the healthy client saw {} failures: {:?}", failures.len(), &failures[..]);
     assert!(ok.load(Ordering::Relaxed) > before, "the healthy client kept calling during the bad traffic");
     assert_eq!(running.in_flight(), 0);
