@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tw::rpc::{CallOptions, Client, ClientOptions, Response};
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, out_box, str_arg, Failure, UserData};
+use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_bytes, out_box, str_arg, Failure, UserData};
 use crate::profile::tw_profile;
 use crate::tw_result;
 
@@ -237,21 +237,13 @@ pub unsafe extern "C" fn tw_client_call_async(
 /// returns); empty for a failed call.
 #[no_mangle]
 pub unsafe extern "C" fn tw_response_payload(response: *const tw_response, len_out: *mut usize) -> *const u8 {
-    guard_value(std::ptr::null(), || {
-        let r = unsafe { arg(response, "response") }?;
-        unsafe { out(len_out, r.payload.len()) }?;
-        Ok(r.payload.as_ptr())
-    })
+    unsafe { lend_bytes(response, "response", len_out, |r| &r.payload[..]) }
 }
 
 /// The answer's attachment, `*len_out` bytes, valid as long as the response.
 #[no_mangle]
 pub unsafe extern "C" fn tw_response_attachment(response: *const tw_response, len_out: *mut usize) -> *const u8 {
-    guard_value(std::ptr::null(), || {
-        let r = unsafe { arg(response, "response") }?;
-        unsafe { out(len_out, r.attachment.len()) }?;
-        Ok(r.attachment.as_ptr())
-    })
+    unsafe { lend_bytes(response, "response", len_out, |r| &r.attachment[..]) }
 }
 
 /// The call's result (TW_OK, or why it failed).

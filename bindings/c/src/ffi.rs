@@ -208,6 +208,19 @@ pub unsafe fn out<T>(p: *mut T, value: T) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Lends C the bytes `pick` chooses inside `*handle`: their length goes to `*len_out` and their
+/// start is returned (null on a null argument). They live as long as the handle.
+///
+/// # Safety
+/// `handle` is null or a live handle; `len_out` is null or writable.
+pub unsafe fn lend_bytes<T>(handle: *const T, what: &str, len_out: *mut usize, pick: impl FnOnce(&T) -> &[u8]) -> *const u8 {
+    guard_value(std::ptr::null(), || {
+        let bytes = pick(unsafe { arg(handle, what) }?);
+        unsafe { out(len_out, bytes.len()) }?;
+        Ok(bytes.as_ptr())
+    })
+}
+
 /// Hands ownership of a CString to C.
 pub fn give_string(s: CString) -> *mut c_char {
     s.into_raw()

@@ -10,7 +10,7 @@ use tw::rpc::{Request, Response, RunningServer, Server, Status};
 use tw::tls::identity::PeerIdentity;
 use tw::tls::ServerTls;
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, out_box, str_arg, Failure, UserData};
+use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_bytes, out, out_box, str_arg, Failure, UserData};
 use crate::profile::tw_profile;
 use crate::tw_result;
 
@@ -292,21 +292,13 @@ pub unsafe extern "C" fn tw_call_method(call: *const tw_call) -> *const c_char {
 /// Never NULL for a valid call (an empty payload gives a non-NULL pointer and length 0).
 #[no_mangle]
 pub unsafe extern "C" fn tw_call_payload(call: *const tw_call, len_out: *mut usize) -> *const u8 {
-    guard_value(std::ptr::null(), || {
-        let c = unsafe { arg(call, "call") }?;
-        unsafe { out(len_out, c.request.payload.len()) }?;
-        Ok(c.request.payload.as_ptr())
-    })
+    unsafe { lend_bytes(call, "call", len_out, |c| &c.request.payload[..]) }
 }
 
 /// The request attachment, `*len_out` bytes; valid as long as the call.
 #[no_mangle]
 pub unsafe extern "C" fn tw_call_attachment(call: *const tw_call, len_out: *mut usize) -> *const u8 {
-    guard_value(std::ptr::null(), || {
-        let c = unsafe { arg(call, "call") }?;
-        unsafe { out(len_out, c.request.attachment.len()) }?;
-        Ok(c.request.attachment.as_ptr())
-    })
+    unsafe { lend_bytes(call, "call", len_out, |c| &c.request.attachment[..]) }
 }
 
 /// The caller's log_id in `*log_id_out`; TW_NOT_FOUND when the request has none.

@@ -188,13 +188,12 @@ fn c_client_calls_a_rust_server_and_gets_refusals_by_name() {
 
 /// Starts `peer ARGS…` with a pipe on stdin and returns it with its first stdout line.
 fn spawn_peer(args: &[&std::ffi::OsStr]) -> (Child, BufReader<std::process::ChildStdout>, String) {
-    let mut child = sanitizer_env(&mut Command::new(peer_program().unwrap()))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    spawn_with_first_line(sanitizer_env(&mut Command::new(peer_program().unwrap())).args(args).stdin(Stdio::piped()))
+}
+
+/// Starts `cmd` with stdout and stderr piped and returns it with its first stdout line.
+fn spawn_with_first_line(cmd: &mut Command) -> (Child, BufReader<std::process::ChildStdout>, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
@@ -435,16 +434,7 @@ fn examples_build_and_talk_to_each_other() {
     let intruder_profile = pki.profile_file("intruder", &[]);
 
     for server in [&c_server, &cpp_server] {
-        let mut child = Command::new(server)
-            .arg(&server_profile)
-            .arg("127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        stdout.read_line(&mut first).unwrap();
+        let (mut child, mut stdout, first) = spawn_with_first_line(Command::new(server).arg(&server_profile).arg("127.0.0.1:0"));
         let port = first.split("port ").nth(1).and_then(|p| p.split_whitespace().next()).unwrap_or_else(|| panic!("{first}"));
         let addr = format!("127.0.0.1:{port}");
         for client in [&c_client, &cpp_client] {
