@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tw::rpc::{CallOptions, Client, ClientOptions, Response};
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_bytes, out_box, str_arg, Failure, UserData};
+use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_bytes, lend_str, out_box, str_arg, Failure, UserData};
 use crate::profile::tw_profile;
 use crate::tw_result;
 
@@ -256,7 +256,7 @@ pub unsafe extern "C" fn tw_response_result(response: *const tw_response) -> tw_
 /// response.
 #[no_mangle]
 pub unsafe extern "C" fn tw_response_error_message(response: *const tw_response) -> *const c_char {
-    guard_value(std::ptr::null(), || Ok(unsafe { arg(response, "response") }?.message.as_ptr()))
+    unsafe { lend_str(response, "response", |x| Some(&x.message)) }
 }
 
 /// The brpc error code the server answered with (TW_RPC_ERROR, TW_METHOD_NOT_ALLOWED); 0

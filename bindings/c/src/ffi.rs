@@ -221,6 +221,15 @@ pub unsafe fn lend_bytes<T>(handle: *const T, what: &str, len_out: *mut usize, p
     })
 }
 
+/// Lends C the string `pick` chooses inside `*handle`, or NULL when it picks none (or on a null
+/// argument). The string lives as long as the handle.
+///
+/// # Safety
+/// `handle` is null or a live handle.
+pub unsafe fn lend_str<T>(handle: *const T, what: &str, pick: impl FnOnce(&T) -> Option<&CString>) -> *const c_char {
+    guard_value(std::ptr::null(), || Ok(pick(unsafe { arg(handle, what) }?).map_or(std::ptr::null(), |s| s.as_ptr())))
+}
+
 /// Hands ownership of a CString to C.
 pub fn give_string(s: CString) -> *mut c_char {
     s.into_raw()

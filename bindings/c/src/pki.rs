@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tw::pki::{DevCa, IssueRequest, Usage};
 
-use crate::ffi::{self, arg, guard, guard_value, opt_str_arg, out_box, str_arg, str_array_arg, Failure};
+use crate::ffi::{self, arg, guard, lend_str, opt_str_arg, out_box, str_arg, str_array_arg, Failure};
 use crate::tw_result;
 
 /// A development certificate authority whose key lives in memory. For tests and demos, not for
@@ -47,7 +47,7 @@ pub unsafe extern "C" fn tw_dev_ca_free(ca: *mut tw_dev_ca) {
 /// The CA certificate (PEM, NUL-terminated), for trust bundles. Valid as long as the CA.
 #[no_mangle]
 pub unsafe extern "C" fn tw_dev_ca_cert_pem(ca: *const tw_dev_ca) -> *const c_char {
-    guard_value(std::ptr::null(), || Ok(unsafe { arg(ca, "ca") }?.cert_pem.as_ptr()))
+    unsafe { lend_str(ca, "ca", |x| Some(&x.cert_pem)) }
 }
 
 fn time(unix: i64) -> SystemTime {

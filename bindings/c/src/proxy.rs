@@ -8,7 +8,7 @@ use std::time::Duration;
 use tw::credentials::CredentialStore;
 use tw::proxy::RunningProxy;
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, str_arg, Failure};
+use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_str, str_arg, Failure};
 use crate::tw_result;
 
 /// Proxy routes from a `trustwire proxy` config file, running on trustwire's threads inside
@@ -56,18 +56,14 @@ pub unsafe extern "C" fn tw_proxy_route_count(proxy: *const tw_proxy) -> usize {
 /// Route number `index`'s name; NULL past the end. Valid as long as the proxy.
 #[no_mangle]
 pub unsafe extern "C" fn tw_proxy_route_name(proxy: *const tw_proxy, index: usize) -> *const c_char {
-    guard_value(std::ptr::null(), || {
-        Ok(unsafe { arg(proxy, "proxy") }?.names.get(index).map(|s| s.as_ptr()).unwrap_or(std::ptr::null()))
-    })
+    unsafe { lend_str(proxy, "proxy", |p| p.names.get(index)) }
 }
 
 /// Where route number `index` listens ("127.0.0.1:PORT" with the bound port, or "unix:PATH");
 /// NULL past the end. Valid as long as the proxy.
 #[no_mangle]
 pub unsafe extern "C" fn tw_proxy_route_address(proxy: *const tw_proxy, index: usize) -> *const c_char {
-    guard_value(std::ptr::null(), || {
-        Ok(unsafe { arg(proxy, "proxy") }?.addresses.get(index).map(|s| s.as_ptr()).unwrap_or(std::ptr::null()))
-    })
+    unsafe { lend_str(proxy, "proxy", |p| p.addresses.get(index)) }
 }
 
 /// Reloads every route's credentials now (as SIGHUP does for `trustwire proxy`). Stops at the

@@ -10,7 +10,7 @@ use tw::rpc::{Request, Response, RunningServer, Server, Status};
 use tw::tls::identity::PeerIdentity;
 use tw::tls::ServerTls;
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_bytes, out, out_box, str_arg, Failure, UserData};
+use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_bytes, lend_str, out, out_box, str_arg, Failure, UserData};
 use crate::profile::tw_profile;
 use crate::tw_result;
 
@@ -329,33 +329,31 @@ pub unsafe extern "C" fn tw_call_peer(call: *const tw_call) -> *const tw_peer {
 /// The peer's SPIFFE ID (its one `spiffe://` URI SAN), or NULL when it has none.
 #[no_mangle]
 pub unsafe extern "C" fn tw_peer_spiffe_id(peer: *const tw_peer) -> *const c_char {
-    guard_value(std::ptr::null(), || {
-        Ok(unsafe { arg(peer, "peer") }?.spiffe_id.as_ref().map(|s| s.as_ptr()).unwrap_or(std::ptr::null()))
-    })
+    unsafe { lend_str(peer, "peer", |p| p.spiffe_id.as_ref()) }
 }
 
 /// SHA-256 of the peer's DER certificate, 64 lowercase hex digits.
 #[no_mangle]
 pub unsafe extern "C" fn tw_peer_fingerprint_sha256(peer: *const tw_peer) -> *const c_char {
-    guard_value(std::ptr::null(), || Ok(unsafe { arg(peer, "peer") }?.fingerprint.as_ptr()))
+    unsafe { lend_str(peer, "peer", |x| Some(&x.fingerprint)) }
 }
 
 /// The certificate's serial number, lowercase hex.
 #[no_mangle]
 pub unsafe extern "C" fn tw_peer_serial(peer: *const tw_peer) -> *const c_char {
-    guard_value(std::ptr::null(), || Ok(unsafe { arg(peer, "peer") }?.serial.as_ptr()))
+    unsafe { lend_str(peer, "peer", |x| Some(&x.serial)) }
 }
 
 /// The certificate's subject, e.g. "CN=web".
 #[no_mangle]
 pub unsafe extern "C" fn tw_peer_subject(peer: *const tw_peer) -> *const c_char {
-    guard_value(std::ptr::null(), || Ok(unsafe { arg(peer, "peer") }?.subject.as_ptr()))
+    unsafe { lend_str(peer, "peer", |x| Some(&x.subject)) }
 }
 
 /// The certificate's issuer.
 #[no_mangle]
 pub unsafe extern "C" fn tw_peer_issuer(peer: *const tw_peer) -> *const c_char {
-    guard_value(std::ptr::null(), || Ok(unsafe { arg(peer, "peer") }?.issuer.as_ptr()))
+    unsafe { lend_str(peer, "peer", |x| Some(&x.issuer)) }
 }
 
 /// How many subject alternative names the certificate has.
@@ -367,9 +365,7 @@ pub unsafe extern "C" fn tw_peer_san_count(peer: *const tw_peer) -> usize {
 /// SAN number `index` as "dns:NAME", "ip:ADDRESS" or "uri:URI"; NULL past the end.
 #[no_mangle]
 pub unsafe extern "C" fn tw_peer_san(peer: *const tw_peer, index: usize) -> *const c_char {
-    guard_value(std::ptr::null(), || {
-        Ok(unsafe { arg(peer, "peer") }?.sans.get(index).map(|s| s.as_ptr()).unwrap_or(std::ptr::null()))
-    })
+    unsafe { lend_str(peer, "peer", |p| p.sans.get(index)) }
 }
 
 /// The certificate's not-before, Unix seconds.
