@@ -157,6 +157,7 @@ impl Server {
             .map_err(|e| Error::config(format!("cannot read bound address: {e}")))?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let policy = self.tls.as_ref().map(|t| t.policy.clone()).unwrap_or_default();
+        let connections = Arc::new(Semaphore::new(self.options.max_connections));
         let shared = Arc::new(Shared {
             registry: self.registry,
             policy,
@@ -166,6 +167,7 @@ impl Server {
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
             stop_rx,
+            connections,
         });
         let accept = tokio::spawn(accept_loop(listener, self.tls, shared.clone()));
         Ok(RunningServer { local_addr, shared, stop_tx, accept: Some(accept) })
@@ -182,6 +184,8 @@ struct Shared {
     drained: Notify,
     /// Becomes true when connections must close (after the drain).
     stop_rx: watch::Receiver<bool>,
+    /// One permit per open (or handshaking) connection, up to `max_connections`.
+    connections: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -211,9 +215,15 @@ impl RunningServer {
     }
 
     /// Graceful stop: stop accepting, answer new calls with ELOGOFF, let calls in flight finish
-    /// (up to the shutdown grace), then close every connection.
+    /// (up to the shutdown grace), then close every connection. When it returns, the port and
+    /// the connections are closed, so a client's next call fails to connect instead of finding a
+    /// connection that is still closing (unless a handler outlived the grace: then it waits at
+    /// most one more second for the connections).
     pub async fn shutdown(mut self) {
-        self.stop_accepting();
+        if let Some(accept) = self.stop_accepting() {
+            // Aborted: the listener is closed once the task is gone.
+            let _ = accept.await;
+        }
         let deadline = Instant::now() + self.shared.options.shutdown_grace;
         loop {
             let notified = self.shared.drained.notified();
@@ -229,13 +239,22 @@ impl RunningServer {
             }
         }
         let _ = self.stop_tx.send(true);
+        let all = u32::try_from(self.shared.options.max_connections).unwrap_or(u32::MAX);
+        let close_by = deadline.max(Instant::now() + Duration::from_secs(1));
+        let closed = tokio::time::timeout_at(close_by.into(), self.shared.connections.acquire_many(all)).await;
+        if closed.is_err() {
+            warn!("shutdown: connections still closing");
+        }
     }
 
-    fn stop_accepting(&mut self) {
+    /// Marks the server stopping and aborts the accept loop; returns its handle to await.
+    fn stop_accepting(&mut self) -> Option<tokio::task::JoinHandle<()>> {
         self.shared.stopping.store(true, Ordering::Release);
-        if let Some(a) = self.accept.take() {
+        let accept = self.accept.take();
+        if let Some(a) = &accept {
             a.abort();
         }
+        accept
     }
 }
 
@@ -247,9 +266,8 @@ impl Drop for RunningServer {
 }
 
 async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<Shared>) {
-    let slots = Arc::new(Semaphore::new(shared.options.max_connections));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok(permit) = shared.connections.clone().acquire_owned().await else { return };
         let (tcp, remote) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
