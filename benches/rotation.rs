@@ -27,7 +27,10 @@ struct Pki {
 }
 
 fn server_request() -> IssueRequest {
-    IssueRequest::new("server").spiffe_id("spiffe://example.org/bench/server").dns("localhost").ip([127, 0, 0, 1].into())
+    IssueRequest::new("server")
+        .spiffe_id("spiffe://example.org/bench/server")
+        .dns("localhost")
+        .ip([127, 0, 0, 1].into())
 }
 
 impl Pki {
@@ -40,7 +43,8 @@ impl Pki {
             .issue(&IssueRequest::new("client").spiffe_id("spiffe://example.org/bench/client").usage(Usage::Client))
             .unwrap();
         let trust = TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap();
-        let client = TlsProfile::new(Some(Identity::from_pem(c.cert_pem.as_bytes(), c.key_pem.as_bytes()).unwrap()), trust);
+        let client =
+            TlsProfile::new(Some(Identity::from_pem(c.cert_pem.as_bytes(), c.key_pem.as_bytes()).unwrap()), trust);
         Pki { dir, ca, client }
     }
 
@@ -61,7 +65,11 @@ impl Pki {
                 crls: vec![],
             },
             TlsProfile::new(None, TrustBundle::default()),
-            StoreOptions { name: "bench".into(), poll_interval: Some(Duration::from_secs(1)), ..StoreOptions::default() },
+            StoreOptions {
+                name: "bench".into(),
+                poll_interval: Some(Duration::from_secs(1)),
+                ..StoreOptions::default()
+            },
         )
         .unwrap()
     }

@@ -129,11 +129,7 @@ impl Cpu {
     }
 
     fn since(self, start: Cpu) -> Cpu {
-        Cpu {
-            server: self.server - start.server,
-            client: self.client - start.client,
-            total: self.total - start.total,
-        }
+        Cpu { server: self.server - start.server, client: self.client - start.client, total: self.total - start.total }
     }
 
     fn add(&mut self, o: Cpu) {
@@ -194,13 +190,7 @@ const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
 /// Runs `op` in a loop on `callers` tasks: `warm` unmeasured, then `dur` measured.
-async fn run_round(
-    op: &Op,
-    callers: usize,
-    warm: Duration,
-    dur: Duration,
-    latency: bool,
-) -> Sample {
+async fn run_round(op: &Op, callers: usize, warm: Duration, dur: Duration, latency: bool) -> Sample {
     let phase = Arc::new(AtomicU8::new(WARM));
     let mut tasks = Vec::with_capacity(callers);
     for _ in 0..callers {
@@ -263,14 +253,7 @@ async fn run_round(
 }
 
 /// Baseline and trustwire in alternating rounds: B, T, B, T.
-async fn run_pair(
-    cfg: &Cfg,
-    label: &str,
-    base: &Op,
-    tw: &Op,
-    callers: usize,
-    latency: bool,
-) -> (Sample, Sample) {
+async fn run_pair(cfg: &Cfg, label: &str, base: &Op, tw: &Op, callers: usize, latency: bool) -> (Sample, Sample) {
     let half = cfg.seconds / 2.0;
     let dur = Duration::from_secs_f64(half);
     let (mut b, mut t) = (Sample::default(), Sample::default());
@@ -285,18 +268,10 @@ async fn run_pair(
     }
     for (side, s) in [("baseline", &b), ("trustwire", &t)] {
         if s.errors > 0 {
-            println!(
-                "  ! {label} {side}: {} errors, first: {}",
-                s.errors,
-                s.first_error.as_deref().unwrap_or("?")
-            );
+            println!("  ! {label} {side}: {} errors, first: {}", s.errors, s.first_error.as_deref().unwrap_or("?"));
         }
     }
-    eprintln!(
-        "  done: {label}: baseline {:.0}/s, trustwire {:.0}/s",
-        b.rate(),
-        t.rate()
-    );
+    eprintln!("  done: {label}: baseline {:.0}/s, trustwire {:.0}/s", b.rate(), t.rate());
     (b, t)
 }
 
@@ -306,15 +281,9 @@ fn call_op(client: Client, payload: Bytes) -> Op {
         let payload = payload.clone();
         Box::pin(async move {
             let len = payload.len();
-            let r = client
-                .call(SERVICE, METHOD, payload, CallOptions::default())
-                .await
-                .map_err(|e| e.to_string())?;
+            let r = client.call(SERVICE, METHOD, payload, CallOptions::default()).await.map_err(|e| e.to_string())?;
             if r.payload.len() != len {
-                return Err(format!(
-                    "echo returned {} bytes, sent {len}",
-                    r.payload.len()
-                ));
+                return Err(format!("echo returned {} bytes, sent {len}", r.payload.len()));
             }
             Ok(len as u64)
         })
@@ -346,10 +315,7 @@ fn request_frame(payload: Bytes) -> Bytes {
 }
 
 /// Sends `req` on a fresh stream, waits for a successful answer, closes the stream.
-async fn one_call_then_close<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    req: &[u8],
-) -> Result<u64, String> {
+async fn one_call_then_close<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, req: &[u8]) -> Result<u64, String> {
     s.write_all(req).await.map_err(|e| format!("write: {e}"))?;
     s.flush().await.map_err(|e| format!("flush: {e}"))?;
     let mut buf = BytesMut::with_capacity(4096);
@@ -366,12 +332,7 @@ async fn one_call_then_close<S: AsyncRead + AsyncWrite + Unpin>(
             Err(e) => return Err(format!("read: {e}")),
         }
     };
-    let code = frame
-        .meta
-        .response
-        .as_ref()
-        .and_then(|r| r.error_code)
-        .unwrap_or(-1);
+    let code = frame.meta.response.as_ref().and_then(|r| r.error_code).unwrap_or(-1);
     if code != 0 {
         return Err(format!("call failed with code {code}"));
     }
@@ -382,9 +343,7 @@ async fn one_call_then_close<S: AsyncRead + AsyncWrite + Unpin>(
 /// A client TCP connection as `transport::connect` makes it, plus SO_LINGER=0 so that closing
 /// it leaves no TIME_WAIT socket behind (see the header).
 async fn tcp_connect(addr: &str) -> Result<TcpStream, String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let _ = tcp.set_zero_linger();
     Ok(tcp)
@@ -409,9 +368,8 @@ fn churn_tls_op(addr: String, tls: ClientTls, req: Bytes) -> Op {
         Box::pin(async move {
             // transport::connect = TCP connect + nodelay + handshake_on; same path, plus linger 0.
             let tcp = tcp_connect(&addr).await?;
-            let (stream, _info) = trustwire::transport::handshake_on(&tls, tcp, &addr)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (stream, _info) =
+                trustwire::transport::handshake_on(&tls, tcp, &addr).await.map_err(|e| e.to_string())?;
             one_call_then_close(stream, &req).await
         })
     })
@@ -435,9 +393,8 @@ fn handshake_only_op(addr: String, tls: ClientTls) -> Op {
         Box::pin(async move {
             // transport::connect = TCP connect + nodelay + handshake_on; same path, plus linger 0.
             let tcp = tcp_connect(&addr).await?;
-            let (stream, _info) = trustwire::transport::handshake_on(&tls, tcp, &addr)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (stream, _info) =
+                trustwire::transport::handshake_on(&tls, tcp, &addr).await.map_err(|e| e.to_string())?;
             drop(stream);
             Ok(0)
         })
@@ -445,9 +402,7 @@ fn handshake_only_op(addr: String, tls: ClientTls) -> Op {
 }
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
 fn loadavg() -> String {
@@ -465,27 +420,18 @@ struct Cfg {
 
 impl Cfg {
     fn from_env() -> Self {
-        let seconds = std::env::var("BENCH_SECONDS")
-            .ok()
-            .and_then(|s| s.parse::<f64>().ok())
-            .filter(|s| *s > 0.0)
-            .unwrap_or(3.0);
+        let seconds =
+            std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse::<f64>().ok()).filter(|s| *s > 0.0).unwrap_or(3.0);
         let only = std::env::var("BENCH_ONLY")
             .ok()
             .filter(|s| !s.trim().is_empty())
             .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
         let split = !matches!(std::env::var("BENCH_RUNTIME").as_deref(), Ok("shared"));
-        Cfg {
-            seconds,
-            only,
-            split,
-        }
+        Cfg { seconds, only, split }
     }
 
     fn wants(&self, name: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|o| o.iter().any(|x| x == name))
+        self.only.as_ref().is_none_or(|o| o.iter().any(|x| x == name))
     }
 }
 
@@ -544,23 +490,14 @@ fn note_cpu(
     json.num(&format!("{key}_mtls_server_cpu_us_per_op"), tc.0);
     json.num(&format!("{key}_plain_process_cpu_us_per_op"), bc.1);
     json.num(&format!("{key}_mtls_process_cpu_us_per_op"), tc.1);
-    rows.push(CpuRow {
-        scenario: scenario.into(),
-        unit,
-        baseline: bc,
-        trustwire: tc,
-    });
+    rows.push(CpuRow { scenario: scenario.into(), unit, baseline: bc, trustwire: tc });
 }
 
 struct Json(Vec<(String, String)>);
 
 impl Json {
     fn num(&mut self, k: &str, v: f64) {
-        let v = if v.is_finite() {
-            format!("{v:.3}")
-        } else {
-            "null".into()
-        };
+        let v = if v.is_finite() { format!("{v:.3}") } else { "null".into() };
         self.0.push((k.into(), v));
     }
     fn text(&mut self, k: &str, v: &str) {
@@ -576,10 +513,7 @@ impl Json {
         self.0.push((k.into(), format!("\"{esc}\"")));
     }
     fn flag(&mut self, k: &str, v: Option<bool>) {
-        self.0.push((
-            k.into(),
-            v.map(|b| b.to_string()).unwrap_or_else(|| "null".into()),
-        ));
+        self.0.push((k.into(), v.map(|b| b.to_string()).unwrap_or_else(|| "null".into())));
     }
     fn render(&self) -> String {
         let body: Vec<String> = self.0.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
@@ -608,11 +542,7 @@ fn runtime(name: &str) -> tokio::runtime::Runtime {
 
 fn main() {
     let cfg = Cfg::from_env();
-    let clients = runtime(if cfg.split {
-        CLIENT_THREADS
-    } else {
-        "tw-shared"
-    });
+    let clients = runtime(if cfg.split { CLIENT_THREADS } else { "tw-shared" });
     let servers = cfg.split.then(|| runtime(SERVER_THREADS));
     let server_handle = servers.as_ref().unwrap_or(&clients).handle().clone();
     clients.block_on(bench(cfg, server_handle));
@@ -655,31 +585,21 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
     // bind() spawns the accept loop (and so every connection task) on the runtime it runs on.
     let mut s = Server::new(server_profile.server().expect("server TLS"));
     trustwire::echo::register(&mut s);
-    let tls_server: RunningServer = server_rt
-        .spawn(s.bind("127.0.0.1:0"))
-        .await
-        .expect("bind task")
-        .expect("bind mTLS server");
+    let tls_server: RunningServer =
+        server_rt.spawn(s.bind("127.0.0.1:0")).await.expect("bind task").expect("bind mTLS server");
     let mut s = Server::insecure_plaintext_for_benchmarks();
     trustwire::echo::register(&mut s);
-    let plain_server: RunningServer = server_rt
-        .spawn(s.bind("127.0.0.1:0"))
-        .await
-        .expect("bind task")
-        .expect("bind plaintext server");
+    let plain_server: RunningServer =
+        server_rt.spawn(s.bind("127.0.0.1:0")).await.expect("bind task").expect("bind plaintext server");
     let tls_addr = tls_server.local_addr().to_string();
     let plain_addr = plain_server.local_addr().to_string();
 
     // What the handshake negotiated, for the header.
-    let info = Client::new(
-        tls_addr.clone(),
-        client_tls.clone(),
-        ClientOptions::default(),
-    )
-    .connect()
-    .await
-    .expect("mTLS connect")
-    .expect("handshake info");
+    let info = Client::new(tls_addr.clone(), client_tls.clone(), ClientOptions::default())
+        .connect()
+        .await
+        .expect("mTLS connect")
+        .expect("handshake info");
     println!(
         "mTLS: {} {} kx={} peer={}",
         info.version,
@@ -690,10 +610,7 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
 
     let small = Bytes::from(trustwire::echo::encode("hello, trustwire benchmark"));
     let big = Bytes::from(vec![0xA5u8; 1 << 20]);
-    let opts = |pool_size: usize| ClientOptions {
-        pool_size,
-        ..ClientOptions::default()
-    };
+    let opts = |pool_size: usize| ClientOptions { pool_size, ..ClientOptions::default() };
 
     let mut rows: Vec<Row> = Vec::new();
     let mut cpu_rows: Vec<CpuRow> = Vec::new();
@@ -706,24 +623,10 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
 
     // 1 + 5: one connection, 64 callers.
     if cfg.wants("s1") {
-        let base = call_op(
-            Client::insecure_plaintext_for_benchmarks(plain_addr.clone(), opts(1)),
-            small.clone(),
-        );
-        let tw = call_op(
-            Client::new(tls_addr.clone(), client_tls.clone(), opts(1)),
-            small.clone(),
-        );
+        let base = call_op(Client::insecure_plaintext_for_benchmarks(plain_addr.clone(), opts(1)), small.clone());
+        let tw = call_op(Client::new(tls_addr.clone(), client_tls.clone(), opts(1)), small.clone());
         let (mut b, mut t) = run_pair(&cfg, "s1", &base, &tw, 64, true).await;
-        note_cpu(
-            &mut cpu_rows,
-            &mut json,
-            "s1",
-            "1. 1 conn x 64 callers",
-            "us/call",
-            &b,
-            &t,
-        );
+        note_cpu(&mut cpu_rows, &mut json, "s1", "1. 1 conn x 64 callers", "us/call", &b, &t);
         rows.push(Row {
             scenario: "1. 1 conn x 64 callers, small echo".into(),
             unit: "calls/s",
@@ -773,24 +676,10 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
 
     // 2: 8 connections x 8 callers each.
     if cfg.wants("s2") {
-        let base = call_op(
-            Client::insecure_plaintext_for_benchmarks(plain_addr.clone(), opts(8)),
-            small.clone(),
-        );
-        let tw = call_op(
-            Client::new(tls_addr.clone(), client_tls.clone(), opts(8)),
-            small.clone(),
-        );
+        let base = call_op(Client::insecure_plaintext_for_benchmarks(plain_addr.clone(), opts(8)), small.clone());
+        let tw = call_op(Client::new(tls_addr.clone(), client_tls.clone(), opts(8)), small.clone());
         let (b, t) = run_pair(&cfg, "s2", &base, &tw, 64, false).await;
-        note_cpu(
-            &mut cpu_rows,
-            &mut json,
-            "s2",
-            "2. 8 conns x 8 callers",
-            "us/call",
-            &b,
-            &t,
-        );
+        note_cpu(&mut cpu_rows, &mut json, "s2", "2. 8 conns x 8 callers", "us/call", &b, &t);
         rows.push(Row {
             scenario: "2. 8 conns (pool) x 8 callers each".into(),
             unit: "calls/s",
@@ -811,23 +700,11 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
         let base = churn_plain_op(plain_addr.clone(), req.clone());
         let tw = churn_tls_op(tls_addr.clone(), client_tls.clone(), req);
         for callers in [1usize, 8] {
-            let (b, t) =
-                run_pair(&cfg, &format!("s3 x{callers}"), &base, &tw, callers, false).await;
+            let (b, t) = run_pair(&cfg, &format!("s3 x{callers}"), &base, &tw, callers, false).await;
             let label = format!("3. new conn + 1 call, {callers} caller(s)");
-            note_cpu(
-                &mut cpu_rows,
-                &mut json,
-                &format!("s3_c{callers}"),
-                &label,
-                "us/conn",
-                &b,
-                &t,
-            );
+            note_cpu(&mut cpu_rows, &mut json, &format!("s3_c{callers}"), &label, "us/conn", &b, &t);
             rows.push(Row {
-                scenario: format!(
-                    "3. new conn + 1 call, {callers} caller{}",
-                    if callers == 1 { "" } else { "s" }
-                ),
+                scenario: format!("3. new conn + 1 call, {callers} caller{}", if callers == 1 { "" } else { "s" }),
                 unit: "conn/s",
                 baseline: b.rate(),
                 trustwire: t.rate(),
@@ -837,10 +714,7 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
             json.num(&format!("s3_c{callers}_plain_conns_per_s"), b.rate());
             json.num(&format!("s3_c{callers}_mtls_conns_per_s"), t.rate());
             json.num(&format!("s3_c{callers}_ratio"), t.rate() / b.rate());
-            json.num(
-                &format!("s3_c{callers}_errors"),
-                (b.errors + t.errors) as f64,
-            );
+            json.num(&format!("s3_c{callers}_errors"), (b.errors + t.errors) as f64);
             if callers == 8 {
                 json.num("s3_target_conns_per_s", TARGET_S3_CONNS);
                 json.flag("s3_met", Some(t.rate() >= TARGET_S3_CONNS));
@@ -853,15 +727,7 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
         let base = connect_only_plain_op(plain_addr.clone());
         let tw = handshake_only_op(tls_addr.clone(), client_tls.clone());
         let (b, t) = run_pair(&cfg, "hs", &base, &tw, 8, false).await;
-        note_cpu(
-            &mut cpu_rows,
-            &mut json,
-            "hs_c8",
-            "3b. handshake only, 8 callers",
-            "us/conn",
-            &b,
-            &t,
-        );
+        note_cpu(&mut cpu_rows, &mut json, "hs_c8", "3b. handshake only, 8 callers", "us/conn", &b, &t);
         rows.push(Row {
             scenario: "3b. handshake only (no call), 8 callers".into(),
             unit: "conn/s",
@@ -877,24 +743,10 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
 
     // 4: 1 MiB payloads.
     if cfg.wants("s4") {
-        let base = call_op(
-            Client::insecure_plaintext_for_benchmarks(plain_addr.clone(), opts(1)),
-            big.clone(),
-        );
-        let tw = call_op(
-            Client::new(tls_addr.clone(), client_tls.clone(), opts(1)),
-            big.clone(),
-        );
+        let base = call_op(Client::insecure_plaintext_for_benchmarks(plain_addr.clone(), opts(1)), big.clone());
+        let tw = call_op(Client::new(tls_addr.clone(), client_tls.clone(), opts(1)), big.clone());
         let (b, t) = run_pair(&cfg, "s4", &base, &tw, 4, false).await;
-        note_cpu(
-            &mut cpu_rows,
-            &mut json,
-            "s4",
-            "4. 1 MiB echo",
-            "us/call",
-            &b,
-            &t,
-        );
+        note_cpu(&mut cpu_rows, &mut json, "s4", "4. 1 MiB echo", "us/call", &b, &t);
         rows.push(Row {
             scenario: "4. 1 MiB echo, 1 conn x 4 callers".into(),
             unit: "MiB/s",
@@ -917,9 +769,7 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
         let before = open_fds();
         for _ in 0..N {
             let c = Client::new(tls_addr.clone(), client_tls.clone(), opts(1));
-            c.call(SERVICE, METHOD, small.clone(), CallOptions::default())
-                .await
-                .expect("probe call");
+            c.call(SERVICE, METHOD, small.clone(), CallOptions::default()).await.expect("probe call");
             drop(c);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -974,8 +824,10 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
     );
     if !cpu_rows.is_empty() {
         println!();
-        println!("CPU per operation (user+sys, from /proc; server = the server runtime's threads only{}):",
-            if cfg.split { "" } else { "; not separable with BENCH_RUNTIME=shared" });
+        println!(
+            "CPU per operation (user+sys, from /proc; server = the server runtime's threads only{}):",
+            if cfg.split { "" } else { "; not separable with BENCH_RUNTIME=shared" }
+        );
         println!(
             "{:<42} {:>8} {:>11} {:>11} {:>7} {:>11} {:>11} {:>7}",
             "scenario", "unit", "srv base", "srv mTLS", "x", "proc base", "proc mTLS", "x"
@@ -989,11 +841,7 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
                 r.unit,
                 srv(r.baseline.0),
                 srv(r.trustwire.0),
-                if cfg.split {
-                    format!("{:.2}", r.trustwire.0 / r.baseline.0)
-                } else {
-                    "-".into()
-                },
+                if cfg.split { format!("{:.2}", r.trustwire.0 / r.baseline.0) } else { "-".into() },
                 fmt_num(r.baseline.1),
                 fmt_num(r.trustwire.1),
                 format!("{:.2}", r.trustwire.1 / r.baseline.1),
@@ -1001,10 +849,7 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
         }
         println!("{}", "-".repeat(113));
         if cfg.split {
-            if let Some(r) = cpu_rows
-                .iter()
-                .find(|r| r.scenario.starts_with("3. new conn + 1 call, 8"))
-            {
+            if let Some(r) = cpu_rows.iter().find(|r| r.scenario.starts_with("3. new conn + 1 call, 8")) {
                 let cap = WORKERS as f64 * 1e6 / r.trustwire.0;
                 println!(
                     "server-side capacity implied by its CPU cost: {cap:.0} new mTLS conn/s on {WORKERS} dedicated cores \

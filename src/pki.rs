@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -31,9 +31,7 @@ impl KeyType {
             "ed25519" => KeyType::Ed25519,
             "rsa" | "rsa2048" => KeyType::Rsa2048,
             other => {
-                return Err(Error::config(format!(
-                    "key type '{other}': use p256 (default), p384, ed25519 or rsa2048"
-                )))
+                return Err(Error::config(format!("key type '{other}': use p256 (default), p384, ed25519 or rsa2048")))
             }
         })
     }
@@ -43,9 +41,7 @@ impl KeyType {
             KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
             KeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
             KeyType::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519),
-            KeyType::Rsa2048 => {
-                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-            }
+            KeyType::Rsa2048 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048),
         };
         r.map_err(pki_err)
     }
@@ -67,9 +63,7 @@ impl Usage {
             "both" => Usage::Both,
             "server" => Usage::Server,
             "client" => Usage::Client,
-            other => {
-                return Err(Error::config(format!("usage '{other}': use both, server or client")))
-            }
+            other => return Err(Error::config(format!("usage '{other}': use both, server or client"))),
         })
     }
 }
@@ -184,11 +178,7 @@ impl DevCa {
         params.not_after = now + time::Duration::days(3650);
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(pki_err)?;
-        Ok(DevCa {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            issuer: Issuer::new(params, key),
-        })
+        Ok(DevCa { cert_pem: cert.pem(), key_pem: key.serialize_pem(), issuer: Issuer::new(params, key) })
     }
 
     /// Loads a CA written by [`DevCa::write`] (or any CA certificate and its key).
@@ -215,8 +205,7 @@ impl DevCa {
 
     /// Writes `DIR/ca.pem` and `DIR/ca.key` (mode 0600).
     pub fn write(&self, dir: &Path) -> Result<(), Error> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::config(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::config(format!("cannot create {}: {e}", dir.display())))?;
         write_atomic(&dir.join("ca.pem"), self.cert_pem.as_bytes(), false)?;
         write_atomic(&dir.join("ca.key"), self.key_pem.as_bytes(), true)
     }
@@ -256,9 +245,8 @@ impl DevCa {
         params.use_authority_key_identifier_extension = true;
         let now = SystemTime::now();
         params.not_before = to_offset(req.not_before.unwrap_or(now - Duration::from_secs(300)));
-        params.not_after = to_offset(
-            req.not_after.unwrap_or(now + Duration::from_secs(86_400 * u64::from(req.days.max(1)))),
-        );
+        params.not_after =
+            to_offset(req.not_after.unwrap_or(now + Duration::from_secs(86_400 * u64::from(req.days.max(1)))));
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
         Ok(Credential { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
@@ -272,8 +260,7 @@ impl DevCa {
         let now = OffsetDateTime::now_utc();
         let mut revoked_certs = Vec::new();
         for serial in revoked_serials {
-            let bytes = hex::decode(serial)
-                .map_err(|_| Error::config(format!("serial '{serial}' is not hex")))?;
+            let bytes = hex::decode(serial).map_err(|_| Error::config(format!("serial '{serial}' is not hex")))?;
             revoked_certs.push(rcgen::RevokedCertParams {
                 serial_number: SerialNumber::from_slice(&bytes),
                 revocation_time: now - time::Duration::seconds(1),
@@ -294,8 +281,7 @@ impl DevCa {
 }
 
 fn to_offset(t: SystemTime) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp(crate::tls::identity::unix_secs(t))
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    OffsetDateTime::from_unix_timestamp(crate::tls::identity::unix_secs(t)).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 fn random_serial() -> SerialNumber {

@@ -184,12 +184,7 @@ impl Role {
 pub(crate) fn handshake_accepted(role: Role) {
     metrics()
         .handshakes
-        .get_or_create(&HandshakeLabels {
-            role: role.name(),
-            result: "accepted",
-            verdict: "",
-            decided_by: "",
-        })
+        .get_or_create(&HandshakeLabels { role: role.name(), result: "accepted", verdict: "", decided_by: "" })
         .inc();
 }
 
@@ -233,10 +228,7 @@ pub(crate) fn proxy_stream(route: &str, outcome: &'static str) {
 }
 
 pub(crate) fn connection_closed(store: &str, verdict: Verdict) {
-    metrics()
-        .closed
-        .get_or_create(&ClosedLabels { store: store.to_string(), verdict: verdict.name() })
-        .inc();
+    metrics().closed.get_or_create(&ClosedLabels { store: store.to_string(), verdict: verdict.name() }).inc();
 }
 
 /// What a successful load publishes about the material now in service.
@@ -252,9 +244,7 @@ pub(crate) struct GenerationGauges<'a> {
 pub(crate) fn reload_succeeded(g: GenerationGauges<'_>) {
     let m = metrics();
     let store = StoreLabels { store: g.store.to_string() };
-    m.reloads
-        .get_or_create(&ReloadLabels { store: g.store.to_string(), result: "ok", verdict: "" })
-        .inc();
+    m.reloads.get_or_create(&ReloadLabels { store: g.store.to_string(), result: "ok", verdict: "" }).inc();
     m.generation.get_or_create(&store).set(g.generation as i64);
     m.last_reload.get_or_create(&store).set(unix(g.loaded_at));
     if let Some(t) = g.not_after {
@@ -298,9 +288,8 @@ pub async fn serve_metrics(addr: &str) -> Result<MetricsServer, Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::config(format!("cannot listen for metrics on {addr}: {e}")))?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| Error::config(format!("cannot read the metrics address: {e}")))?;
+    let local_addr =
+        listener.local_addr().map_err(|e| Error::config(format!("cannot read the metrics address: {e}")))?;
     let task = tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else {

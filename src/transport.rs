@@ -9,9 +9,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::error::{Error, Side, Verdict};
+use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::verify::{handshake_error, Diagnosed};
-use crate::telemetry::{self, Role};
 use crate::tls::{ClientTls, ServerTls};
 
 pub use tokio_rustls::client::TlsStream as ClientStream;
@@ -53,10 +53,7 @@ fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
                 other => format!("{other:?}"),
             })
             .unwrap_or_default(),
-        cipher_suite: conn
-            .negotiated_cipher_suite()
-            .map(|s| format!("{:?}", s.suite()))
-            .unwrap_or_default(),
+        cipher_suite: conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default(),
         kx_group: conn.negotiated_key_exchange_group().map(|g| kx_name(g.name())),
         peer_chain: chain,
         peer,
@@ -95,21 +92,14 @@ fn count<T>(role: Role, result: Result<T, Error>) -> Result<T, Error> {
 }
 
 /// Runs the server side of a handshake on an accepted TCP connection.
-pub async fn accept(
-    tls: &ServerTls,
-    tcp: TcpStream,
-) -> Result<(ServerStream<TcpStream>, HandshakeInfo), Error> {
+pub async fn accept(tls: &ServerTls, tcp: TcpStream) -> Result<(ServerStream<TcpStream>, HandshakeInfo), Error> {
     let _ = tcp.set_nodelay(true);
     let remote = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "peer".into());
     accept_on(tls, tcp, &remote).await
 }
 
 /// Runs the server side of a handshake on any accepted byte stream (e.g. a Unix socket).
-pub async fn accept_on<IO>(
-    tls: &ServerTls,
-    io: IO,
-    remote: &str,
-) -> Result<(ServerStream<IO>, HandshakeInfo), Error>
+pub async fn accept_on<IO>(tls: &ServerTls, io: IO, remote: &str) -> Result<(ServerStream<IO>, HandshakeInfo), Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

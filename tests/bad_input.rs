@@ -64,7 +64,8 @@ impl Fixture {
     async fn tls_with(&self, p: &TlsProfile) -> (Result<ClientStream<TcpStream>, Error>, SocketAddr) {
         let (tcp, local) = self.tcp().await;
         let tls = p.client().unwrap();
-        let r = bounded("client handshake", trustwire::transport::handshake_on(&tls, tcp, &self.addr.to_string())).await;
+        let r =
+            bounded("client handshake", trustwire::transport::handshake_on(&tls, tcp, &self.addr.to_string())).await;
         (r.map(|(s, _)| s), local)
     }
 }
@@ -369,8 +370,7 @@ async fn bad_peers_do_not_disturb_a_healthy_client() {
                     let _ = until_closed(&mut tcp, "burst plaintext").await;
                 } else {
                     let tls = p.client().unwrap();
-                    let (mut s, _) =
-                        trustwire::transport::handshake_on(&tls, tcp, &addr.to_string()).await.unwrap();
+                    let (mut s, _) = trustwire::transport::handshake_on(&tls, tcp, &addr.to_string()).await.unwrap();
                     let _ = s.write_all(&garbage(512, i + 1)).await;
                     let _ = until_closed(&mut s, "burst garbage").await;
                 }

@@ -46,12 +46,8 @@ fn serve(dir: &Path, extra: &[&str]) -> (Kill, String) {
         p(dir, "ca.pem"),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut child = Command::new(trustwire_bin())
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(trustwire_bin()).args(&args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
@@ -63,8 +59,32 @@ fn pki_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
     ok(&["pki", "init", "--dir", &d, "--trust-domain", "example.org"]);
-    ok(&["pki", "issue", "--dir", &d, "--name", "echo", "--spiffe-id", "spiffe://example.org/ns/prod/echo", "--dns", "localhost", "--ip", "127.0.0.1"]);
-    ok(&["pki", "issue", "--dir", &d, "--name", "web", "--spiffe-id", "spiffe://example.org/ns/prod/web", "--usage", "client"]);
+    ok(&[
+        "pki",
+        "issue",
+        "--dir",
+        &d,
+        "--name",
+        "echo",
+        "--spiffe-id",
+        "spiffe://example.org/ns/prod/echo",
+        "--dns",
+        "localhost",
+        "--ip",
+        "127.0.0.1",
+    ]);
+    ok(&[
+        "pki",
+        "issue",
+        "--dir",
+        &d,
+        "--name",
+        "web",
+        "--spiffe-id",
+        "spiffe://example.org/ns/prod/web",
+        "--usage",
+        "client",
+    ]);
     ok(&["pki", "issue", "--dir", &d, "--name", "batch", "--spiffe-id", "spiffe://example.org/ns/batch/job"]);
     dir
 }
@@ -81,22 +101,70 @@ fn pki_serve_call_probe_inspect() {
     }
     let (_server, addr) = serve(d, &["--allow", "spiffe://example.org/ns/prod/*"]);
 
-    let out = ok(&["call", &addr, "example.EchoService/Echo", "--echo", "hello cli", "--cert", &p(d, "web.pem"), "--key", &p(d, "web.key"), "--ca", &p(d, "ca.pem")]);
+    let out = ok(&[
+        "call",
+        &addr,
+        "example.EchoService/Echo",
+        "--echo",
+        "hello cli",
+        "--cert",
+        &p(d, "web.pem"),
+        "--key",
+        &p(d, "web.key"),
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
     assert_eq!(out.trim(), "hello cli");
 
     // A peer outside the allow-list: non-zero exit and the verdict on stderr.
-    let out = run(&["call", &addr, "example.EchoService/Echo", "--echo", "x", "--cert", &p(d, "batch.pem"), "--key", &p(d, "batch.key"), "--ca", &p(d, "ca.pem")]);
+    let out = run(&[
+        "call",
+        &addr,
+        "example.EchoService/Echo",
+        "--echo",
+        "x",
+        "--cert",
+        &p(d, "batch.pem"),
+        "--key",
+        &p(d, "batch.key"),
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[peer_alert]") && err.contains("access_denied"), "{err}");
 
     // Wrong server name.
-    let out = run(&["call", &addr, "example.EchoService/Echo", "--echo", "x", "--server-name", "db.example.org", "--cert", &p(d, "web.pem"), "--key", &p(d, "web.key"), "--ca", &p(d, "ca.pem")]);
+    let out = run(&[
+        "call",
+        &addr,
+        "example.EchoService/Echo",
+        "--echo",
+        "x",
+        "--server-name",
+        "db.example.org",
+        "--cert",
+        &p(d, "web.pem"),
+        "--key",
+        &p(d, "web.key"),
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("[name_mismatch]") && err.contains("db.example.org"), "{err}");
 
     // Unknown method: the server's brpc error code.
-    let out = run(&["call", &addr, "example.EchoService/Nope", "--cert", &p(d, "web.pem"), "--key", &p(d, "web.key"), "--ca", &p(d, "ca.pem")]);
+    let out = run(&[
+        "call",
+        &addr,
+        "example.EchoService/Nope",
+        "--cert",
+        &p(d, "web.pem"),
+        "--key",
+        &p(d, "web.key"),
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("1002") && err.contains("ENOMETHOD"), "{err}");
 
@@ -104,11 +172,14 @@ fn pki_serve_call_probe_inspect() {
     for want in ["TLSv1.3", "TLS13_", "spiffe://example.org/ns/prod/echo", "client certificate: accepted"] {
         assert!(out.contains(want), "probe output lacks {want}:\n{out}");
     }
-    let out = run(&["probe", &addr, "--ca", &p(d, "ca.pem"), "--cert", &p(d, "batch.pem"), "--key", &p(d, "batch.key")]);
+    let out =
+        run(&["probe", &addr, "--ca", &p(d, "ca.pem"), "--cert", &p(d, "batch.pem"), "--key", &p(d, "batch.key")]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("access_denied"));
 
     let out = ok(&["inspect", &p(d, "echo.pem")]);
-    for want in ["spiffe://example.org/ns/prod/echo", "dns:localhost", "ip:127.0.0.1", "ECDSA P-256", "serverAuth", "sha256"] {
+    for want in
+        ["spiffe://example.org/ns/prod/echo", "dns:localhost", "ip:127.0.0.1", "ECDSA P-256", "serverAuth", "sha256"]
+    {
         assert!(out.contains(want), "inspect output lacks {want}:\n{out}");
     }
 }
@@ -123,7 +194,17 @@ fn config_file_and_usage_errors() {
         "[identity]\ncert = \"web.pem\"\nkey = \"web.key\"\n[trust]\nca = [\"ca.pem\"]\n[client]\nserver_name = \"localhost\"\n",
     )
     .unwrap();
-    let out = ok(&["call", &addr, "example.EchoService/Echo", "--echo", "via config", "--config", &p(d, "web.toml"), "--attachment", "att"]);
+    let out = ok(&[
+        "call",
+        &addr,
+        "example.EchoService/Echo",
+        "--echo",
+        "via config",
+        "--config",
+        &p(d, "web.toml"),
+        "--attachment",
+        "att",
+    ]);
     assert_eq!(out.trim(), "via config");
 
     let out = run(&["call", &addr, "no-slash", "--config", &p(d, "web.toml")]);
@@ -180,9 +261,22 @@ fn serve_echo_metrics_and_sighup_reload() {
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
     line.clear();
     out.read_line(&mut line).unwrap();
-    let metrics = line.trim().rsplit(' ').next().unwrap().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
+    let metrics =
+        line.trim().rsplit(' ').next().unwrap().trim_start_matches("http://").trim_end_matches("/metrics").to_string();
 
-    let called = ok(&["call", &addr, "example.EchoService/Echo", "--echo", "hi", "--cert", &p(d, "echo.pem"), "--key", &p(d, "echo.key"), "--ca", &p(d, "ca.pem")]);
+    let called = ok(&[
+        "call",
+        &addr,
+        "example.EchoService/Echo",
+        "--echo",
+        "hi",
+        "--cert",
+        &p(d, "echo.pem"),
+        "--key",
+        &p(d, "echo.key"),
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
     assert_eq!(called.trim(), "hi");
 
     let mut sock = std::net::TcpStream::connect(&metrics).unwrap();
@@ -214,7 +308,19 @@ fn serve_echo_metrics_and_sighup_reload() {
         seen.push_str(&line);
     }
     assert!(seen.contains("reload refused") && seen.contains("[bad_pem]"), "{seen}");
-    let called = ok(&["call", &addr, "example.EchoService/Echo", "--echo", "still", "--ca", &p(d, "ca.pem"), "--cert", &p(d, "web.pem"), "--key", &p(d, "web.key")]);
+    let called = ok(&[
+        "call",
+        &addr,
+        "example.EchoService/Echo",
+        "--echo",
+        "still",
+        "--ca",
+        &p(d, "ca.pem"),
+        "--cert",
+        &p(d, "web.pem"),
+        "--key",
+        &p(d, "web.key"),
+    ]);
     assert_eq!(called.trim(), "still");
 }
 

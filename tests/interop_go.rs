@@ -100,8 +100,7 @@ async fn go_client_without_certificate_is_refused() {
     let Some(bin) = tokio::task::block_in_place(tlspeer) else { return };
     let pki = Pki::new();
     let (server, seen) = recording_server(&pki.server_profile()).await;
-    let (status, out, output) =
-        tokio::task::block_in_place(|| go_client(&bin, &pki, &server, None, "localhost"));
+    let (status, out, output) = tokio::task::block_in_place(|| go_client(&bin, &pki, &server, None, "localhost"));
     assert_eq!(status.code(), Some(3), "{output}");
     assert!(out.is_empty(), "{output}");
     assert!(output.contains("certificate required"), "Go should report the alert:\n{output}");
@@ -113,9 +112,8 @@ async fn go_client_checks_our_server_name() {
     let Some(bin) = tokio::task::block_in_place(tlspeer) else { return };
     let pki = Pki::new();
     let (server, _seen) = recording_server(&pki.server_profile()).await;
-    let (status, out, output) = tokio::task::block_in_place(|| {
-        go_client(&bin, &pki, &server, Some("client"), "payments.example.org")
-    });
+    let (status, out, output) =
+        tokio::task::block_in_place(|| go_client(&bin, &pki, &server, Some("client"), "payments.example.org"));
     assert_eq!(status.code(), Some(3), "{output}");
     assert!(out.is_empty(), "{output}");
     assert!(output.contains("not payments.example.org"), "{output}");
@@ -162,9 +160,7 @@ async fn go_server_with_wrong_name_is_refused_as_name_mismatch() {
     let Some(bin) = tokio::task::block_in_place(tlspeer) else { return };
     let pki = Pki::new();
     pki.issue(
-        IssueRequest::new("elsewhere")
-            .spiffe_id("spiffe://example.org/ns/test/elsewhere")
-            .dns("elsewhere.example.org"),
+        IssueRequest::new("elsewhere").spiffe_id("spiffe://example.org/ns/test/elsewhere").dns("elsewhere.example.org"),
     );
     let (mut gs, port) = tokio::task::block_in_place(|| go_server(&bin, &pki, "elsewhere", &[]));
     let err = client(format!("127.0.0.1:{port}"), &pki.client_profile()).connect().await.unwrap_err();

@@ -14,11 +14,9 @@ use common::*;
 use trustwire::pki::{DevCa, IssueRequest};
 use trustwire::Verdict;
 
-
 fn have_openssl() -> bool {
     tool_available(Command::new("openssl").arg("version"), "the `openssl` binary (OpenSSL interop)")
 }
-
 
 fn s_client(pki_dir: &Path, port: u16, cert: Option<&str>) -> Command {
     let mut cmd = Command::new("openssl");
@@ -49,9 +47,8 @@ async fn s_client_calls_echo_with_brpc_capture_over_tls13() {
     let out = sc.stdout();
     assert_eq!(out, capture("echo_response.bin"), "response differs from the brpc capture");
     // -brief's summary (on stderr): the negotiated version, and the server verified.
-    let summary = sc.wait_for("s_client's connection summary", |_, err| {
-        err.contains("Verification").then(|| err.to_string())
-    });
+    let summary =
+        sc.wait_for("s_client's connection summary", |_, err| err.contains("Verification").then(|| err.to_string()));
     assert!(summary.contains("Protocol version: TLSv1.3"), "{summary}");
     assert!(summary.contains("Verification: OK"), "{summary}");
     // A second request on the same connection works as well.
@@ -159,9 +156,7 @@ async fn s_server_with_wrong_name_is_refused_as_name_mismatch() {
     }
     let pki = Pki::new();
     pki.issue(
-        IssueRequest::new("elsewhere")
-            .spiffe_id("spiffe://example.org/ns/test/elsewhere")
-            .dns("elsewhere.example.org"),
+        IssueRequest::new("elsewhere").spiffe_id("spiffe://example.org/ns/test/elsewhere").dns("elsewhere.example.org"),
     );
     let (_ss, port) = s_server(pki.dir.path(), "elsewhere", &[]);
     let mut cp = pki.client_profile();

@@ -13,9 +13,11 @@ use common::*;
 use trustwire::pki::DevCa;
 use trustwire::rpc::RunningServer;
 
-
 fn have_python() -> bool {
-    tool_available(Command::new("python3").args(["-c", "import ssl"]), "`python3` with the ssl module (Python's ssl interop)")
+    tool_available(
+        Command::new("python3").args(["-c", "import ssl"]),
+        "`python3` with the ssl module (Python's ssl interop)",
+    )
 }
 
 /// A child process whose output is collected by background threads. Killed on drop.
@@ -91,8 +93,7 @@ fn run_python(pki: &Pki, server: &RunningServer, cert: Option<&str>, max_tls12: 
     drop(p.stdin.take());
     let status = p.wait_exit();
     let out = String::from_utf8_lossy(&p.stdout()).into_owned();
-    let lines =
-        out.lines().filter_map(|l| l.split_once(' ').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
+    let lines = out.lines().filter_map(|l| l.split_once(' ').map(|(k, v)| (k.to_string(), v.to_string()))).collect();
     PyRun { status, lines, output: p.output() }
 }
 
@@ -124,11 +125,7 @@ async fn python_client_limited_to_tls12_is_refused_as_protocol_version() {
     let run = tokio::task::block_in_place(|| run_python(&pki, &server, Some("client"), true));
     assert_eq!(run.status.code(), Some(3), "{}", run.output);
     let err = run.get("error").expect("an error line");
-    assert!(
-        err.contains("SSLError") && err.to_ascii_lowercase().contains("protocol version"),
-        "{}",
-        run.output
-    );
+    assert!(err.contains("SSLError") && err.to_ascii_lowercase().contains("protocol version"), "{}", run.output);
     assert!(run.get("frame").is_none());
     assert_eq!(server_verdict(&seen).await.name(), "protocol_version");
 }

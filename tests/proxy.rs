@@ -129,9 +129,7 @@ fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_side_tcp_route_carries_streams_intact() {
     let pki = Pki::new();
-    let proxy = trustwire::proxy::start(server_route(&pki, &echo_upstream().await, Protocol::Tcp, &[]))
-        .await
-        .unwrap();
+    let proxy = trustwire::proxy::start(server_route(&pki, &echo_upstream().await, Protocol::Tcp, &[])).await.unwrap();
     let addr = addr_of(&proxy);
     // Four 16 MiB streams at once, then 500 concurrent smaller ones: every byte comes back.
     let big: Vec<_> = (0..4u64)
@@ -167,8 +165,7 @@ async fn server_side_tcp_route_carries_streams_intact() {
 async fn baidu_std_route_replaces_authentication_data_with_a_verifiable_token() {
     let pki = Pki::new();
     let (upstream, seen) = brpc_upstream().await;
-    let proxy =
-        trustwire::proxy::start(server_route(&pki, &upstream, Protocol::BaiduStd, &[])).await.unwrap();
+    let proxy = trustwire::proxy::start(server_route(&pki, &upstream, Protocol::BaiduStd, &[])).await.unwrap();
     let addr = addr_of(&proxy);
 
     // A client that sends its own authentication_data (trying to claim another identity).
@@ -204,8 +201,7 @@ async fn baidu_std_route_replaces_authentication_data_with_a_verifiable_token() 
         assert!(auth.starts_with(b"tw1;kid=k1;spiffe=spiffe://example.org/ns/test/client;fp="), "{auth:?}");
         let id = token::verify(auth, &[("k1", KEY)]).unwrap();
         assert_eq!(id.spiffe_id.as_deref(), Some(CLIENT_ID));
-        let want_fp =
-            trustwire::tls::identity::PeerIdentity::from_der(&identity(&pki.client).chain[0]).unwrap();
+        let want_fp = trustwire::tls::identity::PeerIdentity::from_der(&identity(&pki.client).chain[0]).unwrap();
         assert_eq!(id.fingerprint_sha256, want_fp.fingerprint_sha256);
     }
     // Byte level: the frame the upstream got is the client's frame with only the token changed.
@@ -235,10 +231,7 @@ fn identity_tokens_refuse_wrong_keys_formats_and_tampering() {
     let mut evil = peer.clone();
     evil.spiffe_id = Some("x;na=99999999999".into());
     let t = token::issue(&evil, "k1", KEY);
-    assert_eq!(
-        token::verify(t.as_bytes(), &[("k1", KEY)]).unwrap().spiffe_id.as_deref(),
-        Some("x;na=99999999999")
-    );
+    assert_eq!(token::verify(t.as_bytes(), &[("k1", KEY)]).unwrap().spiffe_id.as_deref(), Some("x;na=99999999999"));
     // An expired caller certificate.
     let mut old = peer.clone();
     old.not_after = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
@@ -287,17 +280,12 @@ async fn client_side_route_originates_mtls_to_a_trustwire_server() {
 async fn allow_list_refuses_and_a_dead_upstream_closes_cleanly() {
     let pki = Pki::new();
     let upstream = echo_upstream().await;
-    let proxy = trustwire::proxy::start(server_route(
-        &pki,
-        &upstream,
-        Protocol::Tcp,
-        &["spiffe://example.org/ns/other/*"],
-    ))
-    .await
-    .unwrap();
+    let proxy =
+        trustwire::proxy::start(server_route(&pki, &upstream, Protocol::Tcp, &["spiffe://example.org/ns/other/*"]))
+            .await
+            .unwrap();
     let tls = pki.client_profile().client().unwrap();
-    let (stream, _) =
-        trustwire::transport::connect(&tls, &addr_of(&proxy), Duration::from_secs(5)).await.unwrap();
+    let (stream, _) = trustwire::transport::connect(&tls, &addr_of(&proxy), Duration::from_secs(5)).await.unwrap();
     let (mut r, mut w) = tokio::io::split(stream);
     let _ = w.write_all(b"hello").await;
     let mut buf = Vec::new();
@@ -310,18 +298,13 @@ async fn allow_list_refuses_and_a_dead_upstream_closes_cleanly() {
         l.local_addr().unwrap().to_string()
     };
     let proxy = trustwire::proxy::start(server_route(&pki, &dead, Protocol::Tcp, &[])).await.unwrap();
-    let (mut stream, _) =
-        trustwire::transport::connect(&tls, &addr_of(&proxy), Duration::from_secs(5)).await.unwrap();
+    let (mut stream, _) = trustwire::transport::connect(&tls, &addr_of(&proxy), Duration::from_secs(5)).await.unwrap();
     let mut back = Vec::new();
-    let read =
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut back)).await.expect("no hang");
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut back)).await.expect("no hang");
     assert!(read.is_ok(), "a clean close (close_notify), not a reset: {read:?}");
     assert!(back.is_empty());
     let metrics = trustwire::telemetry::metrics_text();
-    assert!(
-        metrics.contains("trustwire_proxy_streams_total{route=\"in\",outcome=\"upstream_error\"}"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("trustwire_proxy_streams_total{route=\"in\",outcome=\"upstream_error\"}"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,9 +347,7 @@ async fn openssl_and_python_clients_through_the_server_side_proxy() {
     use common::peers::{tool_available, Proc};
     use std::process::Command;
     let pki = Pki::new();
-    let proxy = trustwire::proxy::start(server_route(&pki, &echo_upstream().await, Protocol::Tcp, &[]))
-        .await
-        .unwrap();
+    let proxy = trustwire::proxy::start(server_route(&pki, &echo_upstream().await, Protocol::Tcp, &[])).await.unwrap();
     let port = addr_of(&proxy).rsplit(':').next().unwrap().to_string();
     let d = pki.dir.path();
 
@@ -415,16 +396,13 @@ with socket.create_connection(("127.0.0.1", port)) as raw:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_client_through_a_baidu_std_route() {
     use common::peers::{go_build, Proc, WAIT};
-    let Some(bin) =
-        tokio::task::block_in_place(|| go_build("tlspeer", false, "Go crypto/tls through the proxy"))
+    let Some(bin) = tokio::task::block_in_place(|| go_build("tlspeer", false, "Go crypto/tls through the proxy"))
     else {
         return;
     };
     let pki = Pki::new();
     let (upstream, seen) = brpc_upstream().await;
-    let proxy = trustwire::proxy::start(server_route(&pki, &upstream, Protocol::BaiduStd, &[CLIENT_ID]))
-        .await
-        .unwrap();
+    let proxy = trustwire::proxy::start(server_route(&pki, &upstream, Protocol::BaiduStd, &[CLIENT_ID])).await.unwrap();
     let addr = addr_of(&proxy);
     let (status, out, output) = tokio::task::block_in_place(|| {
         let mut cmd = std::process::Command::new(&bin);

@@ -346,10 +346,18 @@ async fn bad_material_is_refused_and_the_last_good_generation_keeps_serving() {
         "one Rejected event per bad load, with its verdict"
     );
     let metrics = scrape();
-    for (result, verdict, n) in
-        [("rejected", "expired", 1.0), ("rejected", "unknown_issuer", 1.0), ("rejected", "key_mismatch", 1.0), ("rejected", "bad_pem", 2.0), ("ok", "", 1.0)]
-    {
-        let got = value(&metrics, "trustwire_reloads_total", &[("store", "bad-material"), ("result", result), ("verdict", verdict)]);
+    for (result, verdict, n) in [
+        ("rejected", "expired", 1.0),
+        ("rejected", "unknown_issuer", 1.0),
+        ("rejected", "key_mismatch", 1.0),
+        ("rejected", "bad_pem", 2.0),
+        ("ok", "", 1.0),
+    ] {
+        let got = value(
+            &metrics,
+            "trustwire_reloads_total",
+            &[("store", "bad-material"), ("result", result), ("verdict", verdict)],
+        );
         assert_eq!(got, Some(n), "reloads {result}/{verdict}");
     }
 
@@ -489,7 +497,10 @@ async fn crl_revocation_closes_the_revoked_client_and_refuses_it() {
     let crl = pki.ca.crl_pem(&[&serial_of(&pki.client)], far).unwrap();
     trustwire::pki::write_atomic(&crl_path, crl.as_bytes(), false).unwrap();
     wait_for("the revoked client's connection to close", || {
-        seen.lock().unwrap().iter().any(|e| matches!(e, Event::ConnectionClosed { verdict, .. } if verdict.name() == "revoked"))
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::ConnectionClosed { verdict, .. } if verdict.name() == "revoked"))
     })
     .await;
     let err = echo(&victim, "after").await.unwrap_err();
@@ -499,10 +510,7 @@ async fn crl_revocation_closes_the_revoked_client_and_refuses_it() {
     assert_eq!(echo(&bystander, "after").await.unwrap(), "after", "others are untouched");
     let next_update = store.generation().crls[0].next_update.unwrap();
     assert!((unix(next_update) - unix(far)).abs() <= 1.0);
-    assert_eq!(
-        value(&scrape(), "trustwire_crl_next_update_seconds", &[("store", "crl")]),
-        Some(unix(next_update))
-    );
+    assert_eq!(value(&scrape(), "trustwire_crl_next_update_seconds", &[("store", "crl")]), Some(unix(next_update)));
     assert_eq!(store.generation().crls.len(), 1);
     assert_eq!(store.generation().crls[0].revoked, 1);
 
@@ -527,7 +535,8 @@ async fn stale_crls_refuse_only_when_asked() {
     let mut options = fast_options("stale");
     options.watch = false;
     options.poll_interval = None;
-    CredentialStore::new(Use::Server, sources(), template(), options.clone()).expect("stale CRLs are accepted by default");
+    CredentialStore::new(Use::Server, sources(), template(), options.clone())
+        .expect("stale CRLs are accepted by default");
     let mut strict = template();
     strict.trust.require_fresh_crls = true;
     let err = CredentialStore::new(Use::Server, sources(), strict, options).unwrap_err();
@@ -593,10 +602,7 @@ async fn handshake_and_call_counters() {
     let addr = server.local_addr().to_string();
     let before = trustwire::telemetry::metrics_text();
     let count = |text: &str, prefix: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
     };
     let c = client(&addr, &pki.client_profile());
     echo(&c, "x").await.unwrap();
@@ -612,7 +618,8 @@ async fn handshake_and_call_counters() {
     let after = trustwire::telemetry::metrics_text();
     let p = "trustwire_calls_total{role=\"server\",service=\"example.EchoService\",method=\"Echo\",code=\"0\"}";
     assert!(count(&after, p) > count(&before, p), "{after}");
-    let p = "trustwire_handshakes_total{role=\"client\",result=\"refused\",verdict=\"peer_alert\",decided_by=\"remote\"}";
+    let p =
+        "trustwire_handshakes_total{role=\"client\",result=\"refused\",verdict=\"peer_alert\",decided_by=\"remote\"}";
     assert!(count(&after, p) > count(&before, p), "{after}");
 }
 
@@ -658,7 +665,8 @@ async fn combined_file_and_ca_directory_rotate() {
     wait_for("the new CA in the bundle", || store.generation().number > before).await;
     let other_client = other.issue(&client_usage("other", "spiffe://example.org/ns/test/other")).unwrap();
     let both = format!("{}{}", pki.ca.cert_pem(), other.cert_pem());
-    let profile = TlsProfile::new(Some(identity(&other_client)), trustwire::tls::TrustBundle::from_pem(both.as_bytes()).unwrap());
+    let profile =
+        TlsProfile::new(Some(identity(&other_client)), trustwire::tls::TrustBundle::from_pem(both.as_bytes()).unwrap());
     assert_eq!(echo(&client(&addr, &profile), "other CA").await.unwrap(), "other CA");
     assert_eq!(echo(&c, "still").await.unwrap(), "still");
 }

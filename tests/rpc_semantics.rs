@@ -34,9 +34,8 @@ async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
 /// A raw mTLS stream to `addr` with the fixture's client credentials.
 async fn raw_tls(profile: &TlsProfile, addr: std::net::SocketAddr) -> ClientStream<TcpStream> {
     let tls = profile.client().unwrap();
-    let (stream, _) = trustwire::transport::connect(&tls, &addr.to_string(), Duration::from_secs(5))
-        .await
-        .expect("raw mTLS connect");
+    let (stream, _) =
+        trustwire::transport::connect(&tls, &addr.to_string(), Duration::from_secs(5)).await.expect("raw mTLS connect");
     stream
 }
 
@@ -594,10 +593,7 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
 
     // After shutdown: a clean connect error, never a hang.
     let err = bounded("call after shutdown", echo(&c, "after")).await.unwrap_err();
-    assert!(
-        matches!(err, Error::Transport { .. } | Error::Rpc { code: codes::ELOGOFF, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, Error::Transport { .. } | Error::Rpc { code: codes::ELOGOFF, .. }), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -707,7 +703,11 @@ async fn dropping_or_closing_a_client_closes_its_connection() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while open_fds() > before + 2 {
-        assert!(std::time::Instant::now() < deadline, "{} fds still open after 20 dropped clients", open_fds() - before);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} fds still open after 20 dropped clients",
+            open_fds() - before
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

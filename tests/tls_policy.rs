@@ -137,7 +137,10 @@ async fn client_checks_server_name_with_actionable_message() {
     cp.server_name = Some("payments.example.org".into());
     let (v, side, _, msg) = handshake(&echo(&client(server.local_addr(), &cp), "x").await.unwrap_err());
     assert_eq!((v, side), (Verdict::NameMismatch, Side::Local));
-    assert!(msg.contains("payments.example.org") && msg.contains("dns:localhost") && msg.contains("ip:127.0.0.1"), "{msg}");
+    assert!(
+        msg.contains("payments.example.org") && msg.contains("dns:localhost") && msg.contains("ip:127.0.0.1"),
+        "{msg}"
+    );
     // The dialled IP is verified when no server_name is set, and "localhost" works by name.
     cp.server_name = Some("localhost".into());
     assert_eq!(echo(&client(server.local_addr(), &cp), "x").await.unwrap(), "x");
@@ -170,7 +173,8 @@ async fn expired_server_certificate_message_gives_dates() {
     let mut sp = pki.server_profile();
     sp.identity = Some(identity(&old));
     let server = echo_server(&sp).await;
-    let (v, side, _, msg) = handshake(&echo(&client(server.local_addr(), &pki.client_profile()), "x").await.unwrap_err());
+    let (v, side, _, msg) =
+        handshake(&echo(&client(server.local_addr(), &pki.client_profile()), "x").await.unwrap_err());
     assert_eq!((v, side), (Verdict::Expired, Side::Local));
     assert!(msg.contains("not after") && msg.contains("now"), "{msg}");
 }
@@ -270,10 +274,7 @@ handshake_timeout_ms = 2000
 
     let err = ProfileFile::parse("[trust]\nca = []\nverify = false\n").unwrap_err().to_string();
     assert!(err.contains("verify"), "{err}");
-    let err = ProfileFile::parse("[trust]\nca=[]\n[tls]\nmin_version = \"1.0\"\n")
-        .unwrap()
-        .into_profile()
-        .unwrap_err();
+    let err = ProfileFile::parse("[trust]\nca=[]\n[tls]\nmin_version = \"1.0\"\n").unwrap().into_profile().unwrap_err();
     assert!(err.to_string().contains("trust bundle") || err.to_string().contains("1.0"), "{err}");
 }
 
@@ -283,10 +284,26 @@ fn verdict_names_are_stable() {
     assert_eq!(
         names,
         [
-            "unknown_issuer", "bad_signature", "expired", "not_yet_valid", "revoked", "crl_stale",
-            "name_mismatch", "bad_key_usage", "unsupported_certificate", "no_peer_certificate",
-            "peer_not_allowed", "method_not_allowed", "protocol_version", "no_shared_cipher",
-            "handshake_timeout", "peer_alert", "not_tls", "io", "key_mismatch", "bad_pem"
+            "unknown_issuer",
+            "bad_signature",
+            "expired",
+            "not_yet_valid",
+            "revoked",
+            "crl_stale",
+            "name_mismatch",
+            "bad_key_usage",
+            "unsupported_certificate",
+            "no_peer_certificate",
+            "peer_not_allowed",
+            "method_not_allowed",
+            "protocol_version",
+            "no_shared_cipher",
+            "handshake_timeout",
+            "peer_alert",
+            "not_tls",
+            "io",
+            "key_mismatch",
+            "bad_pem"
         ]
     );
     for (i, v) in Verdict::ALL.iter().enumerate() {

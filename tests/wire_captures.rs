@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use trustwire::wire::{
-    masked_crc32c, ChecksumError, DecodeError, Decoder, Frame, RpcMeta, RpcRequestMeta,
-    RpcResponseMeta, CHECKSUM_CRC32C, HEADER_LEN, MAGIC,
+    masked_crc32c, ChecksumError, DecodeError, Decoder, Frame, RpcMeta, RpcRequestMeta, RpcResponseMeta,
+    CHECKSUM_CRC32C, HEADER_LEN, MAGIC,
 };
 
 const CAPTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/interop/brpc/");
@@ -54,10 +54,8 @@ fn hex(bytes: &[u8]) -> String {
 /// Decodes a buffer that must hold exactly one frame.
 fn decode_one(bytes: &[u8]) -> Frame {
     let mut buf = BytesMut::from(bytes);
-    let frame = Decoder::default()
-        .decode(&mut buf)
-        .expect("capture must decode")
-        .expect("capture is one complete frame");
+    let frame =
+        Decoder::default().decode(&mut buf).expect("capture must decode").expect("capture is one complete frame");
     assert!(buf.is_empty(), "{} bytes left over after the frame", buf.len());
     frame
 }
@@ -102,12 +100,7 @@ fn brpc_request(
 /// The RpcMeta a brpc server writes: response{error_code, [error_text]}, compress_type 0,
 /// the caller's correlation_id, [attachment_size], content_type 0, checksum_type 0, empty
 /// checksum_value. Error responses carry no payload.
-fn brpc_response(
-    correlation_id: i64,
-    error: Option<(i32, &str)>,
-    payload: &[u8],
-    attachment: &[u8],
-) -> Frame {
+fn brpc_response(correlation_id: i64, error: Option<(i32, &str)>, payload: &[u8], attachment: &[u8]) -> Frame {
     Frame {
         meta: RpcMeta {
             response: Some(RpcResponseMeta {
@@ -150,15 +143,10 @@ fn built_from_scratch(name: &str) -> Frame {
         }
         "timeout_request.bin" => brpc_request(ECHO, "Echo", 0, Some(100), HELLO, b""),
         "error_request.bin" => brpc_request(ECHO, "Echo", 8, None, b"\x0a\x04fail", b""),
-        "error_response.bin" => brpc_response(
-            CID,
-            Some((4001, "[127.0.0.1:18001][E4001]deliberate failure requested by client")),
-            b"",
-            b"",
-        ),
-        "enomethod_request.bin" => {
-            brpc_request("example.MissingService", "Echo", 7, None, HELLO, b"")
+        "error_response.bin" => {
+            brpc_response(CID, Some((4001, "[127.0.0.1:18001][E4001]deliberate failure requested by client")), b"", b"")
         }
+        "enomethod_request.bin" => brpc_request("example.MissingService", "Echo", 7, None, HELLO, b""),
         "enomethod_response.bin" => brpc_response(
             CID,
             Some((1002, "[127.0.0.1:18000][E1002]Fail to find method=example.MissingService/Echo")),
@@ -179,12 +167,9 @@ fn built_from_scratch(name: &str) -> Frame {
             payload: Bytes::from_static(b"\x0a\x01x"),
             attachment: Bytes::new(),
         },
-        "enoservice_response.bin" => brpc_response(
-            42,
-            Some((1001, "[127.0.0.1:18000][E1001]Fail to find service=NoSuchService")),
-            b"",
-            b"",
-        ),
+        "enoservice_response.bin" => {
+            brpc_response(42, Some((1001, "[127.0.0.1:18000][E1001]Fail to find service=NoSuchService")), b"", b"")
+        }
         other => panic!("no expectation for {other}"),
     }
 }
@@ -294,13 +279,7 @@ fn check_response(
 }
 
 /// Fields requests and responses share.
-fn check_common(
-    name: &str,
-    f: &Frame,
-    payload: &[u8],
-    attachment: &[u8],
-    checksum: Option<(i32, &[u8])>,
-) {
+fn check_common(name: &str, f: &Frame, payload: &[u8], attachment: &[u8], checksum: Option<(i32, &[u8])>) {
     let m = &f.meta;
     assert_eq!(&f.payload[..], payload, "{name}: payload");
     assert_eq!(&f.attachment[..], attachment, "{name}: attachment");
@@ -358,10 +337,7 @@ fn attachment_capture_fields() {
 
 #[test]
 fn checksum_capture_fields() {
-    check_request(
-        "checksum_request.bin",
-        Req { checksum: Some((CHECKSUM_CRC32C, &CRC)), ..echo_req(HELLO, b"") },
-    );
+    check_request("checksum_request.bin", Req { checksum: Some((CHECKSUM_CRC32C, &CRC)), ..echo_req(HELLO, b"") });
     // The server's response says checksum_type 0 but still carries the CRC value.
     check_response("checksum_response.bin", CID, None, HELLO, b"", &CRC);
 }
@@ -551,10 +527,7 @@ fn set_checksum_with_attachment_covers_the_attachment() {
     // Tamper with the attachment (the frame's last byte).
     let mut tampered = bytes.to_vec();
     *tampered.last_mut().unwrap() ^= 0x20;
-    assert!(matches!(
-        decode_one(&tampered).verify_checksum(),
-        Err(ChecksumError::Mismatch { .. })
-    ));
+    assert!(matches!(decode_one(&tampered).verify_checksum(), Err(ChecksumError::Mismatch { .. })));
 
     // Without checksum_with_attachment the attachment is not covered.
     frame.set_checksum(false);
@@ -658,8 +631,7 @@ fn a_partial_frame_after_complete_ones_waits() {
 #[test]
 fn captures_never_produce_errors() {
     for name in ALL {
-        let r: Result<Option<Frame>, DecodeError> =
-            Decoder::default().decode(&mut BytesMut::from(&capture(name)[..]));
+        let r: Result<Option<Frame>, DecodeError> = Decoder::default().decode(&mut BytesMut::from(&capture(name)[..]));
         assert!(matches!(r, Ok(Some(_))), "{name}: {r:?}");
     }
 }

@@ -9,8 +9,8 @@
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use trustwire::wire::{
-    ChecksumError, DecodeError, Decoder, EncodeError, Frame, RpcMeta, RpcRequestMeta,
-    RpcResponseMeta, DEFAULT_MAX_BODY, HEADER_LEN,
+    ChecksumError, DecodeError, Decoder, EncodeError, Frame, RpcMeta, RpcRequestMeta, RpcResponseMeta,
+    DEFAULT_MAX_BODY, HEADER_LEN,
 };
 
 const CAPTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/interop/brpc/");
@@ -173,16 +173,8 @@ fn meta_size_larger_than_body_waits_for_the_whole_body() {
 #[test]
 fn body_over_the_limit_is_fatal() {
     let echo = capture("echo_request.bin"); // body_size 58
-    assert_fatal(
-        &mut Decoder::new(16),
-        &echo,
-        &DecodeError::BodyTooLarge { body_size: 58, limit: 16 },
-    );
-    assert_fatal(
-        &mut Decoder::new(57),
-        &echo,
-        &DecodeError::BodyTooLarge { body_size: 58, limit: 57 },
-    );
+    assert_fatal(&mut Decoder::new(16), &echo, &DecodeError::BodyTooLarge { body_size: 58, limit: 16 });
+    assert_fatal(&mut Decoder::new(57), &echo, &DecodeError::BodyTooLarge { body_size: 58, limit: 57 });
     // Exactly at the limit is fine.
     assert!(matches!(Decoder::new(58).decode(&mut BytesMut::from(&echo[..])), Ok(Some(_))));
     assert_eq!(Decoder::new(16).max_body(), 16);
@@ -397,11 +389,7 @@ fn unknown_meta_fields_are_ignored() {
     let meta = f.unwrap().meta;
     assert_eq!(
         meta.request,
-        Some(RpcRequestMeta {
-            service_name: Some("Svc".into()),
-            method_name: Some("M".into()),
-            ..Default::default()
-        })
+        Some(RpcRequestMeta { service_name: Some("Svc".into()), method_name: Some("M".into()), ..Default::default() })
     );
     assert_eq!(meta.response, Some(RpcResponseMeta { error_code: Some(5), error_text: None }));
 }

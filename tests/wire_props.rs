@@ -5,9 +5,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::collection::{btree_map, vec};
 use proptest::option;
 use proptest::prelude::*;
-use trustwire::wire::{
-    ChunkInfo, Decoder, Frame, RpcMeta, RpcRequestMeta, RpcResponseMeta, StreamSettings,
-};
+use trustwire::wire::{ChunkInfo, Decoder, Frame, RpcMeta, RpcRequestMeta, RpcResponseMeta, StreamSettings};
 
 fn text() -> impl Strategy<Value = String> {
     // Mostly ASCII names, sometimes arbitrary Unicode.
@@ -27,18 +25,20 @@ fn request_meta() -> impl Strategy<Value = RpcRequestMeta> {
         option::of(text()),
         option::of(any::<i32>()),
     )
-        .prop_map(|(service_name, method_name, log_id, (trace_id, span_id, parent_span_id), request_id, timeout_ms)| {
-            RpcRequestMeta {
-                service_name,
-                method_name,
-                log_id,
-                trace_id,
-                span_id,
-                parent_span_id,
-                request_id,
-                timeout_ms,
-            }
-        })
+        .prop_map(
+            |(service_name, method_name, log_id, (trace_id, span_id, parent_span_id), request_id, timeout_ms)| {
+                RpcRequestMeta {
+                    service_name,
+                    method_name,
+                    log_id,
+                    trace_id,
+                    span_id,
+                    parent_span_id,
+                    request_id,
+                    timeout_ms,
+                }
+            },
+        )
 }
 
 fn response_meta() -> impl Strategy<Value = RpcResponseMeta> {
@@ -52,29 +52,44 @@ fn meta() -> impl Strategy<Value = RpcMeta> {
         (option::of(any::<i32>()), option::of(any::<i64>())),
         option::of((option::of(any::<i64>()), option::of(any::<i64>()))),
         option::of(bytes_up_to(64)),
-        option::of((option::of(any::<i64>()), option::of(any::<bool>()), option::of(any::<bool>()), vec(any::<i64>(), 0..4))),
+        option::of((
+            option::of(any::<i64>()),
+            option::of(any::<bool>()),
+            option::of(any::<bool>()),
+            vec(any::<i64>(), 0..4),
+        )),
         btree_map(text(), text(), 0..4),
         (option::of(any::<i32>()), option::of(any::<i32>()), option::of(bytes_up_to(8)), option::of(any::<bool>())),
     )
-        .prop_map(|((request, response), (compress_type, correlation_id), chunk, auth, stream, user_fields, (content_type, checksum_type, checksum_value, with_att))| {
-            RpcMeta {
-                request,
-                response,
-                compress_type,
-                correlation_id,
-                attachment_size: None,
-                chunk_info: chunk.map(|(stream_id, chunk_id)| ChunkInfo { stream_id, chunk_id }),
-                authentication_data: auth,
-                stream_settings: stream.map(|(stream_id, need_feedback, writable, extra_stream_ids)| {
-                    StreamSettings { stream_id, need_feedback, writable, extra_stream_ids }
-                }),
+        .prop_map(
+            |(
+                (request, response),
+                (compress_type, correlation_id),
+                chunk,
+                auth,
+                stream,
                 user_fields,
-                content_type,
-                checksum_type,
-                checksum_value,
-                checksum_with_attachment: with_att,
-            }
-        })
+                (content_type, checksum_type, checksum_value, with_att),
+            )| {
+                RpcMeta {
+                    request,
+                    response,
+                    compress_type,
+                    correlation_id,
+                    attachment_size: None,
+                    chunk_info: chunk.map(|(stream_id, chunk_id)| ChunkInfo { stream_id, chunk_id }),
+                    authentication_data: auth,
+                    stream_settings: stream.map(|(stream_id, need_feedback, writable, extra_stream_ids)| {
+                        StreamSettings { stream_id, need_feedback, writable, extra_stream_ids }
+                    }),
+                    user_fields,
+                    content_type,
+                    checksum_type,
+                    checksum_value,
+                    checksum_with_attachment: with_att,
+                }
+            },
+        )
 }
 
 fn frame() -> impl Strategy<Value = Frame> {

@@ -37,9 +37,7 @@ pub(super) async fn run() -> Result<(), Error> {
     let frontend = issue("frontend", "spiffe://example.org/ns/demo/frontend")?;
     let intruder = issue("intruder", "spiffe://example.org/ns/other/intruder")?;
     let rogue_ca = DevCa::new("rogue.example")?;
-    let rogue_cred = rogue_ca.issue(
-        &IssueRequest::new("rogue").spiffe_id("spiffe://example.org/ns/demo/frontend"),
-    )?;
+    let rogue_cred = rogue_ca.issue(&IssueRequest::new("rogue").spiffe_id("spiffe://example.org/ns/demo/frontend"))?;
     let rogue = Identity::from_pem(rogue_cred.cert_pem.as_bytes(), rogue_cred.key_pem.as_bytes())?;
     let trust = TrustBundle::from_pem(ca.cert_pem().as_bytes())?;
     println!("trustwire demo, working in {}", dir.0.display());
@@ -95,8 +93,9 @@ pub(super) async fn run() -> Result<(), Error> {
         ("intruder (not allowed)", intruder, Verdict::PeerNotAllowed),
     ] {
         let seen = refusals.lock().unwrap_or_else(|p| p.into_inner()).len();
-        let result =
-            client_for(id)?.call(crate::echo::SERVICE, crate::echo::METHOD, crate::echo::encode("let me in"), opts()).await;
+        let result = client_for(id)?
+            .call(crate::echo::SERVICE, crate::echo::METHOD, crate::echo::encode("let me in"), opts())
+            .await;
         let server_side = wait_for_refusal(&refusals, seen).await;
         match (&result, &server_side) {
             (Err(client_err), Some(server_err)) => {

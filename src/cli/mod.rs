@@ -248,9 +248,7 @@ where
     let result = match cli.command {
         Command::Demo => rt.block_on(demo::run()),
         Command::Pki(cmd) => pki(cmd),
-        Command::ServeEcho { listen, creds, allow, reload } => {
-            rt.block_on(serve_echo(listen, creds, allow, reload))
-        }
+        Command::ServeEcho { listen, creds, allow, reload } => rt.block_on(serve_echo(listen, creds, allow, reload)),
         Command::Call {
             addr,
             target,
@@ -314,9 +312,7 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
         }
         PkiCommand::Issue { dir, name, spiffe_id, dns, ip, days, usage, key_type } => {
             let ca = DevCa::load(&dir)?;
-            let mut req = IssueRequest::new(&name)
-                .usage(Usage::parse(&usage)?)
-                .key_type(KeyType::parse(&key_type)?);
+            let mut req = IssueRequest::new(&name).usage(Usage::parse(&usage)?).key_type(KeyType::parse(&key_type)?);
             req.spiffe_id = spiffe_id;
             req.dns = dns;
             req.ips = ip;
@@ -354,8 +350,10 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: Re
     while let Signal::Reload = signals.next().await {
         match store.reload() {
             Ok(generation) => eprintln!("SIGHUP: credentials generation {generation} in service"),
-            Err(e) => eprintln!("SIGHUP: reload refused, previous generation stays [{}]: {e}",
-                e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())),
+            Err(e) => eprintln!(
+                "SIGHUP: reload refused, previous generation stays [{}]: {e}",
+                e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())
+            ),
         }
     }
     // Progress goes to stderr: stdout may be a pipe whose reader only wanted the address.
@@ -465,10 +463,8 @@ struct CallArgs {
 }
 
 async fn call(a: CallArgs) -> Result<(), Error> {
-    let (service, method) = a
-        .target
-        .split_once('/')
-        .ok_or_else(|| Error::config(format!("'{}': write SERVICE/METHOD", a.target)))?;
+    let (service, method) =
+        a.target.split_once('/').ok_or_else(|| Error::config(format!("'{}': write SERVICE/METHOD", a.target)))?;
     let mut profile = a.creds.profile()?;
     if a.server_name.is_some() {
         profile.server_name = a.server_name.clone();
@@ -478,8 +474,7 @@ async fn call(a: CallArgs) -> Result<(), Error> {
     }
     let payload = match (&a.echo, &a.payload_file) {
         (Some(text), _) => crate::echo::encode(text),
-        (None, Some(f)) => std::fs::read(f)
-            .map_err(|e| Error::config(format!("cannot read {}: {e}", f.display())))?,
+        (None, Some(f)) => std::fs::read(f).map_err(|e| Error::config(format!("cannot read {}: {e}", f.display())))?,
         (None, None) => Vec::new(),
     };
     let client = Client::new(&a.addr, profile.client()?, ClientOptions::default());
@@ -493,9 +488,7 @@ async fn call(a: CallArgs) -> Result<(), Error> {
     if a.echo.is_some() {
         match crate::echo::decode(&resp.payload) {
             Ok(text) => println!("{text}"),
-            Err(e) => {
-                return Err(Error::Protocol { message: format!("response is not an EchoResponse: {e}") })
-            }
+            Err(e) => return Err(Error::Protocol { message: format!("response is not an EchoResponse: {e}") }),
         }
     } else {
         use std::io::Write;
@@ -515,8 +508,7 @@ async fn probe(addr: String, creds: Creds, server_name: Option<String>) -> Resul
     }
     let has_identity = profile.identity.is_some();
     let tls = profile.client()?;
-    let (mut stream, info) =
-        crate::transport::connect(&tls, &addr, Duration::from_secs(5)).await?;
+    let (mut stream, info) = crate::transport::connect(&tls, &addr, Duration::from_secs(5)).await?;
     println!("connected to {addr}");
     println!("  protocol      {}", info.version);
     println!("  cipher suite  {}", info.cipher_suite);
@@ -543,8 +535,7 @@ async fn probe(addr: String, creds: Creds, server_name: Option<String>) -> Resul
 }
 
 fn inspect(file: &Path) -> Result<(), Error> {
-    let pem = std::fs::read(file)
-        .map_err(|e| Error::config(format!("cannot read {}: {e}", file.display())))?;
+    let pem = std::fs::read(file).map_err(|e| Error::config(format!("cannot read {}: {e}", file.display())))?;
     let certs = crate::tls::parse_certs(&pem, &file.display().to_string())?;
     for (i, der) in certs.iter().enumerate() {
         print_cert(i, &CertificateInfo::from_der(der)?, "");

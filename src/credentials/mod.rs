@@ -457,9 +457,10 @@ impl CredentialStore {
         }
         if let Some(tls) = &self.inner.client {
             let generation = tls.current.load_full();
-            closed.extend(tls.tracker.recheck(|chain, server_name| {
-                server_name.and_then(|n| generation.verifier.recheck(chain, n))
-            }));
+            closed.extend(
+                tls.tracker
+                    .recheck(|chain, server_name| server_name.and_then(|n| generation.verifier.recheck(chain, n))),
+            );
         }
         for c in closed {
             tracing::info!(store = %name, peer = %c.peer, verdict = c.diagnosis.verdict.name(),
@@ -531,7 +532,9 @@ fn read_pem_sources(sources: &[PemSource], what: &str, exts: &[&str]) -> Result<
             PemSource::Pem(b) => out.push((format!("{what} (bytes)"), b.clone())),
             PemSource::Path(p) if p.is_dir() => {
                 let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-                    .map_err(|e| Error::credentials(None, format!("cannot list {what} directory {}: {e}", p.display())))?
+                    .map_err(|e| {
+                        Error::credentials(None, format!("cannot list {what} directory {}: {e}", p.display()))
+                    })?
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|f| {
                         // Kubernetes secret volumes hold `..data` and `..2024_…` entries: skip.
@@ -633,7 +636,10 @@ fn load(sources: &Sources, template: &TlsProfile, role: Use, store: &str) -> Res
         let before = trust.crls.len();
         trust.add_crls_pem(pem).map_err(|e| Error::credentials(None, format!("{what}: {e}")))?;
         if trust.crls.len() == before {
-            return Err(Error::credentials(Some(Verdict::BadPem), format!("{what}: holds no CRL (empty or truncated file?)")));
+            return Err(Error::credentials(
+                Some(Verdict::BadPem),
+                format!("{what}: holds no CRL (empty or truncated file?)"),
+            ));
         }
         for crl in &trust.crls[before..] {
             crls.push(check_crl(crl.as_ref(), &trust.roots, what, template.trust.require_fresh_crls)?);
@@ -696,9 +702,7 @@ fn check_crl(der: &[u8], roots: &[CertificateDer<'static>], what: &str, require_
     let mut signed_by_trusted = false;
     for ca in roots {
         let Ok((_, cert)) = X509Certificate::from_der(ca.as_ref()) else { continue };
-        if cert.subject().as_raw() == crl.issuer().as_raw()
-            && crl.verify_signature(cert.public_key()).is_ok()
-        {
+        if cert.subject().as_raw() == crl.issuer().as_raw() && crl.verify_signature(cert.public_key()).is_ok() {
             signed_by_trusted = true;
             break;
         }
@@ -709,7 +713,8 @@ fn check_crl(der: &[u8], roots: &[CertificateDer<'static>], what: &str, require_
             format!("{what}: the CRL from '{issuer}' is not signed by any CA in the trust bundle"),
         ));
     }
-    let next_update = crl.next_update().map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64));
+    let next_update =
+        crl.next_update().map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64));
     if require_fresh {
         if let Some(t) = next_update {
             if t < SystemTime::now() {

@@ -261,15 +261,24 @@ pub async fn start(route: Route) -> Result<RunningProxy, Error> {
 
 async fn connect_upstream(route: &Route) -> Result<BoxIo, Error> {
     let fail = |e: std::io::Error| Error::transport(format!("upstream {} unreachable: {e}", route.upstream));
-    let timeout = |_| Error::Timeout { after: route.connect_timeout, message: format!("connecting to upstream {}", route.upstream) };
+    let timeout = |_| Error::Timeout {
+        after: route.connect_timeout,
+        message: format!("connecting to upstream {}", route.upstream),
+    };
     match &route.upstream {
         Endpoint::Tcp(a) => {
-            let s = tokio::time::timeout(route.connect_timeout, TcpStream::connect(a)).await.map_err(timeout)?.map_err(fail)?;
+            let s = tokio::time::timeout(route.connect_timeout, TcpStream::connect(a))
+                .await
+                .map_err(timeout)?
+                .map_err(fail)?;
             let _ = s.set_nodelay(true);
             Ok(Box::pin(s))
         }
         Endpoint::Unix(p) => Ok(Box::pin(
-            tokio::time::timeout(route.connect_timeout, tokio::net::UnixStream::connect(p)).await.map_err(timeout)?.map_err(fail)?,
+            tokio::time::timeout(route.connect_timeout, tokio::net::UnixStream::connect(p))
+                .await
+                .map_err(timeout)?
+                .map_err(fail)?,
         )),
     }
 }
@@ -291,7 +300,8 @@ async fn serve(route: &Route, downstream: BoxIo, remote: &str) {
 type Outcome = Result<(), (&'static str, Error)>;
 
 async fn serve_server_side(route: &Route, tls: &ServerTls, downstream: BoxIo, remote: &str) -> Outcome {
-    let (stream, info) = crate::transport::accept_on(tls, downstream, remote).await.map_err(|e| ("handshake_refused", e))?;
+    let (stream, info) =
+        crate::transport::accept_on(tls, downstream, remote).await.map_err(|e| ("handshake_refused", e))?;
     let _guard = tls.tracker.register(info.peer_chain.clone(), None, info.peer.clone());
     let mut stream = stream;
     let mut upstream = match connect_upstream(route).await {

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Response;
 use crate::error::{codes, Error};
-use crate::tls::identity::PeerIdentity;
 use crate::telemetry;
+use crate::tls::identity::PeerIdentity;
 use crate::tls::tracker::TrackGuard;
 use crate::tls::ClientTls;
 use crate::transport::HandshakeInfo;
@@ -74,10 +74,7 @@ struct Conn {
 impl Conn {
     /// The error that closed the connection (e.g. the server refusing our certificate).
     fn failure_or_closed(&self) -> Error {
-        self.failure
-            .get()
-            .cloned()
-            .unwrap_or_else(|| Error::transport("connection closed before the call was sent"))
+        self.failure.get().cloned().unwrap_or_else(|| Error::transport("connection closed before the call was sent"))
     }
 
     fn pending_is_empty(&self) -> bool {
@@ -222,8 +219,7 @@ impl Client {
                 // The fields a stock brpc client always sends.
                 compress_type: Some(0),
                 correlation_id: Some(id),
-                attachment_size: (!opts.attachment.is_empty())
-                    .then_some(opts.attachment.len() as i32),
+                attachment_size: (!opts.attachment.is_empty()).then_some(opts.attachment.len() as i32),
                 content_type: Some(0),
                 checksum_type: Some(0),
                 checksum_value: Some(Bytes::new()),
@@ -296,24 +292,21 @@ impl Client {
         let inner = &self.inner;
         match &inner.tls {
             Some(tls) => {
-                let (stream, info) =
-                    crate::transport::connect(tls, &inner.addr, inner.options.connect_timeout).await?;
+                let (stream, info) = crate::transport::connect(tls, &inner.addr, inner.options.connect_timeout).await?;
                 let name = crate::transport::server_name(tls, &inner.addr)?;
                 let guard = tls.tracker.register(info.peer_chain.clone(), Some(name), info.peer.clone());
                 let ours = tls.current.load().our_identity.clone();
                 Ok(spawn_conn(stream, Some(info), inner.options.max_body, ours, Some(guard)))
             }
             None => {
-                let tcp = tokio::time::timeout(
-                    inner.options.connect_timeout,
-                    tokio::net::TcpStream::connect(&inner.addr),
-                )
-                .await
-                .map_err(|_| Error::Timeout {
-                    after: inner.options.connect_timeout,
-                    message: format!("TCP connect to {}", inner.addr),
-                })?
-                .map_err(|e| Error::transport(format!("cannot connect to {}: {e}", inner.addr)))?;
+                let tcp =
+                    tokio::time::timeout(inner.options.connect_timeout, tokio::net::TcpStream::connect(&inner.addr))
+                        .await
+                        .map_err(|_| Error::Timeout {
+                            after: inner.options.connect_timeout,
+                            message: format!("TCP connect to {}", inner.addr),
+                        })?
+                        .map_err(|e| Error::transport(format!("cannot connect to {}: {e}", inner.addr)))?;
                 let _ = tcp.set_nodelay(true);
                 Ok(spawn_conn(tcp, None, inner.options.max_body, None, None))
             }
@@ -350,9 +343,7 @@ fn response_of(frame: Frame) -> Result<Response, Error> {
             ),
         });
     }
-    frame.verify_checksum().map_err(|e| Error::Protocol {
-        message: format!("response checksum rejected: {e}"),
-    })?;
+    frame.verify_checksum().map_err(|e| Error::Protocol { message: format!("response checksum rejected: {e}") })?;
     Ok(Response { payload: frame.payload, attachment: frame.attachment })
 }
 
@@ -404,12 +395,8 @@ where
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
                     let id = frame.meta.correlation_id.unwrap_or(0);
-                    let waiter = conn
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_mut()
-                        .and_then(|p| p.remove(&id));
+                    let waiter =
+                        conn.pending.lock().unwrap_or_else(|p| p.into_inner()).as_mut().and_then(|p| p.remove(&id));
                     // A reply to an abandoned call (timed out) has no waiter: drop it.
                     if let Some(w) = waiter {
                         let _ = w.send(Ok(frame));
@@ -421,9 +408,7 @@ where
                     tracing::warn!("skipping malformed response frame: {e}");
                     continue;
                 }
-                Err(e) => {
-                    break Error::Protocol { message: format!("server sent an invalid frame: {e}") }
-                }
+                Err(e) => break Error::Protocol { message: format!("server sent an invalid frame: {e}") },
             }
             if draining && conn.pending_is_empty() {
                 break Error::transport("connection closed: the trust material changed");

@@ -14,12 +14,12 @@ use tracing::{debug, info, warn};
 
 use super::{response_frame, CatchUnwind, Handler, HandlerFuture, Request};
 use crate::error::{codes, Error, Verdict};
+use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::policy::{MethodDecision, Policy};
-use crate::telemetry::{self, Role};
 use crate::tls::tracker::TrackGuard;
 use crate::tls::ServerTls;
-use crate::wire::{Decoder, DecodeError, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
+use crate::wire::{DecodeError, Decoder, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
 
 /// Called with the remote address and the error when a handshake is refused or fails.
 pub type HandshakeHook = Arc<dyn Fn(SocketAddr, &Error) + Send + Sync>;
@@ -102,12 +102,10 @@ impl Registry {
     fn resolve<'a>(&'a self, service: &str, method: &str) -> Resolved<'a> {
         let (full, methods) = match self.services.get_key_value(service) {
             Some((k, m)) => (k.as_str(), m),
-            None if !service.contains('.') => {
-                match self.short.get(service).and_then(|f| f.as_deref()) {
-                    Some(full) => (full, &self.services[full]),
-                    None => return Resolved::NoService(format!("Fail to find service={service}")),
-                }
-            }
+            None if !service.contains('.') => match self.short.get(service).and_then(|f| f.as_deref()) {
+                Some(full) => (full, &self.services[full]),
+                None => return Resolved::NoService(format!("Fail to find service={service}")),
+            },
             None => return Resolved::NoMethod(format!("Fail to find method={service}/{method}")),
         };
         match methods.get_key_value(method) {
@@ -149,12 +147,9 @@ impl Server {
 
     /// Binds `addr` (port 0 for any) and starts serving on the shared runtime's tasks.
     pub async fn bind(self, addr: &str) -> Result<RunningServer, Error> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::config(format!("cannot listen on {addr}: {e}")))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| Error::config(format!("cannot read bound address: {e}")))?;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|e| Error::config(format!("cannot listen on {addr}: {e}")))?;
+        let local_addr = listener.local_addr().map_err(|e| Error::config(format!("cannot read bound address: {e}")))?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let policy = self.tls.as_ref().map(|t| t.policy.clone()).unwrap_or_default();
         let connections = Arc::new(Semaphore::new(self.options.max_connections));
@@ -492,9 +487,7 @@ fn dispatch(
         method: method.to_string(),
         log_id: req.log_id,
         timeout_ms,
-        deadline: timeout_ms
-            .filter(|t| *t > 0)
-            .map(|t| Instant::now() + Duration::from_millis(t as u64)),
+        deadline: timeout_ms.filter(|t| *t > 0).map(|t| Instant::now() + Duration::from_millis(t as u64)),
         request_id: req.request_id.clone(),
         user_fields: frame.meta.user_fields,
         payload: frame.payload,

@@ -110,8 +110,7 @@ impl ProfileFile {
     pub fn load(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(format!("cannot read profile {}: {e}", path.display())))?;
-        let mut file = Self::parse(&text)
-            .map_err(|e| Error::config(format!("profile {}: {e}", path.display())))?;
+        let mut file = Self::parse(&text).map_err(|e| Error::config(format!("profile {}: {e}", path.display())))?;
         file.base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(file)
     }
@@ -137,9 +136,8 @@ impl ProfileFile {
         profile.identity = match &sources.identity {
             IdentitySource::None => None,
             IdentitySource::Combined(p) => {
-                let pem = std::fs::read(p).map_err(|e| {
-                    Error::credentials(None, format!("cannot read {}: {e}", p.display()))
-                })?;
+                let pem = std::fs::read(p)
+                    .map_err(|e| Error::credentials(None, format!("cannot read {}: {e}", p.display())))?;
                 Some(Identity::from_combined_pem(&pem)?)
             }
             IdentitySource::Files { chain, key } => Some(Identity::from_files(chain, key)?),
@@ -148,9 +146,8 @@ impl ProfileFile {
         let ca: Vec<PathBuf> = self.trust.ca.iter().map(|p| self.path(p)).collect();
         let mut trust = TrustBundle::from_paths(&ca)?;
         for crl in &self.trust.crl {
-            let pem = std::fs::read(self.path(crl)).map_err(|e| {
-                Error::credentials(None, format!("cannot read CRL {}: {e}", crl.display()))
-            })?;
+            let pem = std::fs::read(self.path(crl))
+                .map_err(|e| Error::credentials(None, format!("cannot read CRL {}: {e}", crl.display())))?;
             trust.add_crls_pem(&pem)?;
         }
         trust.require_fresh_crls = profile.trust.require_fresh_crls;
@@ -168,11 +165,7 @@ impl ProfileFile {
             Some(IdentitySection { cert: Some(c), key: Some(k), combined: None }) => {
                 IdentitySource::Files { chain: self.path(c), key: self.path(k) }
             }
-            Some(_) => {
-                return Err(Error::config(
-                    "[identity] needs either cert and key, or combined (not both)",
-                ))
-            }
+            Some(_) => return Err(Error::config("[identity] needs either cert and key, or combined (not both)")),
         };
         Ok(Sources {
             identity,
@@ -196,9 +189,7 @@ impl ProfileFile {
             None | Some("1.3") => MinVersion::Tls13,
             Some("1.2") => MinVersion::Tls12,
             Some(other) => {
-                return Err(Error::config(format!(
-                    "tls.min_version = \"{other}\": use \"1.3\" (default) or \"1.2\""
-                )))
+                return Err(Error::config(format!("tls.min_version = \"{other}\": use \"1.3\" (default) or \"1.2\"")))
             }
         };
         if let Some(ms) = self.tls.handshake_timeout_ms {

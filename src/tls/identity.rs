@@ -111,12 +111,7 @@ impl CertificateInfo {
             uri_sans.iter().filter(|u| u.to_ascii_lowercase().starts_with("spiffe://")).collect();
         // A SPIFFE X.509-SVID carries exactly one SPIFFE ID; several make the identity ambiguous.
         let spiffe_id = (spiffe.len() == 1).then(|| spiffe[0].clone());
-        let common_name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string);
+        let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
         let mut extended_key_usage = Vec::new();
         if let Ok(Some(eku)) = cert.extended_key_usage() {
             let e = eku.value;
@@ -161,12 +156,7 @@ fn key_type(cert: &X509Certificate<'_>) -> String {
     let spki = cert.public_key();
     match spki.algorithm.algorithm.to_id_string().as_str() {
         "1.2.840.10045.2.1" => {
-            let curve = spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| p.as_oid().ok())
-                .map(|o| o.to_id_string());
+            let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
             match curve.as_deref() {
                 Some("1.2.840.10045.3.1.7") => "ECDSA P-256".into(),
                 Some("1.3.132.0.34") => "ECDSA P-384".into(),

@@ -76,18 +76,16 @@ impl Identity {
 
     /// Checks the key is usable and belongs to the leaf certificate.
     fn checked(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self, Error> {
-        let ck = CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()).map_err(|e| {
-            match e {
-                rustls::Error::InconsistentKeys(_) => Error::credentials(
-                    Some(Verdict::KeyMismatch),
-                    "the private key does not match the certificate's public key \
+        let ck = CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => Error::credentials(
+                Some(Verdict::KeyMismatch),
+                "the private key does not match the certificate's public key \
                      (key and certificate from different issuances?)",
-                ),
-                other => Error::credentials(
-                    Some(Verdict::UnsupportedCertificate),
-                    format!("the private key cannot be used: {other}"),
-                ),
-            }
+            ),
+            other => Error::credentials(
+                Some(Verdict::UnsupportedCertificate),
+                format!("the private key cannot be used: {other}"),
+            ),
         })?;
         drop(ck);
         Ok(Identity { chain, key })
@@ -132,9 +130,9 @@ impl TrustBundle {
     /// Adds CRLs from PEM bytes.
     pub fn add_crls_pem(&mut self, pem: &[u8]) -> Result<(), Error> {
         for crl in CertificateRevocationListDer::pem_slice_iter(pem) {
-            self.crls.push(crl.map_err(|e| {
-                Error::credentials(Some(Verdict::BadPem), format!("CRL is not valid PEM: {e}"))
-            })?);
+            self.crls.push(
+                crl.map_err(|e| Error::credentials(Some(Verdict::BadPem), format!("CRL is not valid PEM: {e}")))?,
+            );
         }
         Ok(())
     }
@@ -149,9 +147,7 @@ impl TrustBundle {
                     format!("trust bundle certificate #{} cannot be used as a CA: {e}", i + 1),
                 )
             })?;
-            summary.ca_subjects.push(
-                CertificateInfo::from_der(ca).map(|c| c.identity.subject).unwrap_or_default(),
-            );
+            summary.ca_subjects.push(CertificateInfo::from_der(ca).map(|c| c.identity.subject).unwrap_or_default());
         }
         if store.is_empty() {
             return Err(Error::credentials(None, "the trust bundle holds no CA certificate"));
@@ -209,9 +205,10 @@ impl TlsProfile {
     }
 
     pub(crate) fn server_generation(&self, number: u64) -> Result<ServerGeneration, Error> {
-        let identity = self.identity.as_ref().ok_or_else(|| {
-            Error::config("a server needs an identity: set a certificate chain and private key")
-        })?;
+        let identity = self
+            .identity
+            .as_ref()
+            .ok_or_else(|| Error::config("a server needs an identity: set a certificate chain and private key"))?;
         let (roots, trust) = self.trust.store()?;
         let mut builder = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider()))
             .with_crls(self.trust.crls.clone())
@@ -219,11 +216,9 @@ impl TlsProfile {
         if self.trust.require_fresh_crls {
             builder = builder.enforce_revocation_expiration();
         }
-        let inner = builder
-            .build()
-            .map_err(|e| Error::credentials(None, format!("cannot build client verifier: {e}")))?;
-        let verifier =
-            Arc::new(ClientVerifier { inner, policy: Arc::new(self.policy.clone()), trust });
+        let inner =
+            builder.build().map_err(|e| Error::credentials(None, format!("cannot build client verifier: {e}")))?;
+        let verifier = Arc::new(ClientVerifier { inner, policy: Arc::new(self.policy.clone()), trust });
         let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(self.versions())
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
@@ -266,9 +261,8 @@ impl TlsProfile {
         if self.trust.require_fresh_crls {
             builder = builder.enforce_revocation_expiration();
         }
-        let inner = builder
-            .build()
-            .map_err(|e| Error::credentials(None, format!("cannot build server verifier: {e}")))?;
+        let inner =
+            builder.build().map_err(|e| Error::credentials(None, format!("cannot build server verifier: {e}")))?;
         let verifier = Arc::new(ServerVerifier {
             inner,
             policy: Arc::new(self.policy.clone()),
@@ -380,10 +374,7 @@ fn pem_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| Error::credentials(None, format!("cannot list {}: {e}", path.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && matches!(p.extension().and_then(|e| e.to_str()), Some("pem" | "crt" | "cer"))
-        })
+        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("pem" | "crt" | "cer")))
         .collect();
     files.sort();
     Ok(files)

@@ -58,9 +58,7 @@ impl Pattern {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             let bare = name.strip_prefix("*.").unwrap_or(&name);
             if bare.is_empty() || bare.contains('*') {
-                return Err(Error::config(format!(
-                    "allow pattern '{s}': write dns:NAME or dns:*.SUFFIX"
-                )));
+                return Err(Error::config(format!("allow pattern '{s}': write dns:NAME or dns:*.SUFFIX")));
             }
             return Ok(Pattern::Dns(name));
         }
@@ -80,8 +78,7 @@ impl Pattern {
     pub fn matches(&self, peer: &PeerIdentity) -> bool {
         match self {
             Pattern::Any => true,
-            Pattern::SpiffeId(id) => peer.spiffe_id.as_deref().map(normalize_spiffe).as_deref()
-                == Some(id.as_str()),
+            Pattern::SpiffeId(id) => peer.spiffe_id.as_deref().map(normalize_spiffe).as_deref() == Some(id.as_str()),
             Pattern::SpiffePrefix(prefix) => peer
                 .spiffe_id
                 .as_deref()
@@ -106,8 +103,7 @@ impl fmt::Display for Pattern {
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix))
-        .then(|| &s[prefix.len()..])
+    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)).then(|| &s[prefix.len()..])
 }
 
 /// Scheme and trust domain are case-insensitive in SPIFFE; the path is not.
@@ -122,9 +118,7 @@ fn normalize_spiffe(id: &str) -> String {
 fn dns_matches(pattern: &str, name: &str) -> bool {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     match pattern.strip_prefix("*.") {
-        Some(suffix) => name
-            .split_once('.')
-            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        Some(suffix) => name.split_once('.').is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
         None => name == pattern,
     }
 }
@@ -152,9 +146,7 @@ impl MethodPattern {
             match p {
                 "*" => Ok(None),
                 "" => Err(Error::config(format!("method pattern '{s}' has an empty part"))),
-                p if p.contains('*') => {
-                    Err(Error::config(format!("method pattern '{s}': '*' must stand alone")))
-                }
+                p if p.contains('*') => Err(Error::config(format!("method pattern '{s}': '*' must stand alone"))),
                 p => Ok(Some(p.to_string())),
             }
         };
@@ -163,19 +155,13 @@ impl MethodPattern {
 
     /// `service` is the full service name the call resolved to.
     pub fn matches(&self, service: &str, method: &str) -> bool {
-        self.service.as_deref().is_none_or(|s| s == service)
-            && self.method.as_deref().is_none_or(|m| m == method)
+        self.service.as_deref().is_none_or(|s| s == service) && self.method.as_deref().is_none_or(|m| m == method)
     }
 }
 
 impl fmt::Display for MethodPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            self.service.as_deref().unwrap_or("*"),
-            self.method.as_deref().unwrap_or("*")
-        )
+        write!(f, "{}/{}", self.service.as_deref().unwrap_or("*"), self.method.as_deref().unwrap_or("*"))
     }
 }
 
@@ -214,16 +200,9 @@ impl Policy {
     }
 
     /// Adds a per-method rule.
-    pub fn with_rule<S: AsRef<str>, T: AsRef<str>>(
-        mut self,
-        methods: &[S],
-        allow: &[T],
-    ) -> Result<Self, Error> {
+    pub fn with_rule<S: AsRef<str>, T: AsRef<str>>(mut self, methods: &[S], allow: &[T]) -> Result<Self, Error> {
         self.rules.push(MethodRule {
-            methods: methods
-                .iter()
-                .map(|m| MethodPattern::parse(m.as_ref()))
-                .collect::<Result<_, _>>()?,
+            methods: methods.iter().map(|m| MethodPattern::parse(m.as_ref())).collect::<Result<_, _>>()?,
             allow: allow.iter().map(|p| Pattern::parse(p.as_ref())).collect::<Result<_, _>>()?,
         });
         Ok(self)

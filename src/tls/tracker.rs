@@ -57,10 +57,7 @@ impl Tracker {
     ) -> TrackGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Tracked { chain, server_name, peer, close });
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Tracked { chain, server_name, peer, close });
         TrackGuard { id, tracker: self.clone(), closed }
     }
 

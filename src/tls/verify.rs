@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError,
-    PeerIncompatible, SignatureScheme,
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, Error as TlsError, PeerIncompatible,
+    SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -152,10 +152,10 @@ fn diagnose_chain(
 
 fn diagnosis_of(result: Result<(), TlsError>) -> Option<Diagnosis> {
     let err = result.err()?;
-    Some(take_diagnosis().unwrap_or_else(|| Diagnosis {
-        verdict: verdict_for_tls_error(&err).0,
-        message: err.to_string(),
-    }))
+    Some(
+        take_diagnosis()
+            .unwrap_or_else(|| Diagnosis { verdict: verdict_for_tls_error(&err).0, message: err.to_string() }),
+    )
 }
 
 impl ClientVerifier {
@@ -169,11 +169,7 @@ impl ClientVerifier {
 
 impl ServerVerifier {
     /// Verifies an already-presented server chain again, for the name it was dialled by.
-    pub(crate) fn recheck(
-        &self,
-        chain: &[CertificateDer<'static>],
-        name: &ServerName<'static>,
-    ) -> Option<Diagnosis> {
+    pub(crate) fn recheck(&self, chain: &[CertificateDer<'static>], name: &ServerName<'static>) -> Option<Diagnosis> {
         let (leaf, rest) = chain.split_first()?;
         take_diagnosis();
         diagnosis_of(self.verify_server_cert(leaf, rest, name, &[], UnixTime::now()).map(|_| ()))
@@ -212,9 +208,7 @@ impl ClientCertVerifier for ClientVerifier {
             .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
         if !self.policy.admits(&peer) {
             record(Verdict::PeerNotAllowed, self.policy.explain_refusal(&peer));
-            return Err(TlsError::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ));
+            return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -260,9 +254,7 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        if let Err(e) =
-            self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        if let Err(e) = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             let mut d = diagnose_chain(&e, end_entity, &self.trust, now, "server");
             if d.verdict == Verdict::NameMismatch {
                 let names = PeerIdentity::from_der(end_entity)
@@ -293,16 +285,12 @@ impl ServerCertVerifier for ServerVerifier {
                         peer.spiffe_id.as_deref().unwrap_or("absent")
                     ),
                 );
-                return Err(TlsError::InvalidCertificate(
-                    CertificateError::ApplicationVerificationFailure,
-                ));
+                return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
             }
         }
         if !self.policy.admits(&peer) {
             record(Verdict::PeerNotAllowed, self.policy.explain_refusal(&peer));
-            return Err(TlsError::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ));
+            return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -341,9 +329,9 @@ pub(crate) fn verdict_for_tls_error(err: &TlsError) -> (Verdict, Side, Option<&'
             C::Expired | C::ExpiredContext { .. } => Verdict::Expired,
             C::NotValidYet | C::NotValidYetContext { .. } => Verdict::NotYetValid,
             C::Revoked => Verdict::Revoked,
-            C::UnknownRevocationStatus
-            | C::ExpiredRevocationList
-            | C::ExpiredRevocationListContext { .. } => Verdict::CrlStale,
+            C::UnknownRevocationStatus | C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => {
+                Verdict::CrlStale
+            }
             C::NotValidForName | C::NotValidForNameContext { .. } => Verdict::NameMismatch,
             C::InvalidPurpose | C::InvalidPurposeContext { .. } => Verdict::BadKeyUsage,
             C::ApplicationVerificationFailure => Verdict::PeerNotAllowed,
@@ -355,9 +343,7 @@ pub(crate) fn verdict_for_tls_error(err: &TlsError) -> (Verdict, Side, Option<&'
             PeerIncompatible::NoCipherSuitesInCommon
             | PeerIncompatible::NoKxGroupsInCommon
             | PeerIncompatible::NoSignatureSchemesInCommon
-            | PeerIncompatible::NoCertificateRequestSignatureSchemesInCommon => {
-                Verdict::NoSharedCipher
-            }
+            | PeerIncompatible::NoCertificateRequestSignatureSchemesInCommon => Verdict::NoSharedCipher,
             _ => Verdict::ProtocolVersion,
         }),
         TlsError::InvalidMessage(
@@ -404,9 +390,7 @@ fn alert_hint(alert: &str) -> &'static str {
     match alert {
         "unknown_ca" => "the peer does not trust the CA that issued our certificate",
         "certificate_required" => "the peer requires a client certificate and we sent none",
-        "access_denied" => {
-            "the peer verified our certificate but its policy does not allow our identity"
-        }
+        "access_denied" => "the peer verified our certificate but its policy does not allow our identity",
         "certificate_expired" => "the peer says our certificate is expired or not yet valid",
         "certificate_revoked" => "the peer says our certificate is revoked",
         "bad_certificate" | "unsupported_certificate" => {
@@ -438,14 +422,10 @@ pub(crate) fn handshake_error(io: &std::io::Error, diag: Option<Diagnosis>, ours
 pub(crate) fn tls_error(e: &TlsError, ours: Option<&str>) -> Error {
     let (verdict, side, alert) = verdict_for_tls_error(e);
     let message = match (verdict, alert) {
-        (Verdict::PeerAlert, Some(a)) => format!(
-            "{}{}",
-            alert_hint(a),
-            ours.map(|o| format!(" (our certificate: {o})")).unwrap_or_default()
-        ),
-        (Verdict::NoPeerCertificate, _) => {
-            "the peer presented no certificate; a client certificate is required".into()
+        (Verdict::PeerAlert, Some(a)) => {
+            format!("{}{}", alert_hint(a), ours.map(|o| format!(" (our certificate: {o})")).unwrap_or_default())
         }
+        (Verdict::NoPeerCertificate, _) => "the peer presented no certificate; a client certificate is required".into(),
         (Verdict::NotTls, _) => "the peer did not speak TLS (plaintext on a TLS port?)".into(),
         (Verdict::ProtocolVersion, _) => format!(
             "no TLS version in common ({e}); trustwire speaks TLS 1.3, and TLS 1.2 only when \

@@ -49,11 +49,7 @@ pub enum DecodeError {
     /// The meta decoded but its attachment_size does not fit in the frame. The frame was
     /// skipped; the stream is still in sync and the sender can be answered.
     #[error("attachment_size {attachment_size} does not fit in the {available} bytes after the meta")]
-    BadAttachmentSize {
-        correlation_id: Option<i64>,
-        attachment_size: i64,
-        available: usize,
-    },
+    BadAttachmentSize { correlation_id: Option<i64>, attachment_size: i64, available: usize },
 }
 
 impl DecodeError {
@@ -163,11 +159,7 @@ impl Decoder {
             });
         }
         let payload_end = body_size - attachment_size as usize;
-        Ok(Some(Frame {
-            payload: body.slice(meta_size..payload_end),
-            attachment: body.slice(payload_end..),
-            meta,
-        }))
+        Ok(Some(Frame { payload: body.slice(meta_size..payload_end), attachment: body.slice(payload_end..), meta }))
     }
 }
 
@@ -182,10 +174,7 @@ impl Frame {
     pub fn encode(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
         let declared = i64::from(self.meta.attachment_size.unwrap_or(0));
         if declared != self.attachment.len() as i64 {
-            return Err(EncodeError::AttachmentSizeMismatch {
-                declared,
-                actual: self.attachment.len(),
-            });
+            return Err(EncodeError::AttachmentSizeMismatch { declared, actual: self.attachment.len() });
         }
         let meta_len = self.meta.encoded_len();
         let body = meta_len + self.payload.len() + self.attachment.len();
@@ -196,9 +185,7 @@ impl Frame {
         out.put_slice(&MAGIC);
         out.put_u32(body as u32);
         out.put_u32(meta_len as u32);
-        self.meta
-            .encode(out)
-            .expect("BytesMut grows on demand, so prost cannot run out of room");
+        self.meta.encode(out).expect("BytesMut grows on demand, so prost cannot run out of room");
         out.put_slice(&self.payload);
         out.put_slice(&self.attachment);
         Ok(())

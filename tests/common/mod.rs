@@ -37,9 +37,8 @@ impl Pki {
         let dir = tempfile::tempdir().unwrap();
         let ca = DevCa::new(TD).unwrap();
         ca.write(dir.path()).unwrap();
-        let server = ca
-            .issue(&IssueRequest::new("server").spiffe_id(SERVER_ID).dns("localhost").ip(localhost()))
-            .unwrap();
+        let server =
+            ca.issue(&IssueRequest::new("server").spiffe_id(SERVER_ID).dns("localhost").ip(localhost())).unwrap();
         server.write(dir.path(), "server").unwrap();
         let client = ca.issue(&IssueRequest::new("client").spiffe_id(CLIENT_ID)).unwrap();
         client.write(dir.path(), "client").unwrap();

@@ -175,8 +175,7 @@ pub async fn recording_server(profile: &TlsProfile) -> (RunningServer, Arc<Mutex
     let sink = seen.clone();
     let mut server = Server::new(profile.server().unwrap());
     trustwire::echo::register(&mut server);
-    server.options_mut().on_handshake_error =
-        Some(Arc::new(move |_, e| sink.lock().unwrap().push(e.clone())));
+    server.options_mut().on_handshake_error = Some(Arc::new(move |_, e| sink.lock().unwrap().push(e.clone())));
     (server.bind("127.0.0.1:0").await.unwrap(), seen)
 }
 
@@ -242,8 +241,7 @@ pub fn go_build(name: &str, online: bool, what: &str) -> Option<std::path::PathB
     // Build under a private name, then rename: concurrent test runs never see half a binary.
     let tmp = dir.join(format!("{name}.{}", std::process::id()));
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/go").join(name);
-    let mut build =
-        Proc::spawn(go_command(online).current_dir(&src).arg("build").arg("-o").arg(&tmp).arg("."));
+    let mut build = Proc::spawn(go_command(online).current_dir(&src).arg("build").arg("-o").arg(&tmp).arg("."));
     let status = build.wait_exit_within(GO_BUILD_WAIT);
     assert!(status.success(), "go build of {name} failed:\n{}", build.output());
     let bin = dir.join(name);

@@ -64,7 +64,9 @@ fn rust_client_process(profile: &Path, addr: &str, seconds: f64, mode: &str) {
     let _guard = tw::runtime::runtime().enter();
     let tls = store.unwrap().client_tls().unwrap();
     let client = Client::new(addr.to_string(), tls, ClientOptions::default());
-    tw::runtime::runtime().block_on(client.call("example.EchoService", "Echo", PAYLOAD, CallOptions::default())).unwrap();
+    tw::runtime::runtime()
+        .block_on(client.call("example.EchoService", "Echo", PAYLOAD, CallOptions::default()))
+        .unwrap();
     let start = Instant::now();
     let rate = if mode == "sequential" { rust_sequential(&client, seconds) } else { rust_concurrent(&client, seconds) };
     let elapsed = start.elapsed().as_secs_f64();
@@ -94,12 +96,21 @@ fn main() {
     let ca = DevCa::new("example.org").unwrap();
     ca.write(dir.path()).unwrap();
     let server_cred = ca
-        .issue(&IssueRequest::new("server").spiffe_id("spiffe://example.org/server").dns("localhost").ip("127.0.0.1".parse().unwrap()))
+        .issue(
+            &IssueRequest::new("server")
+                .spiffe_id("spiffe://example.org/server")
+                .dns("localhost")
+                .ip("127.0.0.1".parse().unwrap()),
+        )
         .unwrap();
     let client_cred = ca.issue(&IssueRequest::new("client").spiffe_id("spiffe://example.org/client")).unwrap();
     client_cred.write(dir.path(), "client").unwrap();
     let profile_path = dir.path().join("client.toml");
-    std::fs::write(&profile_path, "[identity]\ncert = \"client.pem\"\nkey = \"client.key\"\n[trust]\nca = [\"ca.pem\"]\n").unwrap();
+    std::fs::write(
+        &profile_path,
+        "[identity]\ncert = \"client.pem\"\nkey = \"client.key\"\n[trust]\nca = [\"ca.pem\"]\n",
+    )
+    .unwrap();
     let trust = || TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap();
     let identity = |c: &tw::pki::Credential| Identity::from_pem(c.cert_pem.as_bytes(), c.key_pem.as_bytes()).unwrap();
 

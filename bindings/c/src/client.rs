@@ -63,13 +63,18 @@ impl tw_response {
 /// valid until the callback returns: on TW_OK it holds the answer, otherwise the error
 /// (`tw_response_error_message`, `tw_response_rpc_code`). The callback may start new
 /// asynchronous calls; synchronous ones return TW_WOULD_BLOCK there.
-pub type tw_call_done_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, result: tw_result, response: *const tw_response)>;
+pub type tw_call_done_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, result: tw_result, response: *const tw_response)>;
 
 /// A client for `address` ("host:port") using `profile`'s identity, trust and server-name
 /// checks. No connection is made until the first call. On TW_OK `*client_out` is owned by the
 /// caller (`tw_client_free`). TW_INVALID_CONFIG when the profile cannot act as a client.
 #[no_mangle]
-pub unsafe extern "C" fn tw_client_new(profile: *const tw_profile, address: *const c_char, client_out: *mut *mut tw_client) -> tw_result {
+pub unsafe extern "C" fn tw_client_new(
+    profile: *const tw_profile,
+    address: *const c_char,
+    client_out: *mut *mut tw_client,
+) -> tw_result {
     guard(|| {
         let p = unsafe { arg(profile, "profile") }?;
         let address = unsafe { str_arg(address, "address") }?.to_string();
@@ -124,7 +129,11 @@ pub unsafe extern "C" fn tw_call_options_set_timeout_ms(options: *mut tw_call_op
 
 /// Sends `len` bytes (copied) as the request attachment; length 0 for none.
 #[no_mangle]
-pub unsafe extern "C" fn tw_call_options_set_attachment(options: *mut tw_call_options, attachment: *const u8, len: usize) -> tw_result {
+pub unsafe extern "C" fn tw_call_options_set_attachment(
+    options: *mut tw_call_options,
+    attachment: *const u8,
+    len: usize,
+) -> tw_result {
     guard(|| {
         let o = unsafe { options.as_mut() }.ok_or_else(|| Failure::null("options"))?;
         o.options.attachment = Bytes::copy_from_slice(unsafe { bytes_arg(attachment, len, "attachment") }?);

@@ -213,7 +213,12 @@ pub unsafe fn out<T>(p: *mut T, value: T) -> Result<(), Failure> {
 ///
 /// # Safety
 /// `handle` is null or a live handle; `len_out` is null or writable.
-pub unsafe fn lend_bytes<T>(handle: *const T, what: &str, len_out: *mut usize, pick: impl FnOnce(&T) -> &[u8]) -> *const u8 {
+pub unsafe fn lend_bytes<T>(
+    handle: *const T,
+    what: &str,
+    len_out: *mut usize,
+    pick: impl FnOnce(&T) -> &[u8],
+) -> *const u8 {
     guard_value(std::ptr::null(), || {
         let bytes = pick(unsafe { arg(handle, what) }?);
         unsafe { out(len_out, bytes.len()) }?;
@@ -318,14 +323,45 @@ pub extern "C" fn tw_result_name(result: u32) -> *const c_char {
 const KNOWN: [tw_result; 39] = {
     use tw_result::*;
     [
-        TW_OK, TW_UNKNOWN_ISSUER, TW_BAD_SIGNATURE, TW_EXPIRED, TW_NOT_YET_VALID, TW_REVOKED,
-        TW_CRL_STALE, TW_NAME_MISMATCH, TW_BAD_KEY_USAGE, TW_UNSUPPORTED_CERTIFICATE,
-        TW_NO_PEER_CERTIFICATE, TW_PEER_NOT_ALLOWED, TW_METHOD_NOT_ALLOWED, TW_PROTOCOL_VERSION,
-        TW_NO_SHARED_CIPHER, TW_HANDSHAKE_TIMEOUT, TW_PEER_ALERT, TW_NOT_TLS, TW_IO,
-        TW_KEY_MISMATCH, TW_BAD_PEM, TW_NULL_ARGUMENT, TW_INVALID_ARGUMENT, TW_INVALID_CONFIG,
-        TW_ALREADY_USED, TW_STOPPED, TW_PANIC, TW_BUFFER_TOO_SMALL, TW_NOT_FOUND, TW_WOULD_BLOCK,
-        TW_RPC_ERROR, TW_TIMEOUT, TW_TRANSPORT, TW_PROTOCOL, TW_CREDENTIALS, TW_TOKEN_BAD_FORMAT,
-        TW_TOKEN_UNKNOWN_KEY, TW_TOKEN_BAD_MAC, TW_TOKEN_EXPIRED,
+        TW_OK,
+        TW_UNKNOWN_ISSUER,
+        TW_BAD_SIGNATURE,
+        TW_EXPIRED,
+        TW_NOT_YET_VALID,
+        TW_REVOKED,
+        TW_CRL_STALE,
+        TW_NAME_MISMATCH,
+        TW_BAD_KEY_USAGE,
+        TW_UNSUPPORTED_CERTIFICATE,
+        TW_NO_PEER_CERTIFICATE,
+        TW_PEER_NOT_ALLOWED,
+        TW_METHOD_NOT_ALLOWED,
+        TW_PROTOCOL_VERSION,
+        TW_NO_SHARED_CIPHER,
+        TW_HANDSHAKE_TIMEOUT,
+        TW_PEER_ALERT,
+        TW_NOT_TLS,
+        TW_IO,
+        TW_KEY_MISMATCH,
+        TW_BAD_PEM,
+        TW_NULL_ARGUMENT,
+        TW_INVALID_ARGUMENT,
+        TW_INVALID_CONFIG,
+        TW_ALREADY_USED,
+        TW_STOPPED,
+        TW_PANIC,
+        TW_BUFFER_TOO_SMALL,
+        TW_NOT_FOUND,
+        TW_WOULD_BLOCK,
+        TW_RPC_ERROR,
+        TW_TIMEOUT,
+        TW_TRANSPORT,
+        TW_PROTOCOL,
+        TW_CREDENTIALS,
+        TW_TOKEN_BAD_FORMAT,
+        TW_TOKEN_UNKNOWN_KEY,
+        TW_TOKEN_BAD_MAC,
+        TW_TOKEN_EXPIRED,
     ]
 };
 
@@ -369,7 +405,8 @@ pub fn ignore_sigpipe() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| unsafe {
         let mut current: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut current) == 0 && current.sa_sigaction == libc::SIG_DFL {
+        if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut current) == 0 && current.sa_sigaction == libc::SIG_DFL
+        {
             let mut ignore: libc::sigaction = std::mem::zeroed();
             ignore.sa_sigaction = libc::SIG_IGN;
             libc::sigemptyset(&mut ignore.sa_mask);

@@ -181,7 +181,8 @@ mod tests {
         assert_eq!((f.code, f.rpc_code), (tw_result::TW_RPC_ERROR, 1002));
         let f = Failure::from(tw::Error::Rpc { code: 1004, text: "[method_not_allowed] no".into() });
         assert_eq!((f.code, f.rpc_code), (tw_result::TW_METHOD_NOT_ALLOWED, 1004));
-        let f = Failure::from(tw::Error::Timeout { after: std::time::Duration::from_millis(5), message: String::new() });
+        let f =
+            Failure::from(tw::Error::Timeout { after: std::time::Duration::from_millis(5), message: String::new() });
         assert_eq!(f.code, tw_result::TW_TIMEOUT);
         let f = Failure::from(tw::Error::Credentials { verdict: None, message: "x".into() });
         assert_eq!(f.code, tw_result::TW_CREDENTIALS);

@@ -46,7 +46,10 @@ impl tw_profile {
 
     pub(crate) fn client_tls(&self) -> Result<ClientTls, Failure> {
         self.store.client_tls().map_err(|_| {
-            Failure::new(tw_result::TW_INVALID_CONFIG, "this profile cannot be used by a client: its certificate is server-only")
+            Failure::new(
+                tw_result::TW_INVALID_CONFIG,
+                "this profile cannot be used by a client: its certificate is server-only",
+            )
         })
     }
 }
@@ -186,7 +189,8 @@ impl Events {
 
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let on_event_thread = *self.thread.lock().unwrap_or_else(|p| p.into_inner()) == Some(std::thread::current().id());
+        let on_event_thread =
+            *self.thread.lock().unwrap_or_else(|p| p.into_inner()) == Some(std::thread::current().id());
         if !on_event_thread {
             self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
@@ -257,7 +261,11 @@ pub unsafe extern "C" fn tw_profile_builder_set_identity_files(
 
 /// Adds trusted CA certificates from PEM bytes (copied).
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_add_trust_pem(builder: *mut tw_profile_builder, pem: *const u8, len: usize) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_add_trust_pem(
+    builder: *mut tw_profile_builder,
+    pem: *const u8,
+    len: usize,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         b.sources.trust.push(PemSource::Pem(unsafe { bytes_arg(pem, len, "pem") }?.to_vec()));
@@ -268,7 +276,10 @@ pub unsafe extern "C" fn tw_profile_builder_add_trust_pem(builder: *mut tw_profi
 /// Adds trusted CA certificates from a file, or from every `.pem`/`.crt`/`.cer` file of a
 /// directory; re-read on reload.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_add_trust_path(builder: *mut tw_profile_builder, path: *const c_char) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_add_trust_path(
+    builder: *mut tw_profile_builder,
+    path: *const c_char,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         b.sources.trust.push(PemSource::Path(PathBuf::from(unsafe { str_arg(path, "path") }?)));
@@ -278,7 +289,11 @@ pub unsafe extern "C" fn tw_profile_builder_add_trust_path(builder: *mut tw_prof
 
 /// Adds CRLs from PEM bytes (copied).
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_add_crl_pem(builder: *mut tw_profile_builder, pem: *const u8, len: usize) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_add_crl_pem(
+    builder: *mut tw_profile_builder,
+    pem: *const u8,
+    len: usize,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         b.sources.crls.push(PemSource::Pem(unsafe { bytes_arg(pem, len, "pem") }?.to_vec()));
@@ -288,7 +303,10 @@ pub unsafe extern "C" fn tw_profile_builder_add_crl_pem(builder: *mut tw_profile
 
 /// Adds CRLs from a file or a directory of `.pem`/`.crl` files; re-read on reload.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_add_crl_path(builder: *mut tw_profile_builder, path: *const c_char) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_add_crl_path(
+    builder: *mut tw_profile_builder,
+    path: *const c_char,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         b.sources.crls.push(PemSource::Path(PathBuf::from(unsafe { str_arg(path, "path") }?)));
@@ -302,7 +320,10 @@ pub unsafe extern "C" fn tw_profile_builder_add_crl_path(builder: *mut tw_profil
 /// admits every peer the trust verifies.
 /// TW_INVALID_CONFIG for a pattern that does not parse.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_allow(builder: *mut tw_profile_builder, pattern: *const c_char) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_allow(
+    builder: *mut tw_profile_builder,
+    pattern: *const c_char,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         let p = unsafe { str_arg(pattern, "pattern") }?;
@@ -343,7 +364,10 @@ pub unsafe extern "C" fn tw_profile_builder_add_rule(
 /// Client side: the name the server's certificate must cover, sent as SNI (default: the host
 /// part of the address dialled).
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_set_server_name(builder: *mut tw_profile_builder, name: *const c_char) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_set_server_name(
+    builder: *mut tw_profile_builder,
+    name: *const c_char,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         b.template.server_name = Some(unsafe { str_arg(name, "name") }?.to_string());
@@ -353,7 +377,10 @@ pub unsafe extern "C" fn tw_profile_builder_set_server_name(builder: *mut tw_pro
 
 /// Client side: the server's SPIFFE ID must be exactly this.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_set_server_spiffe_id(builder: *mut tw_profile_builder, spiffe_id: *const c_char) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_set_server_spiffe_id(
+    builder: *mut tw_profile_builder,
+    spiffe_id: *const c_char,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         b.template.server_spiffe_id = Some(unsafe { str_arg(spiffe_id, "spiffe_id") }?.to_string());
@@ -373,7 +400,10 @@ pub unsafe extern "C" fn tw_profile_builder_allow_tls12_insecure(builder: *mut t
 
 /// How long a handshake may take before it fails with TW_HANDSHAKE_TIMEOUT (default 10000).
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_set_handshake_timeout_ms(builder: *mut tw_profile_builder, ms: u32) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_set_handshake_timeout_ms(
+    builder: *mut tw_profile_builder,
+    ms: u32,
+) -> tw_result {
     guard(|| {
         if ms == 0 {
             return Err(Failure::new(tw_result::TW_INVALID_ARGUMENT, "handshake timeout must be positive"));
@@ -386,7 +416,10 @@ pub unsafe extern "C" fn tw_profile_builder_set_handshake_timeout_ms(builder: *m
 /// A CRL past its next-update refuses the peers it covers (TW_CRL_STALE) instead of being
 /// used as is.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_require_fresh_crls(builder: *mut tw_profile_builder, require: bool) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_require_fresh_crls(
+    builder: *mut tw_profile_builder,
+    require: bool,
+) -> tw_result {
     guard(|| {
         unsafe { builder_mut(builder) }?.template.trust.require_fresh_crls = require;
         Ok(())
@@ -396,7 +429,11 @@ pub unsafe extern "C" fn tw_profile_builder_require_fresh_crls(builder: *mut tw_
 /// Reload triggers: `watch` reloads when a source file changes; `reload_interval_ms` > 0 also
 /// reloads on that timer (0: no timer). Both are off for material given as PEM bytes.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_set_reload(builder: *mut tw_profile_builder, watch: bool, reload_interval_ms: u64) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_set_reload(
+    builder: *mut tw_profile_builder,
+    watch: bool,
+    reload_interval_ms: u64,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         b.options.watch = watch;
@@ -410,7 +447,10 @@ pub unsafe extern "C" fn tw_profile_builder_set_reload(builder: *mut tw_profile_
 
 /// Names the profile in metrics and logs (default "c").
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_set_name(builder: *mut tw_profile_builder, name: *const c_char) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_set_name(
+    builder: *mut tw_profile_builder,
+    name: *const c_char,
+) -> tw_result {
     guard(|| {
         let b = unsafe { builder_mut(builder) }?;
         b.options.name = unsafe { str_arg(name, "name") }?.to_string();
@@ -424,7 +464,10 @@ pub unsafe extern "C" fn tw_profile_builder_set_name(builder: *mut tw_profile_bu
 /// the result names what is wrong (TW_KEY_MISMATCH, TW_BAD_PEM, TW_IO, TW_INVALID_CONFIG…).
 /// Blocks while it reads files; any thread but a trustwire callback's.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_builder_build(builder: *mut tw_profile_builder, profile_out: *mut *mut tw_profile) -> tw_result {
+pub unsafe extern "C" fn tw_profile_builder_build(
+    builder: *mut tw_profile_builder,
+    profile_out: *mut *mut tw_profile,
+) -> tw_result {
     guard(|| {
         if builder.is_null() {
             return Err(Failure::null("builder"));
@@ -472,7 +515,11 @@ fn build(sources: Sources, template: TlsProfile, options: StoreOptions) -> Resul
         }
         match made {
             Some(m) => m,
-            None => return Err(last.map(Failure::from).unwrap_or_else(|| Failure::new(tw_result::TW_BAD_KEY_USAGE, "no usable role"))),
+            None => {
+                return Err(last
+                    .map(Failure::from)
+                    .unwrap_or_else(|| Failure::new(tw_result::TW_BAD_KEY_USAGE, "no usable role")))
+            }
         }
     };
     let events = Events::start(&store);
@@ -554,7 +601,12 @@ pub unsafe extern "C" fn tw_profile_set_identity_pem(
 /// Replaces the trusted CAs with PEM bytes (copied) and reloads. Established connections
 /// whose peer the new trust refuses are closed.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_set_trust_pem(profile: *const tw_profile, pem: *const u8, len: usize, generation_out: *mut u64) -> tw_result {
+pub unsafe extern "C" fn tw_profile_set_trust_pem(
+    profile: *const tw_profile,
+    pem: *const u8,
+    len: usize,
+    generation_out: *mut u64,
+) -> tw_result {
     guard(|| {
         let p = unsafe { arg(profile, "profile") }?;
         let g = p.store.set_trust_pem(unsafe { bytes_arg(pem, len, "pem") }?)?;
@@ -567,7 +619,12 @@ pub unsafe extern "C" fn tw_profile_set_trust_pem(profile: *const tw_profile, pe
 
 /// Replaces the CRLs with PEM bytes (copied; len 0 removes them) and reloads.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_set_crls_pem(profile: *const tw_profile, pem: *const u8, len: usize, generation_out: *mut u64) -> tw_result {
+pub unsafe extern "C" fn tw_profile_set_crls_pem(
+    profile: *const tw_profile,
+    pem: *const u8,
+    len: usize,
+    generation_out: *mut u64,
+) -> tw_result {
     guard(|| {
         let p = unsafe { arg(profile, "profile") }?;
         let g = p.store.set_crls_pem(unsafe { bytes_arg(pem, len, "pem") }?)?;
@@ -582,7 +639,11 @@ pub unsafe extern "C" fn tw_profile_set_crls_pem(profile: *const tw_profile, pem
 /// `tw_event_fn` for the thread). `user_data` is passed back unchanged and must stay valid
 /// until `tw_profile_free` returns.
 #[no_mangle]
-pub unsafe extern "C" fn tw_profile_subscribe(profile: *const tw_profile, callback: tw_event_fn, user_data: *mut c_void) -> tw_result {
+pub unsafe extern "C" fn tw_profile_subscribe(
+    profile: *const tw_profile,
+    callback: tw_event_fn,
+    user_data: *mut c_void,
+) -> tw_result {
     guard(|| {
         let p = unsafe { arg(profile, "profile") }?;
         let f = callback.ok_or_else(|| Failure::null("callback"))?;
@@ -605,7 +666,10 @@ pub unsafe extern "C" fn tw_profile_not_after(profile: *const tw_profile, not_af
     guard(|| {
         let p = unsafe { arg(profile, "profile") }?;
         let g = p.store.generation();
-        let cert = g.certificate.as_ref().ok_or_else(|| Failure::new(tw_result::TW_NOT_FOUND, "this profile has no identity"))?;
+        let cert = g
+            .certificate
+            .as_ref()
+            .ok_or_else(|| Failure::new(tw_result::TW_NOT_FOUND, "this profile has no identity"))?;
         unsafe { out(not_after_out, cert.identity.not_after_unix()) }
     })
 }
@@ -617,7 +681,10 @@ pub unsafe extern "C" fn tw_profile_serial(profile: *const tw_profile, serial_ou
     guard(|| {
         let p = unsafe { arg(profile, "profile") }?;
         let g = p.store.generation();
-        let cert = g.certificate.as_ref().ok_or_else(|| Failure::new(tw_result::TW_NOT_FOUND, "this profile has no identity"))?;
+        let cert = g
+            .certificate
+            .as_ref()
+            .ok_or_else(|| Failure::new(tw_result::TW_NOT_FOUND, "this profile has no identity"))?;
         let s: CString = ffi::owned_cstring(cert.identity.serial.clone());
         unsafe { ffi::out_string(serial_out, s) }
     })

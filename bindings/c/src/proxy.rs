@@ -141,7 +141,10 @@ pub unsafe extern "C" fn tw_identity_token_verify(
             if spiffe.len() + 1 > spiffe_id_cap {
                 return Err(Failure::new(
                     tw_result::TW_BUFFER_TOO_SMALL,
-                    format!("the SPIFFE ID needs {} bytes with its NUL; the buffer has {spiffe_id_cap}", spiffe.len() + 1),
+                    format!(
+                        "the SPIFFE ID needs {} bytes with its NUL; the buffer has {spiffe_id_cap}",
+                        spiffe.len() + 1
+                    ),
                 ));
             }
             unsafe {

@@ -10,7 +10,9 @@ use tw::rpc::{Request, Response, RunningServer, Server, Status};
 use tw::tls::identity::PeerIdentity;
 use tw::tls::ServerTls;
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_bytes, lend_str, out, out_box, str_arg, Failure, UserData};
+use crate::ffi::{
+    self, arg, bytes_arg, guard, guard_value, lend_bytes, lend_str, out, out_box, str_arg, Failure, UserData,
+};
 use crate::profile::tw_profile;
 use crate::tw_result;
 
@@ -22,7 +24,8 @@ use crate::tw_result;
 /// handler that blocks holds up the other connections served by that thread; for slow work,
 /// hand the responder to a thread of your own. It must not unwind (C++: catch exceptions;
 /// trustwire.hpp does).
-pub type tw_handler_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, call: *const tw_call, responder: *mut tw_responder)>;
+pub type tw_handler_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, call: *const tw_call, responder: *mut tw_responder)>;
 
 /// A call being answered: accessors give the request and the verified caller.
 pub struct tw_call {
@@ -135,7 +138,9 @@ pub unsafe extern "C" fn tw_server_register(
                 list.push(Registered { service, method, handler, user_data: UserData(user_data) });
                 Ok(())
             }
-            State::Running(_) => Err(Failure::new(tw_result::TW_ALREADY_USED, "handlers must be registered before tw_server_start")),
+            State::Running(_) => {
+                Err(Failure::new(tw_result::TW_ALREADY_USED, "handlers must be registered before tw_server_start"))
+            }
             State::Stopped => Err(Failure::new(tw_result::TW_STOPPED, "the server was stopped")),
         }
     })
@@ -171,7 +176,11 @@ fn dispatch(reg: &Registered, closed: &AtomicBool, request: Request) -> tw::rpc:
 /// `*port_out` (may be NULL) is the bound port. TW_ALREADY_USED if started before,
 /// TW_STOPPED after stop, TW_INVALID_CONFIG if the address cannot be bound.
 #[no_mangle]
-pub unsafe extern "C" fn tw_server_start(server: *mut tw_server, address: *const c_char, port_out: *mut u16) -> tw_result {
+pub unsafe extern "C" fn tw_server_start(
+    server: *mut tw_server,
+    address: *const c_char,
+    port_out: *mut u16,
+) -> tw_result {
     guard(|| {
         let s = unsafe { arg(server, "server") }?;
         let address = unsafe { str_arg(address, "address") }?.to_string();
@@ -182,7 +191,9 @@ pub unsafe extern "C" fn tw_server_start(server: *mut tw_server, address: *const
         let handlers = match &mut *state {
             State::Configuring(list) => std::mem::take(list),
             State::Running(_) => return Err(Failure::new(tw_result::TW_ALREADY_USED, "the server is already running")),
-            State::Stopped => return Err(Failure::new(tw_result::TW_STOPPED, "the server was stopped; make a new one")),
+            State::Stopped => {
+                return Err(Failure::new(tw_result::TW_STOPPED, "the server was stopped; make a new one"))
+            }
         };
         let mut core = Server::new(s.tls.clone());
         if let Some(g) = *s.grace.lock().unwrap_or_else(|p| p.into_inner()) {

@@ -19,7 +19,8 @@ use tw::Error;
 mod common;
 use common::{lib_dir, root};
 
-const SANITIZERS: &[&str] = &["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"];
+const SANITIZERS: &[&str] =
+    &["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"];
 
 fn required() -> bool {
     std::env::var_os("TRUSTWIRE_REQUIRE_PEERS").is_some_and(|v| v == "1")
@@ -28,7 +29,10 @@ fn required() -> bool {
 fn tool(program: &str, arg: &str) -> bool {
     let found = Command::new(program).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
     if !found {
-        assert!(!required(), "{program} is required (TRUSTWIRE_REQUIRE_PEERS=1) but was not found; run scripts/deps.sh");
+        assert!(
+            !required(),
+            "{program} is required (TRUSTWIRE_REQUIRE_PEERS=1) but was not found; run scripts/deps.sh"
+        );
         eprintln!("skipped: {program} not found");
     }
     found
@@ -84,7 +88,12 @@ fn api_test_leaks_nothing_under_valgrind() {
     // Definite leaks and memory errors fail the run. Blocks still reachable from the runtime's
     // threads at exit (the process-wide runtime is never torn down) are not leaks.
     let out = Command::new("valgrind")
-        .args(["--leak-check=full", "--show-leak-kinds=definite", "--errors-for-leak-kinds=definite", "--error-exitcode=99"])
+        .args([
+            "--leak-check=full",
+            "--show-leak-kinds=definite",
+            "--errors-for-leak-kinds=definite",
+            "--error-exitcode=99",
+        ])
         .arg(&exe)
         .arg("quick")
         .output()
@@ -109,7 +118,12 @@ impl Pki {
         let ca = DevCa::new("example.org").unwrap();
         ca.write(dir.path()).unwrap();
         let server = ca
-            .issue(&IssueRequest::new("server").spiffe_id("spiffe://example.org/server").dns("localhost").ip("127.0.0.1".parse().unwrap()))
+            .issue(
+                &IssueRequest::new("server")
+                    .spiffe_id("spiffe://example.org/server")
+                    .dns("localhost")
+                    .ip("127.0.0.1".parse().unwrap()),
+            )
             .unwrap();
         server.write(dir.path(), "server").unwrap();
         Pki { dir, ca, server }
@@ -241,7 +255,8 @@ fn c_server_answers_rust_clients() {
     // An identity outside the C server's allow-list is refused at the handshake.
     let intruder = pki.issue("intruder", "spiffe://example.org/intruder");
     let refused = Client::new(addr, pki.profile(&intruder, &[]).client().unwrap(), ClientOptions::default());
-    let err = block_on(async move { refused.call("example.EchoService", "Echo", "x", CallOptions::default()).await }).unwrap_err();
+    let err = block_on(async move { refused.call("example.EchoService", "Echo", "x", CallOptions::default()).await })
+        .unwrap_err();
     assert_eq!(err.verdict(), Some(tw::Verdict::PeerAlert), "{err}");
     assert!(err.to_string().contains("access_denied"), "{err}");
 
@@ -256,10 +271,13 @@ fn c_verifier_accepts_proxy_tokens_and_names_each_refusal() {
     }
     let pki = Pki::new();
     let cred = pki.issue("web", "spiffe://example.org/web");
-    let peer = Identity::from_pem(cred.cert_pem.as_bytes(), cred.key_pem.as_bytes()).unwrap().leaf_info().unwrap().identity;
+    let peer =
+        Identity::from_pem(cred.cert_pem.as_bytes(), cred.key_pem.as_bytes()).unwrap().leaf_info().unwrap().identity;
     let secret = "0123456789abcdef-secret";
     let token = tw::proxy::token::issue(&peer, "k1", secret.as_bytes());
-    let verify = |token: &str, kid: &str, secret: &str| run_peer(&["token".as_ref(), token.as_ref(), kid.as_ref(), secret.as_ref()]);
+    let verify = |token: &str, kid: &str, secret: &str| {
+        run_peer(&["token".as_ref(), token.as_ref(), kid.as_ref(), secret.as_ref()])
+    };
 
     assert_eq!(verify(&token, "k1", secret), format!("ok spiffe://example.org/web {}", peer.not_after_unix()));
     assert!(verify(&token, "k1", "another secret").starts_with("token_bad_mac "));
@@ -271,9 +289,17 @@ fn c_verifier_accepts_proxy_tokens_and_names_each_refusal() {
     let now = std::time::SystemTime::now();
     let expired_cert = pki
         .ca
-        .issue(&IssueRequest::new("old").spiffe_id("spiffe://example.org/old").validity(now - Duration::from_secs(7200), now - Duration::from_secs(3600)))
+        .issue(
+            &IssueRequest::new("old")
+                .spiffe_id("spiffe://example.org/old")
+                .validity(now - Duration::from_secs(7200), now - Duration::from_secs(3600)),
+        )
         .unwrap();
-    let old = Identity::from_pem(expired_cert.cert_pem.as_bytes(), expired_cert.key_pem.as_bytes()).unwrap().leaf_info().unwrap().identity;
+    let old = Identity::from_pem(expired_cert.cert_pem.as_bytes(), expired_cert.key_pem.as_bytes())
+        .unwrap()
+        .leaf_info()
+        .unwrap()
+        .identity;
     let expired = tw::proxy::token::issue(&old, "k1", secret.as_bytes());
     assert!(verify(&expired, "k1", secret).starts_with("token_expired "));
 }
@@ -394,7 +420,12 @@ fn build(source: &str, name: &str, cpp: bool, sanitize: bool) -> PathBuf {
     if sanitize {
         cmd.args(SANITIZERS);
     }
-    cmd.arg("-I").arg(root().join("include")).arg("-I").arg(root().join("tests/c")).arg("-I").arg(root().join("examples/c"));
+    cmd.arg("-I")
+        .arg(root().join("include"))
+        .arg("-I")
+        .arg(root().join("tests/c"))
+        .arg("-I")
+        .arg(root().join("examples/c"));
     cmd.arg(root().join(source));
     cmd.arg("-L").arg(&lib).arg("-ltrustwire").arg(format!("-Wl,-rpath,{}", lib.display())).arg("-lpthread");
     cmd.arg("-o").arg(&exe);
@@ -434,8 +465,10 @@ fn examples_build_and_talk_to_each_other() {
     let intruder_profile = pki.profile_file("intruder", &[]);
 
     for server in [&c_server, &cpp_server] {
-        let (mut child, mut stdout, first) = spawn_with_first_line(Command::new(server).arg(&server_profile).arg("127.0.0.1:0"));
-        let port = first.split("port ").nth(1).and_then(|p| p.split_whitespace().next()).unwrap_or_else(|| panic!("{first}"));
+        let (mut child, mut stdout, first) =
+            spawn_with_first_line(Command::new(server).arg(&server_profile).arg("127.0.0.1:0"));
+        let port =
+            first.split("port ").nth(1).and_then(|p| p.split_whitespace().next()).unwrap_or_else(|| panic!("{first}"));
         let addr = format!("127.0.0.1:{port}");
         for client in [&c_client, &cpp_client] {
             let out = Command::new(client).arg(&client_profile).arg(&addr).arg("hello example").output().unwrap();

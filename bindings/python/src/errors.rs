@@ -89,9 +89,7 @@ pub fn class_name(v: Verdict) -> String {
         .split('_')
         .map(|part| {
             let mut c = part.chars();
-            c.next()
-                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-                .unwrap_or_default()
+            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
         })
         .collect()
 }
@@ -122,53 +120,24 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         attrs.set_item("__module__", "trustwire")?;
         attrs.set_item(
             "__doc__",
-            format!(
-                "Handshake or authorization failure `{}` (verdict {}).",
-                v.name(),
-                v.code()
-            ),
+            format!("Handshake or authorization failure `{}` (verdict {}).", v.name(), v.code()),
         )?;
-        let cls = type_.call1((
-            name.as_str(),
-            PyTuple::new(py, [handshake.bind(py)])?,
-            attrs,
-        ))?;
+        let cls = type_.call1((name.as_str(), PyTuple::new(py, [handshake.bind(py)])?, attrs))?;
         let cls = cls.downcast_into::<PyType>()?;
         m.add(name.as_str(), &cls)?;
         verdicts.push((v, cls.unbind()));
     }
-    let names: Vec<(&str, u32, String)> = Verdict::ALL
-        .iter()
-        .map(|v| (v.name(), v.code(), class_name(*v)))
-        .collect();
+    let names: Vec<(&str, u32, String)> = Verdict::ALL.iter().map(|v| (v.name(), v.code(), class_name(*v))).collect();
     m.add("VERDICTS", names)?;
-    let _ = CLASSES.set(
-        py,
-        Classes {
-            base,
-            handshake,
-            rpc,
-            timeout,
-            credentials,
-            config,
-            transport,
-            verdicts,
-        },
-    );
+    let _ = CLASSES.set(py, Classes { base, handshake, rpc, timeout, credentials, config, transport, verdicts });
     Ok(())
 }
 
 pub fn classes(py: Python<'_>) -> &Classes {
-    CLASSES
-        .get(py)
-        .expect("trustwire._native classes are registered at import")
+    CLASSES.get(py).expect("trustwire._native classes are registered at import")
 }
 
-fn instantiate<'py>(
-    py: Python<'py>,
-    cls: &Py<PyType>,
-    args: impl pyo3::call::PyCallArgs<'py>,
-) -> PyErr {
+fn instantiate<'py>(py: Python<'py>, cls: &Py<PyType>, args: impl pyo3::call::PyCallArgs<'py>) -> PyErr {
     match cls.bind(py).call1(args) {
         Ok(value) => PyErr::from_value(value),
         Err(e) => e,
@@ -181,18 +150,11 @@ pub fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
     let message = err.to_string();
     let verdict_class = |v: Verdict| c.verdicts.iter().find(|(x, _)| *x == v).map(|(_, cls)| cls);
     match &err {
-        Error::Handshake {
-            verdict,
-            side,
-            alert,
-            ..
-        } => {
+        Error::Handshake { verdict, side, alert, .. } => {
             let cls = verdict_class(*verdict).unwrap_or(&c.handshake);
             instantiate(py, cls, (message, side.name(), *alert))
         }
-        Error::Rpc { code, .. }
-            if *code == codes::ERPCAUTH && err.verdict() == Some(Verdict::MethodNotAllowed) =>
-        {
+        Error::Rpc { code, .. } if *code == codes::ERPCAUTH && err.verdict() == Some(Verdict::MethodNotAllowed) => {
             // Refused by a method rule: the catalogue names it, so it is raised by that name;
             // `.code` still carries the brpc code.
             let e = instantiate(
@@ -205,9 +167,7 @@ pub fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
         }
         Error::Rpc { code, text } => instantiate(py, &c.rpc, (*code, text.clone())),
         Error::Timeout { .. } => instantiate(py, &c.timeout, (message,)),
-        Error::Credentials { verdict, .. } => {
-            instantiate(py, &c.credentials, (message, verdict.map(|v| v.name())))
-        }
+        Error::Credentials { verdict, .. } => instantiate(py, &c.credentials, (message, verdict.map(|v| v.name()))),
         Error::Config { .. } => instantiate(py, &c.config, (message,)),
         _ => instantiate(py, &c.transport, (message,)),
     }

@@ -34,9 +34,7 @@ struct PyDevCa {
 impl PyDevCa {
     #[new]
     fn new(py: Python<'_>, trust_domain: &str) -> PyResult<Self> {
-        DevCa::new(trust_domain)
-            .map(|ca| PyDevCa { ca })
-            .map_err(|e| to_pyerr(py, e))
+        DevCa::new(trust_domain).map(|ca| PyDevCa { ca }).map_err(|e| to_pyerr(py, e))
     }
 
     #[getter]
@@ -66,19 +64,15 @@ impl PyDevCa {
             req = req.dns(d);
         }
         for ip in ips {
-            let ip: IpAddr = ip.parse().map_err(|_| {
-                pyo3::exceptions::PyValueError::new_err(format!("not an IP address: {ip:?}"))
-            })?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| pyo3::exceptions::PyValueError::new_err(format!("not an IP address: {ip:?}")))?;
             req = req.ip(ip);
         }
         if not_before.is_some() || not_after.is_some() {
             let now = SystemTime::now();
-            let nb = not_before
-                .map(system_time)
-                .unwrap_or(now - Duration::from_secs(60));
-            let na = not_after
-                .map(system_time)
-                .unwrap_or(now + Duration::from_secs(30 * 86400));
+            let nb = not_before.map(system_time).unwrap_or(now - Duration::from_secs(60));
+            let na = not_after.map(system_time).unwrap_or(now + Duration::from_secs(30 * 86400));
             req = req.validity(nb, na);
         }
         req = req.usage(Usage::parse(usage).map_err(|e| to_pyerr(py, e))?);
@@ -94,9 +88,7 @@ impl PyDevCa {
     /// A CRL revoking `serials` (hex), valid until `next_update` (Unix time).
     fn crl_pem(&self, py: Python<'_>, serials: Vec<String>, next_update: f64) -> PyResult<String> {
         let refs: Vec<&str> = serials.iter().map(String::as_str).collect();
-        self.ca
-            .crl_pem(&refs, system_time(next_update))
-            .map_err(|e| to_pyerr(py, e))
+        self.ca.crl_pem(&refs, system_time(next_update)).map_err(|e| to_pyerr(py, e))
     }
 }
 

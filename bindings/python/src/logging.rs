@@ -60,11 +60,7 @@ impl<S: Subscriber> Layer<S> for PythonLogging {
             target: event.metadata().target().to_string(),
             message: fields.message + &fields.rest,
         };
-        let _ = self
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(record);
+        let _ = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(record);
     }
 }
 
@@ -87,31 +83,25 @@ pub fn install() {
         _ => Level::INFO,
     };
     let (tx, rx) = mpsc::channel::<Record>();
-    let layer = PythonLogging {
-        tx: Mutex::new(tx),
-        max,
-    };
-    if tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).is_err()
-    {
+    let layer = PythonLogging { tx: Mutex::new(tx), max };
+    if tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).is_err() {
         return;
     }
-    let _ = std::thread::Builder::new()
-        .name("trustwire-logging".into())
-        .spawn(move || {
-            while let Ok(record) = rx.recv() {
-                Python::with_gil(|py| {
-                    let result = (|| -> PyResult<()> {
-                        // trustwire::rpc::server → logger "trustwire.rpc.server"
-                        let name = record.target.replace("::", ".");
-                        let logger = py.import("logging")?.getattr("getLogger")?.call1((name,))?;
-                        logger.call_method1("log", (python_level(record.level), record.message))?;
-                        Ok(())
-                    })();
-                    if let Err(e) = result {
-                        // Interpreter shutting down, or logging replaced by something broken.
-                        e.write_unraisable(py, None);
-                    }
-                });
-            }
-        });
+    let _ = std::thread::Builder::new().name("trustwire-logging".into()).spawn(move || {
+        while let Ok(record) = rx.recv() {
+            Python::with_gil(|py| {
+                let result = (|| -> PyResult<()> {
+                    // trustwire::rpc::server → logger "trustwire.rpc.server"
+                    let name = record.target.replace("::", ".");
+                    let logger = py.import("logging")?.getattr("getLogger")?.call1((name,))?;
+                    logger.call_method1("log", (python_level(record.level), record.message))?;
+                    Ok(())
+                })();
+                if let Err(e) = result {
+                    // Interpreter shutting down, or logging replaced by something broken.
+                    e.write_unraisable(py, None);
+                }
+            });
+        }
+    });
 }

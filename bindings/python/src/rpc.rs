@@ -12,9 +12,7 @@ use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use trustwire::rpc::RunningServer;
-use trustwire::{
-    CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status,
-};
+use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
 use crate::errors::{rpc_status, to_pyerr, transport_error};
 use crate::rt::{block_on, checked_runtime};
@@ -60,10 +58,7 @@ impl From<&PeerIdentity> for PyPeerIdentity {
 #[pymethods]
 impl PyPeerIdentity {
     fn __repr__(&self) -> String {
-        format!(
-            "PeerIdentity(spiffe_id={:?}, dns_sans={:?}, serial={:?})",
-            self.spiffe_id, self.dns_sans, self.serial
-        )
+        format!("PeerIdentity(spiffe_id={:?}, dns_sans={:?}, serial={:?})", self.spiffe_id, self.dns_sans, self.serial)
     }
 }
 
@@ -84,10 +79,7 @@ pub struct PyCallContext {
 #[pymethods]
 impl PyCallContext {
     fn __repr__(&self) -> String {
-        format!(
-            "CallContext(service={:?}, method={:?}, log_id={:?})",
-            self.service, self.method, self.log_id
-        )
+        format!("CallContext(service={:?}, method={:?}, log_id={:?})", self.service, self.method, self.log_id)
     }
 }
 
@@ -119,10 +111,7 @@ fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request) -> Result<Resp
         // The Python side has logged the traceback; the caller learns only the exception type.
         None => Status::internal(format!(
             "handler raised {}",
-            e.get_type(py)
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_else(|_| "an exception".into())
+            e.get_type(py).name().map(|n| n.to_string()).unwrap_or_else(|_| "an exception".into())
         )),
     })
 }
@@ -143,21 +132,13 @@ pub struct PyServer {
 impl PyServer {
     #[new]
     fn new(tls: Py<PyTlsConfig>) -> Self {
-        PyServer {
-            tls,
-            handlers: Mutex::new(Vec::new()),
-            running: Mutex::new(None),
-            port: Mutex::new(None),
-        }
+        PyServer { tls, handlers: Mutex::new(Vec::new()), running: Mutex::new(None), port: Mutex::new(None) }
     }
 
     /// Registers `handler(payload: bytes, ctx: CallContext) -> tuple[bytes, bytes]` (payload,
     /// attachment). Runs on a thread of trustwire's blocking pool.
     fn register(&self, service: String, method: String, handler: Py<PyAny>) {
-        self.handlers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((service, method, Arc::new(handler)));
+        self.handlers.lock().unwrap_or_else(|p| p.into_inner()).push((service, method, Arc::new(handler)));
     }
 
     /// Binds `address` ("host:port", port 0 for any) and starts serving.
@@ -168,29 +149,21 @@ impl PyServer {
         }
         let tls = self.tls.get().server_tls(py)?;
         let mut server = Server::new(tls);
-        for (service, method, handler) in self
-            .handlers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for (service, method, handler) in self.handlers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let handler = handler.clone();
             server.register(service, method, move |req: Request| {
                 let handler = handler.clone();
                 async move {
-                    tokio::task::spawn_blocking(move || {
-                        Python::with_gil(|py| run_handler(py, &handler, req))
-                    })
-                    .await
-                    .unwrap_or_else(|_| Err(Status::internal("handler thread failed")))
+                    tokio::task::spawn_blocking(move || Python::with_gil(|py| run_handler(py, &handler, req)))
+                        .await
+                        .unwrap_or_else(|_| Err(Status::internal("handler thread failed")))
                 }
             });
         }
         let addr = address.clone();
         let bound = block_on(py, async move { server.bind(&addr).await })?;
         let local = bound.local_addr();
-        *self.port.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((local.ip().to_string(), local.port()));
+        *self.port.lock().unwrap_or_else(|p| p.into_inner()) = Some((local.ip().to_string(), local.port()));
         *running = Some(bound);
         Ok(local.port())
     }
@@ -198,30 +171,18 @@ impl PyServer {
     /// The bound port, or None before `start`.
     #[getter]
     fn port(&self) -> Option<u16> {
-        self.port
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(_, p)| *p)
+        self.port.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, p)| *p)
     }
 
     /// The bound host, or None before `start`.
     #[getter]
     fn host(&self) -> Option<String> {
-        self.port
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(h, _)| h.clone())
+        self.port.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(h, _)| h.clone())
     }
 
     /// Stops accepting, lets calls in flight finish, then closes connections. Idempotent.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(running) = running {
             block_on(py, async move {
                 running.shutdown().await;
@@ -233,10 +194,7 @@ impl PyServer {
 
     #[getter]
     fn running(&self) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 }
 
@@ -254,18 +212,16 @@ fn completions() -> mpsc::Sender<Completion> {
     COMPLETIONS
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Completion>();
-            let _ = std::thread::Builder::new()
-                .name("trustwire-completions".into())
-                .spawn(move || {
-                    while let Ok(first) = rx.recv() {
-                        Python::with_gil(|py| {
-                            deliver(py, first);
-                            for next in rx.try_iter().take(1024) {
-                                deliver(py, next);
-                            }
-                        });
-                    }
-                });
+            let _ = std::thread::Builder::new().name("trustwire-completions".into()).spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    Python::with_gil(|py| {
+                        deliver(py, first);
+                        for next in rx.try_iter().take(1024) {
+                            deliver(py, next);
+                        }
+                    });
+                }
+            });
             tx
         })
         .clone()
@@ -273,19 +229,8 @@ fn completions() -> mpsc::Sender<Completion> {
 
 fn deliver(py: Python<'_>, c: Completion) {
     let outcome = match c.result {
-        Ok(r) => c.done.call1(
-            py,
-            (
-                Some((
-                    PyBytes::new(py, &r.payload),
-                    PyBytes::new(py, &r.attachment),
-                )),
-                py.None(),
-            ),
-        ),
-        Err(e) => c
-            .done
-            .call1(py, (py.None(), to_pyerr(py, e).into_value(py))),
+        Ok(r) => c.done.call1(py, (Some((PyBytes::new(py, &r.payload), PyBytes::new(py, &r.attachment))), py.None())),
+        Err(e) => c.done.call1(py, (py.None(), to_pyerr(py, e).into_value(py))),
     };
     if let Err(e) = outcome {
         e.write_unraisable(py, Some(c.done.bind(py)));
@@ -313,26 +258,13 @@ pub struct PyClient {
     closed: AtomicBool,
 }
 
-fn call_options(
-    timeout: Option<f64>,
-    attachment: Option<Vec<u8>>,
-    log_id: Option<i64>,
-) -> PyResult<CallOptions> {
+fn call_options(timeout: Option<f64>, attachment: Option<Vec<u8>>, log_id: Option<i64>) -> PyResult<CallOptions> {
     let timeout = match timeout {
         None => None,
         Some(t) if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
-        Some(_) => {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "timeout must be a positive number of seconds",
-            ))
-        }
+        Some(_) => return Err(pyo3::exceptions::PyValueError::new_err("timeout must be a positive number of seconds")),
     };
-    Ok(CallOptions {
-        timeout,
-        attachment: attachment.map(Bytes::from).unwrap_or_default(),
-        log_id,
-        request_id: None,
-    })
+    Ok(CallOptions { timeout, attachment: attachment.map(Bytes::from).unwrap_or_default(), log_id, request_id: None })
 }
 
 impl PyClient {
@@ -361,10 +293,7 @@ impl PyClient {
             pool_size: pool_size.max(1),
             ..ClientOptions::default()
         };
-        Ok(PyClient {
-            client: Client::new(address, tls, options),
-            closed: AtomicBool::new(false),
-        })
+        Ok(PyClient { client: Client::new(address, tls, options), closed: AtomicBool::new(false) })
     }
 
     /// Calls and waits (GIL released); returns (payload, attachment).
@@ -382,13 +311,8 @@ impl PyClient {
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let client = self.live(py)?;
         let opts = call_options(timeout, attachment, log_id)?;
-        let r = block_on(py, async move {
-            client.call(&service, &method, payload, opts).await
-        })?;
-        Ok((
-            PyBytes::new(py, &r.payload),
-            PyBytes::new(py, &r.attachment),
-        ))
+        let r = block_on(py, async move { client.call(&service, &method, payload, opts).await })?;
+        Ok((PyBytes::new(py, &r.payload), PyBytes::new(py, &r.attachment)))
     }
 
     /// Starts a call and returns at once; `done(result, error)` is called later from a thread
@@ -415,9 +339,7 @@ impl PyClient {
             let result = client.call(&service, &method, payload, opts).await;
             let _ = completions.send(Completion { done, result });
         });
-        Ok(PendingCall {
-            task: task.abort_handle(),
-        })
+        Ok(PendingCall { task: task.abort_handle() })
     }
 
     /// Closes the connections; later calls raise TransportError.

@@ -49,9 +49,7 @@ where
     let mut fut = Box::pin(fut);
     loop {
         // The timer must be made inside the runtime (block_on enters it).
-        let polled = py.allow_threads(|| {
-            rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut fut).await })
-        });
+        let polled = py.allow_threads(|| rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut fut).await }));
         match polled {
             Ok(result) => return result.map_err(|e| to_pyerr(py, e)),
             Err(_elapsed) => py.check_signals()?,
@@ -71,11 +69,7 @@ where
         let _ = tx.send(fut.await);
     });
     loop {
-        match py.allow_threads(|| {
-            rx.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .recv_timeout(SIGNAL_CHECK)
-        }) {
+        match py.allow_threads(|| rx.lock().unwrap_or_else(|p| p.into_inner()).recv_timeout(SIGNAL_CHECK)) {
             Ok(result) => return result.map_err(|e| to_pyerr(py, e)),
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(e) = py.check_signals() {
@@ -84,10 +78,7 @@ where
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
-                return Err(transport_error(
-                    py,
-                    "the runtime dropped the operation (is the process exiting?)",
-                ))
+                return Err(transport_error(py, "the runtime dropped the operation (is the process exiting?)"))
             }
         }
     }

@@ -7,9 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
-use trustwire::credentials::{
-    CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use,
-};
+use trustwire::credentials::{CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use};
 use trustwire::tls::{ClientTls, ServerTls, TlsProfile, TrustBundle};
 use trustwire::{Error, Policy, Verdict};
 
@@ -39,10 +37,7 @@ fn pem_sources(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<PemSource>> {
     if obj.is_none() {
         return Ok(Vec::new());
     }
-    if obj.downcast::<PyBytes>().is_ok()
-        || obj.downcast::<PyString>().is_ok()
-        || obj.extract::<PathBuf>().is_ok()
-    {
+    if obj.downcast::<PyBytes>().is_ok() || obj.downcast::<PyString>().is_ok() || obj.extract::<PathBuf>().is_ok() {
         return Ok(vec![pem_source(obj)?]);
     }
     obj.try_iter()?.map(|item| pem_source(&item?)).collect()
@@ -60,38 +55,29 @@ impl Dispatcher {
         let (tx, rx) = mpsc::channel::<Event>();
         let tx = Mutex::new(tx);
         store.subscribe(move |event| {
-            let _ = tx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(event.clone());
+            let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(event.clone());
         });
         let cbs = callbacks.clone();
-        let _ = std::thread::Builder::new()
-            .name("trustwire-events".into())
-            .spawn(move || {
-                while let Ok(event) = rx.recv() {
-                    Python::with_gil(|py| {
-                        let list: Vec<Py<PyAny>> = cbs
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .iter()
-                            .map(|c| c.clone_ref(py))
-                            .collect();
-                        if list.is_empty() {
-                            return;
+        let _ = std::thread::Builder::new().name("trustwire-events".into()).spawn(move || {
+            while let Ok(event) = rx.recv() {
+                Python::with_gil(|py| {
+                    let list: Vec<Py<PyAny>> =
+                        cbs.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|c| c.clone_ref(py)).collect();
+                    if list.is_empty() {
+                        return;
+                    }
+                    let ev = match Py::new(py, PyEvent::from(&event)) {
+                        Ok(ev) => ev,
+                        Err(e) => return e.write_unraisable(py, None),
+                    };
+                    for cb in list {
+                        if let Err(e) = cb.call1(py, (ev.clone_ref(py),)) {
+                            e.write_unraisable(py, Some(cb.bind(py)));
                         }
-                        let ev = match Py::new(py, PyEvent::from(&event)) {
-                            Ok(ev) => ev,
-                            Err(e) => return e.write_unraisable(py, None),
-                        };
-                        for cb in list {
-                            if let Err(e) = cb.call1(py, (ev.clone_ref(py),)) {
-                                e.write_unraisable(py, Some(cb.bind(py)));
-                            }
-                        }
-                    })
-                }
-            });
+                    }
+                })
+            }
+        });
         Dispatcher { callbacks }
     }
 }
@@ -125,46 +111,27 @@ impl From<&Event> for PyEvent {
             peer: None,
         };
         match e {
-            Event::Reloaded {
-                store,
-                generation,
-                serial,
-                not_after,
-            } => {
+            Event::Reloaded { store, generation, serial, not_after } => {
                 out.kind = "reloaded";
                 out.store = store.clone();
                 out.generation = Some(*generation);
                 out.serial = serial.clone();
                 out.not_after = not_after.map(unix);
             }
-            Event::Rejected {
-                store,
-                verdict,
-                message,
-            } => {
+            Event::Rejected { store, verdict, message } => {
                 out.kind = "rejected";
                 out.store = store.clone();
                 out.verdict = verdict.map(Verdict::name);
                 out.message = Some(message.clone());
             }
-            Event::Expiring {
-                store,
-                generation,
-                not_after,
-                seconds_left,
-            } => {
+            Event::Expiring { store, generation, not_after, seconds_left } => {
                 out.kind = "expiring";
                 out.store = store.clone();
                 out.generation = Some(*generation);
                 out.not_after = Some(unix(*not_after));
                 out.seconds_left = Some(*seconds_left);
             }
-            Event::ConnectionClosed {
-                store,
-                peer,
-                verdict,
-                message,
-            } => {
+            Event::ConnectionClosed { store, peer, verdict, message } => {
                 out.kind = "connection_closed";
                 out.store = store.clone();
                 out.peer = Some(peer.clone());
@@ -203,34 +170,24 @@ impl PyTlsConfig {
 
     pub fn client_tls(&self, py: Python<'_>) -> PyResult<ClientTls> {
         self.store.client_tls().map_err(|_| {
-            config_error(
-                py,
-                "this TlsConfig's certificate cannot be used by a client (server-only usage)",
-            )
+            config_error(py, "this TlsConfig's certificate cannot be used by a client (server-only usage)")
         })
     }
 
     /// Builds the store for both roles when the certificate allows it, else for the one it
     /// allows (a certificate marked server-only or client-only), else clients without identity.
-    fn build(
-        py: Python<'_>,
-        sources: Sources,
-        template: TlsProfile,
-        options: StoreOptions,
-    ) -> PyResult<Self> {
+    fn build(py: Python<'_>, sources: Sources, template: TlsProfile, options: StoreOptions) -> PyResult<Self> {
         checked_runtime(py)?;
         let has_identity = !matches!(sources.identity, IdentitySource::None);
         let result = py.allow_threads(move || -> Result<(CredentialStore, Use), Error> {
             // The store's watcher runs on the shared runtime.
             let _guard = trustwire::runtime::runtime().enter();
             if !has_identity {
-                return CredentialStore::new(Use::Client, sources, template, options)
-                    .map(|s| (s, Use::Client));
+                return CredentialStore::new(Use::Client, sources, template, options).map(|s| (s, Use::Client));
             }
             let mut last = None;
             for role in [Use::Both, Use::Server, Use::Client] {
-                match CredentialStore::new(role, sources.clone(), template.clone(), options.clone())
-                {
+                match CredentialStore::new(role, sources.clone(), template.clone(), options.clone()) {
                     Ok(s) => return Ok((s, role)),
                     Err(e) if e.verdict() == Some(Verdict::BadKeyUsage) => last = Some(e),
                     Err(e) => return Err(e),
@@ -240,11 +197,7 @@ impl PyTlsConfig {
         });
         let (store, role) = result.map_err(|e| to_pyerr(py, e))?;
         let events = Dispatcher::start(&store);
-        Ok(PyTlsConfig {
-            store,
-            role,
-            events,
-        })
+        Ok(PyTlsConfig { store, role, events })
     }
 }
 
@@ -253,16 +206,10 @@ fn options(reload_interval: Option<f64>) -> PyResult<StoreOptions> {
         None => None,
         Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
         Some(_) => {
-            return Err(pyo3::exceptions::PyValueError::new_err(
-                "reload_interval must be a positive number of seconds",
-            ))
+            return Err(pyo3::exceptions::PyValueError::new_err("reload_interval must be a positive number of seconds"))
         }
     };
-    Ok(StoreOptions {
-        name: "python".into(),
-        reload_interval,
-        ..StoreOptions::default()
-    })
+    Ok(StoreOptions { name: "python".into(), reload_interval, ..StoreOptions::default() })
 }
 
 #[pymethods]
@@ -286,37 +233,20 @@ impl PyTlsConfig {
         let identity = match (cert, key) {
             (None, None) => IdentitySource::None,
             (Some(c), Some(k)) => match (pem_source(c)?, pem_source(k)?) {
-                (PemSource::Path(chain), PemSource::Path(key)) => {
-                    IdentitySource::Files { chain, key }
-                }
+                (PemSource::Path(chain), PemSource::Path(key)) => IdentitySource::Files { chain, key },
                 (PemSource::Pem(chain), PemSource::Pem(key)) => IdentitySource::Pem { chain, key },
-                _ => {
-                    return Err(config_error(
-                        py,
-                        "cert and key must both be paths or both be bytes",
-                    ))
-                }
+                _ => return Err(config_error(py, "cert and key must both be paths or both be bytes")),
             },
             _ => return Err(config_error(py, "cert and key go together")),
         };
         let trust = pem_sources(ca)?;
         if trust.is_empty() {
-            return Err(config_error(
-                py,
-                "ca is required: the CA certificates that vouch for peers",
-            ));
+            return Err(config_error(py, "ca is required: the CA certificates that vouch for peers"));
         }
-        let sources = Sources {
-            identity,
-            trust,
-            crls: pem_sources(crl)?,
-        };
-        let mut policy =
-            Policy::from_patterns(&allow.unwrap_or_default()).map_err(|e| to_pyerr(py, e))?;
+        let sources = Sources { identity, trust, crls: pem_sources(crl)? };
+        let mut policy = Policy::from_patterns(&allow.unwrap_or_default()).map_err(|e| to_pyerr(py, e))?;
         for (methods, allow) in rules.unwrap_or_default() {
-            policy = policy
-                .with_rule(&methods, &allow)
-                .map_err(|e| to_pyerr(py, e))?;
+            policy = policy.with_rule(&methods, &allow).map_err(|e| to_pyerr(py, e))?;
         }
         let mut template = TlsProfile::new(None, TrustBundle::default());
         template.policy = policy;
@@ -340,17 +270,12 @@ impl PyTlsConfig {
     /// previous generation stays in service and the exception says why.
     fn reload(&self, py: Python<'_>) -> PyResult<u64> {
         let store = self.store.clone();
-        py.allow_threads(move || store.reload())
-            .map_err(|e| to_pyerr(py, e))
+        py.allow_threads(move || store.reload()).map_err(|e| to_pyerr(py, e))
     }
 
     /// Calls `callback(event)` for every later event, in order, on a thread of trustwire's.
     fn on_event(&self, callback: Py<PyAny>) {
-        self.events
-            .callbacks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(callback);
+        self.events.callbacks.lock().unwrap_or_else(|p| p.into_inner()).push(callback);
     }
 
     /// The number of the generation in service (1 after construction).
@@ -362,21 +287,13 @@ impl PyTlsConfig {
     /// Our certificate's not-after as a Unix timestamp, or None without an identity.
     #[getter]
     fn not_after(&self) -> Option<f64> {
-        self.store
-            .generation()
-            .certificate
-            .as_ref()
-            .map(|c| unix(c.identity.not_after))
+        self.store.generation().certificate.as_ref().map(|c| unix(c.identity.not_after))
     }
 
     /// Our certificate's serial (hex), or None without an identity.
     #[getter]
     fn serial(&self) -> Option<String> {
-        self.store
-            .generation()
-            .certificate
-            .as_ref()
-            .map(|c| c.identity.serial.clone())
+        self.store.generation().certificate.as_ref().map(|c| c.identity.serial.clone())
     }
 
     /// The roles this configuration serves: "both", "server" or "client".
@@ -390,10 +307,6 @@ impl PyTlsConfig {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "TlsConfig(roles={:?}, generation={})",
-            self.roles(),
-            self.generation()
-        )
+        format!("TlsConfig(roles={:?}, generation={})", self.roles(), self.generation())
     }
 }

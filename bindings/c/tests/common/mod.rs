@@ -21,7 +21,10 @@ pub fn lib_dir() -> PathBuf {
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
-        let out = cmd.env("CARGO_TARGET_DIR", dir.parent().unwrap()).output().expect("cannot run cargo to build libtrustwire");
+        let out = cmd
+            .env("CARGO_TARGET_DIR", dir.parent().unwrap())
+            .output()
+            .expect("cannot run cargo to build libtrustwire");
         assert!(out.status.success(), "building libtrustwire failed:\n{}", String::from_utf8_lossy(&out.stderr));
         assert!(dir.join("libtrustwire.so").exists(), "no libtrustwire.so in {}", dir.display());
     });
