@@ -4,12 +4,14 @@
 //! policy, the failure catalogue), [`transport`] (tokio-rustls accept/connect), [`rpc`] (client
 //! and server). [`pki`] makes development certificates.
 
+pub mod authz;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod credentials;
 pub mod echo;
 pub mod error;
 pub mod pki;
+pub mod profile;
 pub mod proxy;
 pub mod rpc;
 pub mod runtime;

@@ -57,6 +57,12 @@ struct ProxyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    scope: String,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClosedLabels {
     store: String,
     verdict: &'static str,
@@ -67,6 +73,7 @@ struct Metrics {
     handshakes: Family<HandshakeLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     calls: Family<CallLabels, Counter>,
+    refused_calls: Family<RefusedLabels, Counter>,
     closed: Family<ClosedLabels, Counter>,
     proxy: Family<ProxyLabels, Counter>,
     generation: Family<StoreLabels, Gauge>,
@@ -87,6 +94,7 @@ fn metrics() -> &'static Metrics {
             handshakes: Family::default(),
             reloads: Family::default(),
             calls: Family::default(),
+            refused_calls: Family::default(),
             closed: Family::default(),
             proxy: Family::default(),
             generation: Family::default(),
@@ -105,6 +113,11 @@ fn metrics() -> &'static Metrics {
         );
         registry.register("reloads", "Credential loads by store and result", m.reloads.clone());
         registry.register("calls", "RPC calls by role, service, method and brpc error code", m.calls.clone());
+        registry.register(
+            "calls_refused",
+            "Calls refused by authorization before a handler or the upstream saw them, by scope (server, or the proxy route) and verdict",
+            m.refused_calls.clone(),
+        );
         registry.register(
             "connections_closed_by_trust_change",
             "Established connections closed because new trust material refuses their peer",
@@ -210,6 +223,10 @@ pub(crate) fn call(role: Role, service: &str, method: &str, code: i32) {
             code,
         })
         .inc();
+}
+
+pub(crate) fn call_refused(scope: &str, verdict: Verdict) {
+    metrics().refused_calls.get_or_create(&RefusedLabels { scope: scope.to_string(), verdict: verdict.name() }).inc();
 }
 
 pub(crate) fn reload_rejected(store: &str, verdict: Option<Verdict>) {

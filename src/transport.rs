@@ -32,6 +32,8 @@ pub struct HandshakeInfo {
     pub peer: Arc<PeerIdentity>,
     /// The credential generation this handshake used (0 for fixed material).
     pub generation: u64,
+    /// Our certificate's not-after in that generation.
+    pub our_not_after: Option<std::time::SystemTime>,
 }
 
 fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
@@ -58,6 +60,7 @@ fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
         peer_chain: chain,
         peer,
         generation: 0,
+        our_not_after: None,
     })
 }
 
@@ -113,6 +116,7 @@ where
     let result = stream.and_then(|s| {
         let mut i = info(s.get_ref().1)?;
         i.generation = generation.number;
+        i.our_not_after = generation.our_not_after;
         Ok((s, i))
     });
     count(Role::Server, result)
@@ -154,6 +158,7 @@ pub async fn handshake_on(
     let result = stream.and_then(|s| {
         let mut i = info(s.get_ref().1)?;
         i.generation = generation.number;
+        i.our_not_after = generation.our_not_after;
         Ok((s, i))
     });
     count(Role::Client, result)

@@ -679,7 +679,7 @@ async fn denied_method_never_runs_the_handler_and_the_connection_stays_open() {
             _ => unreachable!(),
         };
         assert!(text.starts_with(&format!("[{addr}][E1004]method_not_allowed: ")), "{text}");
-        assert!(text.contains("t.Admin/Wipe") && text.contains("spiffe://example.org/ns/ops/*"), "{text}");
+        assert!(text.contains("t.Admin/Wipe"), "{text}");
         assert_eq!(echo(&c, "ok").await.unwrap(), "ok");
     }
     assert_eq!(ran.load(Ordering::SeqCst), 0, "a denied call must not reach the handler");

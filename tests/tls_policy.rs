@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use trustwire::error::codes;
 use trustwire::pki::{DevCa, IssueRequest, KeyType};
-use trustwire::tls::config::ProfileFile;
+use trustwire::profile::ProfileFile;
 use trustwire::tls::{Identity, Policy, TlsProfile, TrustBundle};
 use trustwire::{CallOptions, Error, Server, Side, Verdict};
 

@@ -158,7 +158,7 @@ impl Creds {
     fn store(&self, role: Use, reload: &ReloadArgs, name: &str, allow: &[String]) -> Result<CredentialStore, Error> {
         let (mut sources, mut template) = match &self.config {
             Some(path) => {
-                let file = crate::tls::config::ProfileFile::load(path)?;
+                let file = crate::profile::ProfileFile::load(path)?;
                 (file.sources()?, file.settings()?)
             }
             None => (

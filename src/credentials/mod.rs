@@ -255,14 +255,6 @@ impl CredentialStore {
         Ok(store)
     }
 
-    /// A store for the files a profile TOML names (see [`crate::tls::config`]).
-    pub fn from_file(path: impl AsRef<Path>, role: Use, options: StoreOptions) -> Result<Self, Error> {
-        let file = crate::tls::config::ProfileFile::load(path.as_ref())?;
-        let sources = file.sources()?;
-        let template = file.settings()?;
-        Self::new(role, sources, template, options)
-    }
-
     /// The server side: every handshake uses the generation current at that moment.
     pub fn server_tls(&self) -> Result<ServerTls, Error> {
         self.inner.server.clone().ok_or_else(|| Error::config("this credential store was not made for servers"))

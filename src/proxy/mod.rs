@@ -302,7 +302,8 @@ type Outcome = Result<(), (&'static str, Error)>;
 async fn serve_server_side(route: &Route, tls: &ServerTls, downstream: BoxIo, remote: &str) -> Outcome {
     let (stream, info) =
         crate::transport::accept_on(tls, downstream, remote).await.map_err(|e| ("handshake_refused", e))?;
-    let _guard = tls.tracker.register(info.peer_chain.clone(), None, info.peer.clone());
+    let guard = tls.tracker.register(info.peer_chain.clone(), None, info.peer.clone(), info.our_not_after);
+    let mut close_signal = guard.close_signal();
     let mut stream = stream;
     let mut upstream = match connect_upstream(route).await {
         Ok(u) => u,
@@ -316,12 +317,21 @@ async fn serve_server_side(route: &Route, tls: &ServerTls, downstream: BoxIo, re
         let header = proxy_v2_header(&info.peer, remote);
         upstream.write_all(&header).await.map_err(|e| ("upstream_error", Error::transport(e.to_string())))?;
     }
-    match (route.protocol, &route.token_key) {
-        (Protocol::BaiduStd, Some((kid, secret))) => {
-            let token = token::issue(&info.peer, kid, secret);
-            inject(stream, upstream, token.into_bytes()).await
+    let forward = async {
+        match (route.protocol, &route.token_key) {
+            (Protocol::BaiduStd, Some((kid, secret))) => {
+                let token = token::issue(&info.peer, kid, secret);
+                inject(stream, upstream, token.into_bytes()).await
+            }
+            _ => splice(stream, upstream).await,
         }
-        _ => splice(stream, upstream).await,
+    };
+    tokio::select! {
+        r = forward => r,
+        d = close_signal.wait() => {
+            info!(route = %route.name, %remote, peer = %info.peer, verdict = d.verdict.name(), "closing the stream: {}", d.message);
+            Ok(())
+        }
     }
 }
 

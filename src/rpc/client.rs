@@ -294,7 +294,8 @@ impl Client {
             Some(tls) => {
                 let (stream, info) = crate::transport::connect(tls, &inner.addr, inner.options.connect_timeout).await?;
                 let name = crate::transport::server_name(tls, &inner.addr)?;
-                let guard = tls.tracker.register(info.peer_chain.clone(), Some(name), info.peer.clone());
+                let guard =
+                    tls.tracker.register(info.peer_chain.clone(), Some(name), info.peer.clone(), info.our_not_after);
                 let ours = tls.current.load().our_identity.clone();
                 Ok(spawn_conn(stream, Some(info), inner.options.max_body, ours, Some(guard)))
             }
@@ -389,7 +390,7 @@ where
         let mut buf = BytesMut::with_capacity(16 * 1024);
         // Told when new trust material no longer accepts this server: stop sending new calls
         // here, let the ones in flight finish, then close.
-        let mut trust_closed = guard.as_ref().map(|g| g.closed.clone());
+        let mut close_signal = guard.as_ref().map(|g| g.close_signal());
         let mut draining = false;
         let err = loop {
             match decoder.decode(&mut buf) {
@@ -414,8 +415,8 @@ where
                 break Error::transport("connection closed: the trust material changed");
             }
             let changed = async {
-                match trust_closed.as_mut() {
-                    Some(rx) if !draining => rx.wait_for(|c| c.is_some()).await.map(|_| ()),
+                match close_signal.as_mut() {
+                    Some(signal) if !draining => signal.wait().await,
                     _ => std::future::pending().await,
                 }
             };
@@ -435,13 +436,10 @@ where
                 _ = conn.shutdown.notified() => {
                     break Error::transport("the client was closed");
                 }
-                r = changed => {
-                    if r.is_err() {
-                        trust_closed = None;
-                    } else {
-                        draining = true;
-                        conn.closed.store(true, Ordering::Release);
-                    }
+                d = changed => {
+                    tracing::info!(verdict = d.verdict.name(), "closing a connection to the server once its calls finish: {}", d.message);
+                    draining = true;
+                    conn.closed.store(true, Ordering::Release);
                 }
             }
         };

@@ -13,10 +13,11 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::{response_frame, CatchUnwind, Handler, HandlerFuture, Request};
+use crate::authz::truncate;
 use crate::error::{codes, Error, Verdict};
 use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
-use crate::tls::policy::{MethodDecision, Policy};
+use crate::tls::policy::Policy;
 use crate::tls::tracker::TrackGuard;
 use crate::tls::ServerTls;
 use crate::wire::{DecodeError, Decoder, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
@@ -104,13 +105,15 @@ impl Registry {
             Some((k, m)) => (k.as_str(), m),
             None if !service.contains('.') => match self.short.get(service).and_then(|f| f.as_deref()) {
                 Some(full) => (full, &self.services[full]),
-                None => return Resolved::NoService(format!("Fail to find service={service}")),
+                None => return Resolved::NoService(format!("Fail to find service={}", truncate(service))),
             },
-            None => return Resolved::NoMethod(format!("Fail to find method={service}/{method}")),
+            None => {
+                return Resolved::NoMethod(format!("Fail to find method={}/{}", truncate(service), truncate(method)))
+            }
         };
         match methods.get_key_value(method) {
             Some((_, h)) => Resolved::Found(full, h),
-            None => Resolved::NoMethod(format!("Fail to find method={full}/{method}")),
+            None => Resolved::NoMethod(format!("Fail to find method={full}/{}", truncate(method))),
         }
     }
 }
@@ -280,7 +283,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<
                 Some(tls) => match crate::transport::accept(&tls, tcp).await {
                     Ok((stream, info)) => {
                         debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
-                        let guard = tls.tracker.register(info.peer_chain, None, info.peer.clone());
+                        let guard = tls.tracker.register(info.peer_chain, None, info.peer.clone(), info.our_not_after);
                         serve_connection(stream, info.peer, remote, shared, Some(guard)).await
                     }
                     Err(e) => {
@@ -333,7 +336,7 @@ async fn serve_connection<S>(
     let mut decoder = Decoder::new(shared.options.max_body);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut stop_rx = shared.stop_rx.clone();
-    let mut trust_closed = guard.as_ref().map(|g| g.closed.clone());
+    let mut close_signal = guard.as_ref().map(|g| g.close_signal());
     'conn: loop {
         loop {
             match decoder.decode(&mut buf) {
@@ -360,14 +363,9 @@ async fn serve_connection<S>(
         let n = tokio::select! {
             r = read => r,
             _ = stop_rx.wait_for(|s| *s) => break 'conn,
-            r = trust_changed(&mut trust_closed) => {
-                match r {
-                    Some(d) => {
-                        info!(%remote, peer = %peer, verdict = d.verdict.name(), "closing: {}", d.message);
-                        break 'conn;
-                    }
-                    None => { trust_closed = None; continue; }
-                }
+            d = must_close(&mut close_signal) => {
+                info!(%remote, peer = %peer, verdict = d.verdict.name(), "closing: {}", d.message);
+                break 'conn;
             }
             _ = sleep_opt(idle) => {
                 if limit.available_permits() == shared.options.max_in_flight_per_connection {
@@ -395,13 +393,11 @@ async fn serve_connection<S>(
     let _ = writer.await;
 }
 
-/// Resolves when the tracker says this connection's peer is no longer trusted (`Some`), or
-/// when the tracker is gone (`None`); never while it stays trusted.
-async fn trust_changed(
-    rx: &mut Option<watch::Receiver<Option<crate::tls::verify::Diagnosis>>>,
-) -> Option<crate::tls::verify::Diagnosis> {
-    match rx {
-        Some(rx) => rx.wait_for(|c| c.is_some()).await.ok().and_then(|c| c.clone()),
+/// Resolves when this connection must close (its peer is no longer trusted, or a certificate
+/// it was verified with expired); never while it may stay open.
+async fn must_close(signal: &mut Option<crate::tls::tracker::CloseSignal>) -> crate::tls::verify::Diagnosis {
+    match signal {
+        Some(s) => s.wait().await,
         None => std::future::pending().await,
     }
 }
@@ -472,11 +468,9 @@ fn dispatch(
         Resolved::NoService(t) => return fail(codes::ENOSERVICE, &t),
         Resolved::NoMethod(t) => return fail(codes::ENOMETHOD, &t),
     };
-    if let MethodDecision::Denied(why) = shared.policy.may_call(peer, full, method) {
-        info!(peer = %peer, service = full, method, verdict = Verdict::MethodNotAllowed.name(), "call denied: {why}");
-        telemetry::call(Role::Server, full, method, codes::ERPCAUTH);
-        let text = format!("{}: {why}", Verdict::MethodNotAllowed.name());
-        send(tx, response_frame(cid, Err((codes::ERPCAUTH, shared.error_text(codes::ERPCAUTH, &text)))));
+    if let Err(r) = crate::authz::authorize_call(&shared.policy, peer, full, &[], method, "server") {
+        telemetry::call(Role::Server, full, method, r.code);
+        send(tx, response_frame(cid, Err((r.code, shared.error_text(r.code, &r.text)))));
         return;
     }
     let checksum = frame.meta.checksum_type == Some(crate::wire::CHECKSUM_CRC32C);

@@ -4,7 +4,6 @@
 //! server's chain and name; TLS 1.3 only unless TLS 1.2 is asked for; no session resumption, so
 //! every connection is verified against the material in force.
 
-pub mod config;
 pub mod identity;
 pub mod policy;
 pub(crate) mod tracker;
@@ -184,11 +183,6 @@ impl TlsProfile {
         }
     }
 
-    /// Loads a profile from the shared TOML file format (see [`config`]).
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
-        config::ProfileFile::load(path.as_ref())?.into_profile()
-    }
-
     /// Builds the server side of this profile (fixed material; see
     /// [`crate::credentials::CredentialStore`] for material that rotates).
     pub fn server(&self) -> Result<ServerTls, Error> {
@@ -229,7 +223,8 @@ impl TlsProfile {
         // no tickets are sent that nobody (brpc included) would use.
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
-        Ok(ServerGeneration { config: Arc::new(config), verifier, number })
+        let our_not_after = identity.leaf_info().ok().map(|i| i.identity.not_after);
+        Ok(ServerGeneration { config: Arc::new(config), verifier, number, our_not_after })
     }
 
     /// Builds the client side of this profile (fixed material).
@@ -274,17 +269,21 @@ impl TlsProfile {
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
             .dangerous()
             .with_custom_certificate_verifier(verifier.clone());
-        let (mut config, ours) = match &self.identity {
-            Some(id) => (
-                builder
-                    .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-                    .map_err(|e| Error::credentials(None, format!("identity cannot be used: {e}")))?,
-                id.leaf_info().ok().map(|i| i.identity.display_name()),
-            ),
-            None => (builder.with_no_client_auth(), None),
+        let leaf = self.identity.as_ref().and_then(|id| id.leaf_info().ok());
+        let mut config = match &self.identity {
+            Some(id) => builder
+                .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                .map_err(|e| Error::credentials(None, format!("identity cannot be used: {e}")))?,
+            None => builder.with_no_client_auth(),
         };
         config.resumption = rustls::client::Resumption::disabled();
-        Ok(ClientGeneration { config: Arc::new(config), verifier, our_identity: ours, number })
+        Ok(ClientGeneration {
+            config: Arc::new(config),
+            verifier,
+            our_identity: leaf.as_ref().map(|i| i.identity.display_name()),
+            our_not_after: leaf.map(|i| i.identity.not_after),
+            number,
+        })
     }
 
     pub(crate) fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
@@ -342,6 +341,8 @@ pub(crate) struct ServerGeneration {
     pub config: Arc<ServerConfig>,
     pub verifier: Arc<ClientVerifier>,
     pub number: u64,
+    /// Our certificate's not-after: no connection made with this generation outlives it.
+    pub our_not_after: Option<std::time::SystemTime>,
 }
 
 /// One generation of client material.
@@ -351,6 +352,7 @@ pub(crate) struct ClientGeneration {
     pub verifier: Arc<ServerVerifier>,
     pub our_identity: Option<String>,
     pub number: u64,
+    pub our_not_after: Option<std::time::SystemTime>,
 }
 
 /// The crypto provider: aws-lc-rs with TLS 1.3's suites and X25519, P-256, P-384 and the

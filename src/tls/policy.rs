@@ -226,6 +226,21 @@ impl Policy {
         )
     }
 
+    /// The full service names the method rules mention whose last `.`-separated part is
+    /// `short`: what an unqualified service name a caller sends may resolve to on a brpc server.
+    pub fn rule_services_named(&self, short: &str) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.methods.iter())
+            .filter_map(|m| m.service.as_deref())
+            .filter(|svc| svc.rsplit('.').next() == Some(short) && *svc != short)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Whether `peer` may call `service/method` (service = the resolved full name).
     pub fn may_call(&self, peer: &PeerIdentity, service: &str, method: &str) -> MethodDecision {
         if self.rules.is_empty() {

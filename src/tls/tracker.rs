@@ -1,14 +1,17 @@
 //! Established connections and the chains they were verified with, so that when the trust
-//! bundle or a CRL changes, connections whose peer the new material would refuse can be closed.
+//! bundle or a CRL changes, connections whose peer the new material would refuse can be closed,
+//! and so that no connection outlives the certificates it was verified with.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::sync::watch;
 
-use crate::tls::identity::PeerIdentity;
+use crate::error::Verdict;
+use crate::tls::identity::{rfc3339, PeerIdentity};
 use crate::tls::verify::Diagnosis;
 
 #[derive(Debug)]
@@ -33,6 +36,66 @@ pub(crate) struct TrackGuard {
     tracker: Arc<Tracker>,
     /// Becomes `Some(reason)` when the connection must close because trust changed.
     pub closed: watch::Receiver<Option<Diagnosis>>,
+    /// The earlier of the peer's and our certificate's not-after.
+    expires: Option<Expiry>,
+}
+
+#[derive(Clone, Debug)]
+struct Expiry {
+    at: SystemTime,
+    whose: &'static str,
+}
+
+impl TrackGuard {
+    /// What a connection waits on to learn that it must close: new trust material refuses its
+    /// peer, or the peer's certificate (or ours) has expired.
+    pub fn close_signal(&self) -> CloseSignal {
+        CloseSignal { closed: Some(self.closed.clone()), expires: self.expires.clone() }
+    }
+}
+
+/// See [`TrackGuard::close_signal`].
+#[derive(Debug)]
+pub(crate) struct CloseSignal {
+    closed: Option<watch::Receiver<Option<Diagnosis>>>,
+    expires: Option<Expiry>,
+}
+
+impl CloseSignal {
+    /// Resolves with the reason once the connection must close; never while it may stay open.
+    pub async fn wait(&mut self) -> Diagnosis {
+        let trust = async {
+            if let Some(rx) = self.closed.as_mut() {
+                if let Ok(d) = rx.wait_for(|c| c.is_some()).await {
+                    if let Some(d) = d.clone() {
+                        return d;
+                    }
+                }
+            }
+            // The tracker is gone: only expiry can close the connection now.
+            std::future::pending().await
+        };
+        let expiry = async {
+            let Some(e) = &self.expires else { return std::future::pending().await };
+            // Sleep in bounded steps: a wall-clock deadline years away must not overflow the
+            // timer, and a clock that jumps forward is noticed within a step.
+            const STEP: Duration = Duration::from_secs(3600);
+            loop {
+                match e.at.duration_since(SystemTime::now()) {
+                    Ok(left) if !left.is_zero() => tokio::time::sleep(left.min(STEP)).await,
+                    _ => break,
+                }
+            }
+            Diagnosis {
+                verdict: Verdict::Expired,
+                message: format!("{} certificate expired at {}", e.whose, rfc3339(e.at)),
+            }
+        };
+        tokio::select! {
+            d = trust => d,
+            d = expiry => d,
+        }
+    }
 }
 
 impl Drop for TrackGuard {
@@ -54,11 +117,17 @@ impl Tracker {
         chain: Vec<CertificateDer<'static>>,
         server_name: Option<ServerName<'static>>,
         peer: Arc<PeerIdentity>,
+        our_not_after: Option<SystemTime>,
     ) -> TrackGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
+        let peer_expiry = Expiry { at: peer.not_after, whose: "the peer's" };
+        let expires = match our_not_after {
+            Some(ours) if ours < peer.not_after => Some(Expiry { at: ours, whose: "our" }),
+            _ => Some(peer_expiry),
+        };
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Tracked { chain, server_name, peer, close });
-        TrackGuard { id, tracker: self.clone(), closed }
+        TrackGuard { id, tracker: self.clone(), closed, expires }
     }
 
     /// Re-checks every connection with `check(chain, server_name)` and tells those that fail to

@@ -537,7 +537,7 @@ pub unsafe extern "C" fn tw_profile_load_file(path: *const c_char, profile_out: 
         if profile_out.is_null() {
             return Err(Failure::null("profile_out"));
         }
-        let file = tw::tls::config::ProfileFile::load(&path)?;
+        let file = tw::profile::ProfileFile::load(&path)?;
         let options = StoreOptions { name: "c".into(), ..StoreOptions::default() };
         let p = build(file.sources()?, file.settings()?, options)?;
         unsafe { out_box(profile_out, p) }

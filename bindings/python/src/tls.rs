@@ -260,7 +260,7 @@ impl PyTlsConfig {
     #[staticmethod]
     #[pyo3(signature = (path, *, reload_interval=None))]
     fn from_file(py: Python<'_>, path: PathBuf, reload_interval: Option<f64>) -> PyResult<Self> {
-        let file = trustwire::tls::config::ProfileFile::load(&path).map_err(|e| to_pyerr(py, e))?;
+        let file = trustwire::profile::ProfileFile::load(&path).map_err(|e| to_pyerr(py, e))?;
         let sources = file.sources().map_err(|e| to_pyerr(py, e))?;
         let template = file.settings().map_err(|e| to_pyerr(py, e))?;
         Self::build(py, sources, template, options(reload_interval)?)

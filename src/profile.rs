@@ -1,4 +1,5 @@
-//! The profile file: one TOML format that the CLI, C and Python all load.
+//! The profile file: one TOML format that the CLI, C and Python all load. It sits above both
+//! [`crate::tls`] and [`crate::credentials`]: it names material and settings, they use them.
 //!
 //! ```toml
 //! [identity]
@@ -35,7 +36,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::credentials::{IdentitySource, PemSource, Sources};
+use crate::credentials::{CredentialStore, IdentitySource, PemSource, Sources, StoreOptions, Use};
 use crate::error::Error;
 use crate::tls::policy::Policy;
 use crate::tls::{Identity, MinVersion, TlsProfile, TrustBundle};
@@ -196,5 +197,20 @@ impl ProfileFile {
             profile.handshake_timeout = Duration::from_millis(ms);
         }
         Ok(profile)
+    }
+}
+
+impl TlsProfile {
+    /// Loads a profile from the shared TOML file format (fixed material).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
+        ProfileFile::load(path.as_ref())?.into_profile()
+    }
+}
+
+impl CredentialStore {
+    /// A store for the files a profile TOML names.
+    pub fn from_file(path: impl AsRef<Path>, role: Use, options: StoreOptions) -> Result<Self, Error> {
+        let file = ProfileFile::load(path.as_ref())?;
+        Self::new(role, file.sources()?, file.settings()?, options)
     }
 }

@@ -1,0 +1,1 @@
+//! Finding 1: The proxy's baidu_std routes ignore [[policy.rules]].

@@ -1,0 +1,1 @@
+//! Finding 2: Memory is unbounded per connection.

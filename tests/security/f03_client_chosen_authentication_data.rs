@@ -1,0 +1,1 @@
+//! Finding 3: Client-chosen authentication_data reaches brpc.

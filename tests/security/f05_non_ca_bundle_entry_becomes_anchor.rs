@@ -1,0 +1,1 @@
+//! Finding 5: A non-CA certificate in a trust bundle becomes a trust anchor.

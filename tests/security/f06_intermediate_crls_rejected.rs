@@ -1,0 +1,1 @@
+//! Finding 6: Leaves issued by an intermediate cannot be revoked.

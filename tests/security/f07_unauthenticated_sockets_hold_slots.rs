@@ -1,0 +1,1 @@
+//! Finding 7: Unauthenticated sockets hold connection slots.

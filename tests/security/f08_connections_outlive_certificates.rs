@@ -1,0 +1,1 @@
+//! Finding 8: Connections outlive their certificate.

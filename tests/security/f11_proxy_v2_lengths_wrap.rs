@@ -1,0 +1,1 @@
+//! Finding 11: PROXY v2 TLV and total lengths can wrap.

@@ -1,0 +1,1 @@
+//! Finding 12, first part: group/world-readable private key files go unnoticed.

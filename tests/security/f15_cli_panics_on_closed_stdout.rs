@@ -1,0 +1,1 @@
+//! Finding 15: The CLI panics on a closed stdout.
