@@ -63,6 +63,7 @@ impl Pki {
                 identity: IdentitySource::Files { chain: d.join("server.pem"), key: d.join("server.key") },
                 trust: vec![PemSource::Path(d.join("ca.pem"))],
                 crls: vec![],
+                ..Sources::default()
             },
             TlsProfile::new(None, TrustBundle::default()),
             StoreOptions {

@@ -52,11 +52,13 @@ pub enum Verdict {
     KeyMismatch = 19,
     /// Credential material is not valid PEM, or is empty or cut short (e.g. half-written).
     BadPem = 20,
+    /// A reload would change our own SPIFFE ID (or trust domain); refused unless allowed.
+    IdentityChanged = 21,
 }
 
 impl Verdict {
     /// Every verdict, in number order.
-    pub const ALL: [Verdict; 20] = [
+    pub const ALL: [Verdict; 21] = [
         Verdict::UnknownIssuer,
         Verdict::BadSignature,
         Verdict::Expired,
@@ -77,6 +79,7 @@ impl Verdict {
         Verdict::Io,
         Verdict::KeyMismatch,
         Verdict::BadPem,
+        Verdict::IdentityChanged,
     ];
 
     /// The stable snake_case name (`unknown_issuer`, …).
@@ -102,6 +105,7 @@ impl Verdict {
             Verdict::Io => "io",
             Verdict::KeyMismatch => "key_mismatch",
             Verdict::BadPem => "bad_pem",
+            Verdict::IdentityChanged => "identity_changed",
         }
     }
 

@@ -171,6 +171,10 @@ impl DevCa {
         dn.push(DnType::CommonName, format!("trustwire dev CA {trust_domain} {}", short_id()));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Like a SPIFFE signing certificate, the CA names its trust domain, so it vouches for
+        // that domain only wherever it is trusted.
+        let td = crate::tls::TrustDomain::parse(trust_domain).map_err(|e| Error::config(e.to_string()))?;
+        params.subject_alt_names.push(SanType::URI(td.id().try_into().map_err(pki_err)?));
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();

@@ -6,11 +6,18 @@
 //! cert = "certs/svc.pem"        # chain, leaf first
 //! key = "certs/svc.key"
 //! # or: combined = "svc.pem"    # key and chain in one file
+//! allow_identity_change = false # true: a reload may change our SPIFFE ID (refused by default)
 //!
 //! [trust]
-//! ca = ["certs/ca.pem"]          # files or directories
+//! trust_domain = "example.org"  # what `ca` vouches for (default: our own SPIFFE ID's domain)
+//! ca = ["certs/ca.pem"]          # files or directories; also trusted for peers without a SPIFFE ID
+//! # bundle = "example.org.json"  # our domain's CAs as a SPIFFE bundle (JWKS)
+//! # bundle_map = "bundles.json"  # {"trust_domains": {"<domain>": <SPIFFE bundle>, …}}
 //! crl = []
 //! require_fresh_crls = false    # true: a CRL past its next-update refuses (crl_stale)
+//!
+//! [trust.federation."partner.example"]   # another trust domain; its CAs vouch for it only
+//! ca = ["certs/partner-ca.pem"]  # or: bundle = "partner.json"
 //!
 //! [policy]
 //! allow = ["spiffe://example.org/ns/prod/*"]
@@ -29,23 +36,26 @@
 //! ```
 //!
 //! Relative paths are relative to the file's directory. Unknown keys are errors, so a typo
-//! cannot silently weaken a check.
+//! cannot silently weaken a check. SPIFFE IDs (allow-list patterns, `server_spiffe_id`) and
+//! trust domain names are validated here, by the same parser the handshake uses.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::credentials::{CredentialStore, IdentitySource, PemSource, Sources, StoreOptions, Use};
+use crate::credentials::{CredentialStore, FederatedSource, IdentitySource, PemSource, Sources, StoreOptions, Use};
 use crate::error::Error;
 use crate::tls::policy::Policy;
-use crate::tls::{Identity, MinVersion, TlsProfile, TrustBundle};
+use crate::tls::{MinVersion, SpiffeId, TlsProfile, TrustBundle, TrustDomain};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileFile {
     #[serde(default)]
     pub identity: Option<IdentitySection>,
+    #[serde(default)]
     pub trust: TrustSection,
     #[serde(default)]
     pub policy: PolicySection,
@@ -63,14 +73,62 @@ pub struct IdentitySection {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub combined: Option<PathBuf>,
+    /// Let a reload change our SPIFFE ID (refused by default).
+    #[serde(default)]
+    pub allow_identity_change: bool,
+}
+
+/// A path, or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Paths {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths::Many(Vec::new())
+    }
+}
+
+impl Paths {
+    pub fn as_slice(&self) -> &[PathBuf] {
+        match self {
+            Paths::One(p) => std::slice::from_ref(p),
+            Paths::Many(v) => v,
+        }
+    }
+}
+
+/// `[trust.federation."<trust domain>"]`: another trust domain's CAs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSection {
+    #[serde(default)]
+    pub ca: Paths,
+    /// SPIFFE bundle files (JWKS) of that trust domain.
+    #[serde(default)]
+    pub bundle: Paths,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustSection {
-    pub ca: Vec<PathBuf>,
+    /// Our trust domain: the one `ca` vouches for (default: our own SPIFFE ID's).
+    pub trust_domain: Option<String>,
     #[serde(default)]
-    pub crl: Vec<PathBuf>,
+    pub ca: Paths,
+    /// Our trust domain's CAs as SPIFFE bundles (needs `trust_domain`).
+    #[serde(default)]
+    pub bundle: Paths,
+    /// Bundle-map files: trust domain → SPIFFE bundle.
+    #[serde(default)]
+    pub bundle_map: Paths,
+    #[serde(default)]
+    pub federation: BTreeMap<String, FederationSection>,
+    #[serde(default)]
+    pub crl: Paths,
     /// Refuse peers whose CRL is past its next-update time (`crl_stale`).
     #[serde(default)]
     pub require_fresh_crls: bool,
@@ -130,49 +188,62 @@ impl ProfileFile {
     }
 
     /// Loads the files the profile names and builds it (fixed material; for material that
-    /// rotates, see [`crate::credentials::CredentialStore::from_file`]).
+    /// rotates, see [`CredentialStore::from_file`]). The files are checked as a store checks them.
     pub fn into_profile(self) -> Result<TlsProfile, Error> {
         let sources = self.sources()?;
         let mut profile = self.settings()?;
-        profile.identity = match &sources.identity {
-            IdentitySource::None => None,
-            IdentitySource::Combined(p) => {
-                let pem = std::fs::read(p)
-                    .map_err(|e| Error::credentials(None, format!("cannot read {}: {e}", p.display())))?;
-                Some(Identity::from_combined_pem(&pem)?)
-            }
-            IdentitySource::Files { chain, key } => Some(Identity::from_files(chain, key)?),
-            IdentitySource::Pem { chain, key } => Some(Identity::from_pem(chain, key)?),
-        };
-        let ca: Vec<PathBuf> = self.trust.ca.iter().map(|p| self.path(p)).collect();
-        let mut trust = TrustBundle::from_paths(&ca)?;
-        for crl in &self.trust.crl {
-            let pem = std::fs::read(self.path(crl))
-                .map_err(|e| Error::credentials(None, format!("cannot read CRL {}: {e}", crl.display())))?;
-            trust.add_crls_pem(&pem)?;
-        }
-        trust.require_fresh_crls = profile.trust.require_fresh_crls;
+        let (identity, trust) = crate::credentials::load_fixed(&sources, &profile)?;
+        profile.identity = identity;
         profile.trust = trust;
         Ok(profile)
+    }
+
+    /// Store options the profile sets (`allow_identity_change`), on top of `base`.
+    pub fn store_options(&self, mut base: StoreOptions) -> StoreOptions {
+        if self.identity.as_ref().is_some_and(|i| i.allow_identity_change) {
+            base.allow_identity_change = true;
+        }
+        base
     }
 
     /// The files the profile names, as credential sources (paths resolved).
     pub fn sources(&self) -> Result<Sources, Error> {
         let identity = match &self.identity {
             None => IdentitySource::None,
-            Some(IdentitySection { combined: Some(c), cert: None, key: None }) => {
+            Some(IdentitySection { combined: Some(c), cert: None, key: None, .. }) => {
                 IdentitySource::Combined(self.path(c))
             }
-            Some(IdentitySection { cert: Some(c), key: Some(k), combined: None }) => {
+            Some(IdentitySection { cert: Some(c), key: Some(k), combined: None, .. }) => {
                 IdentitySource::Files { chain: self.path(c), key: self.path(k) }
             }
             Some(_) => return Err(Error::config("[identity] needs either cert and key, or combined (not both)")),
         };
+        let paths = |ps: &Paths| ps.as_slice().iter().map(|p| PemSource::Path(self.path(p))).collect::<Vec<_>>();
+        let mut federation = BTreeMap::new();
+        for (name, f) in &self.trust.federation {
+            let td = TrustDomain::parse(name).map_err(|e| Error::config(format!("[trust.federation]: {e}")))?;
+            if f.ca.as_slice().is_empty() && f.bundle.as_slice().is_empty() {
+                return Err(Error::config(format!("[trust.federation.\"{td}\"] needs ca or bundle")));
+            }
+            federation.insert(td, FederatedSource { ca: paths(&f.ca), bundle: paths(&f.bundle) });
+        }
         Ok(Sources {
             identity,
-            trust: self.trust.ca.iter().map(|p| PemSource::Path(self.path(p))).collect(),
-            crls: self.trust.crl.iter().map(|p| PemSource::Path(self.path(p))).collect(),
+            trust: paths(&self.trust.ca),
+            crls: paths(&self.trust.crl),
+            trust_domain: self.trust_domain()?,
+            trust_bundles: paths(&self.trust.bundle),
+            federation,
+            bundle_maps: paths(&self.trust.bundle_map),
         })
+    }
+
+    fn trust_domain(&self) -> Result<Option<TrustDomain>, Error> {
+        self.trust
+            .trust_domain
+            .as_deref()
+            .map(|t| TrustDomain::parse(t).map_err(|e| Error::config(format!("[trust] trust_domain: {e}"))))
+            .transpose()
     }
 
     /// Everything but the material: policy, names and TLS settings.
@@ -183,6 +254,10 @@ impl ProfileFile {
         }
         let mut profile = TlsProfile::new(None, TrustBundle::default());
         profile.trust.require_fresh_crls = self.trust.require_fresh_crls;
+        profile.trust.trust_domain = self.trust_domain()?;
+        if let Some(id) = &self.client.server_spiffe_id {
+            SpiffeId::parse(id).map_err(|e| Error::config(format!("[client] server_spiffe_id: {e}")))?;
+        }
         profile.policy = policy;
         profile.server_name = self.client.server_name.clone();
         profile.server_spiffe_id = self.client.server_spiffe_id.clone();
@@ -211,6 +286,7 @@ impl CredentialStore {
     /// A store for the files a profile TOML names.
     pub fn from_file(path: impl AsRef<Path>, role: Use, options: StoreOptions) -> Result<Self, Error> {
         let file = ProfileFile::load(path.as_ref())?;
+        let options = file.store_options(options);
         Self::new(role, file.sources()?, file.settings()?, options)
     }
 }

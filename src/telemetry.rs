@@ -51,6 +51,12 @@ struct CrlLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainLabels {
+    store: String,
+    trust_domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProxyLabels {
     route: String,
     outcome: &'static str,
@@ -82,6 +88,12 @@ struct Metrics {
     earliest_ca_expiry: Family<StoreLabels, Gauge>,
     crl_next_update: Family<CrlLabels, Gauge>,
     last_reload: Family<StoreLabels, Gauge>,
+    domain_cas: Family<DomainLabels, Gauge>,
+    domain_expiry: Family<DomainLabels, Gauge>,
+    domain_sequence: Family<DomainLabels, Gauge>,
+    insecure_key: Family<StoreLabels, Gauge>,
+    /// Trust domains published per store, so a domain that goes away loses its gauges.
+    domains: Mutex<HashMap<String, Vec<String>>>,
     /// not-after per store, so seconds-left is computed when scraped.
     expiries: Mutex<HashMap<String, i64>>,
 }
@@ -103,6 +115,11 @@ fn metrics() -> &'static Metrics {
             earliest_ca_expiry: Family::default(),
             crl_next_update: Family::default(),
             last_reload: Family::default(),
+            domain_cas: Family::default(),
+            domain_expiry: Family::default(),
+            domain_sequence: Family::default(),
+            insecure_key: Family::default(),
+            domains: Mutex::new(HashMap::new()),
             expiries: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -153,6 +170,26 @@ fn metrics() -> &'static Metrics {
             "last_successful_reload_seconds",
             "When the current generation went live (Unix seconds)",
             m.last_reload.clone(),
+        );
+        registry.register(
+            "trust_domain_cas",
+            "CA certificates trusted for each SPIFFE trust domain",
+            m.domain_cas.clone(),
+        );
+        registry.register(
+            "trust_domain_earliest_ca_expiry_seconds",
+            "Earliest not-after among each trust domain's CAs (Unix seconds)",
+            m.domain_expiry.clone(),
+        );
+        registry.register(
+            "trust_domain_bundle_sequence",
+            "The spiffe_sequence of each trust domain's SPIFFE bundle, when it came from one",
+            m.domain_sequence.clone(),
+        );
+        registry.register(
+            "insecure_key_file",
+            "1 when our private key's file can be read by users other than its owner",
+            m.insecure_key.clone(),
         );
         Metrics { registry, ..m }
     })
@@ -278,6 +315,38 @@ pub(crate) fn reload_succeeded(g: GenerationGauges<'_>) {
                 .set(unix(*t));
         }
     }
+}
+
+/// Publishes each trust domain's CA count, earliest expiry and bundle sequence for `store`, and
+/// removes the gauges of domains no longer in service.
+pub(crate) fn trust_domains(store: &str, domains: &[(String, usize, Option<SystemTime>, Option<u64>)]) {
+    let m = metrics();
+    let label = |td: &str| DomainLabels { store: store.to_string(), trust_domain: td.to_string() };
+    let mut published = m.domains.lock().unwrap_or_else(|p| p.into_inner());
+    let before = published.insert(store.to_string(), domains.iter().map(|d| d.0.clone()).collect()).unwrap_or_default();
+    for gone in before.iter().filter(|td| !domains.iter().any(|d| &d.0 == *td)) {
+        m.domain_cas.remove(&label(gone));
+        m.domain_expiry.remove(&label(gone));
+        m.domain_sequence.remove(&label(gone));
+    }
+    for (td, count, expiry, sequence) in domains {
+        m.domain_cas.get_or_create(&label(td)).set(*count as i64);
+        if let Some(t) = expiry {
+            m.domain_expiry.get_or_create(&label(td)).set(unix(*t));
+        }
+        match sequence {
+            Some(seq) => {
+                m.domain_sequence.get_or_create(&label(td)).set(i64::try_from(*seq).unwrap_or(i64::MAX));
+            }
+            None => {
+                m.domain_sequence.remove(&label(td));
+            }
+        }
+    }
+}
+
+pub(crate) fn insecure_key_file(store: &str, insecure: bool) {
+    metrics().insecure_key.get_or_create(&StoreLabels { store: store.to_string() }).set(insecure as i64);
 }
 
 /// A `/metrics` HTTP listener; stops when dropped.

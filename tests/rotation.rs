@@ -56,6 +56,7 @@ fn file_sources(chain: &Path, key: &Path, ca: &Path) -> Sources {
         identity: IdentitySource::Files { chain: chain.into(), key: key.into() },
         trust: vec![PemSource::Path(ca.into())],
         crls: vec![],
+        ..Sources::default()
     }
 }
 
@@ -413,6 +414,7 @@ async fn ca_rotation_with_overlap_then_removal_closes_old_peers() {
             },
             trust: vec![PemSource::Pem(pki.ca.cert_pem().as_bytes().to_vec())],
             crls: vec![],
+            ..Sources::default()
         },
         template(),
         options,
@@ -514,10 +516,12 @@ async fn crl_revocation_closes_the_revoked_client_and_refuses_it() {
     assert_eq!(store.generation().crls.len(), 1);
     assert_eq!(store.generation().crls[0].revoked, 1);
 
-    // A CRL not signed by a trusted CA is refused.
-    let rogue = DevCa::new("rogue.example").unwrap();
-    let err = store.set_crls_pem(rogue.crl_pem(&[], far).unwrap().as_bytes()).unwrap_err();
-    assert_eq!(err.verdict().map(|v| v.name()), Some("bad_signature"), "{err}");
+    // A CRL from an issuer outside the bundle (an intermediate's, say) is kept: it applies only
+    // to certificates that issuer signed, and only if its signature verifies with their issuer's
+    // key. Peers of other issuers are untouched.
+    let other_issuer = DevCa::new("other.example").unwrap();
+    store.set_crls_pem(other_issuer.crl_pem(&[], far).unwrap().as_bytes()).unwrap();
+    assert_eq!(echo(&bystander, "still").await.unwrap(), "still");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -558,6 +562,7 @@ async fn expiring_certificate_is_reported_and_gauged() {
             identity: IdentitySource::Pem { chain: short.cert_pem.into(), key: short.key_pem.into() },
             trust: vec![PemSource::Path(pki.path("ca.pem"))],
             crls: vec![],
+            ..Sources::default()
         },
         template(),
         options,
@@ -642,6 +647,7 @@ async fn combined_file_and_ca_directory_rotate() {
             identity: IdentitySource::Combined(combined.clone()),
             trust: vec![PemSource::Path(ca_dir.clone())],
             crls: vec![],
+            ..Sources::default()
         },
         template(),
         fast_options("combined"),

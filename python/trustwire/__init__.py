@@ -19,6 +19,7 @@ from ._native import (
     Expired,
     HandshakeError,
     HandshakeTimeout,
+    IdentityChanged,
     Io,
     KeyMismatch,
     MethodNotAllowed,
@@ -128,4 +129,5 @@ __all__ = [
     "Io",
     "KeyMismatch",
     "BadPem",
+    "IdentityChanged",
 ]

@@ -161,10 +161,7 @@ impl Creds {
                 let file = crate::profile::ProfileFile::load(path)?;
                 (file.sources()?, file.settings()?)
             }
-            None => (
-                Sources { identity: IdentitySource::None, trust: vec![], crls: vec![] },
-                TlsProfile::new(None, TrustBundle::default()),
-            ),
+            None => (Sources::default(), TlsProfile::new(None, TrustBundle::default())),
         };
         if !self.ca.is_empty() {
             sources.trust = self.ca.iter().cloned().map(PemSource::Path).collect();

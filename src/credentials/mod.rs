@@ -13,15 +13,18 @@
 //! refuses are closed (after their calls in flight finish), unless that is turned off.
 
 mod preflight;
+mod sources;
 mod watch;
 
-use std::path::{Path, PathBuf};
+use sources::{read_material, Material};
+pub use sources::{FederatedSource, IdentitySource, PemSource, Sources};
+
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use aws_lc_rs::digest;
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
@@ -29,56 +32,10 @@ use x509_parser::revocation_list::CertificateRevocationList;
 use crate::error::{Error, Verdict};
 use crate::telemetry;
 use crate::tls::identity::{rfc3339, CertificateInfo};
+use crate::tls::spiffe::TrustDomain;
+use crate::tls::trust::parse_ca_bundle;
 use crate::tls::{ClientTls, Identity, ServerTls, TlsProfile, TrustBundle};
-
-/// Where our certificate chain and key come from.
-#[derive(Clone, Debug)]
-pub enum IdentitySource {
-    /// No identity (a client that only verifies servers).
-    None,
-    /// A chain file (leaf first) and a key file.
-    Files { chain: PathBuf, key: PathBuf },
-    /// One file holding the key and the chain (SPIFFE helper style).
-    Combined(PathBuf),
-    /// PEM bytes handed in through the API.
-    Pem { chain: Vec<u8>, key: Vec<u8> },
-}
-
-/// A PEM source for CA certificates or CRLs.
-#[derive(Clone, Debug)]
-pub enum PemSource {
-    /// A file, or a directory whose `.pem`/`.crt`/`.cer` (CAs) or `.pem`/`.crl` (CRLs) files
-    /// are read in name order.
-    Path(PathBuf),
-    /// PEM bytes handed in through the API.
-    Pem(Vec<u8>),
-}
-
-/// Everything a store loads.
-#[derive(Clone, Debug)]
-pub struct Sources {
-    pub identity: IdentitySource,
-    pub trust: Vec<PemSource>,
-    pub crls: Vec<PemSource>,
-}
-
-impl Sources {
-    /// Paths whose changes should trigger a load (files and directories).
-    fn paths(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        match &self.identity {
-            IdentitySource::Files { chain, key } => out.extend([chain.clone(), key.clone()]),
-            IdentitySource::Combined(p) => out.push(p.clone()),
-            IdentitySource::None | IdentitySource::Pem { .. } => {}
-        }
-        for s in self.trust.iter().chain(&self.crls) {
-            if let PemSource::Path(p) = s {
-                out.push(p.clone());
-            }
-        }
-        out
-    }
-}
+use sources::readable_by_others;
 
 /// Which sides of TLS a store serves; the pre-flight handshake checks each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +75,10 @@ pub struct StoreOptions {
     pub close_on_trust_change: bool,
     /// Emit an `Expiring` event when our certificate has less than this left.
     pub expiry_warning: Duration,
+    /// Let a reload put a certificate with another SPIFFE ID (or trust domain) than the one in
+    /// service live. Off by default: such a reload is refused (`identity_changed`) and the
+    /// previous generation keeps serving, since peers' policies were written for the old one.
+    pub allow_identity_change: bool,
 }
 
 impl Default for StoreOptions {
@@ -131,12 +92,14 @@ impl Default for StoreOptions {
             retries: 3,
             close_on_trust_change: true,
             expiry_warning: Duration::from_secs(7 * 24 * 3600),
+            allow_identity_change: false,
         }
     }
 }
 
 /// A lifecycle event, delivered to subscribers and logged.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Event {
     /// A new generation went live.
     Reloaded { store: String, generation: u64, serial: Option<String>, not_after: Option<SystemTime> },
@@ -146,6 +109,8 @@ pub enum Event {
     Expiring { store: String, generation: u64, not_after: SystemTime, seconds_left: i64 },
     /// An established connection was closed because new trust material refuses its peer.
     ConnectionClosed { store: String, peer: String, verdict: Verdict, message: String },
+    /// Our private key's file can be read by users other than its owner (mode shown in octal).
+    InsecureKeyFile { store: String, path: PathBuf, mode: u32 },
 }
 
 /// A CRL in force.
@@ -165,8 +130,22 @@ pub struct GenerationInfo {
     pub certificate: Option<CertificateInfo>,
     pub earliest_ca_expiry: Option<SystemTime>,
     pub crls: Vec<CrlInfo>,
+    /// The trust domains whose peers we can verify, with their CA sets.
+    pub trust_domains: Vec<TrustDomainInfo>,
+    /// Our private key's file when users other than its owner can read it: (path, mode).
+    pub insecure_key_file: Option<(PathBuf, u32)>,
     material_digest: Vec<u8>,
     trust_digest: Vec<u8>,
+}
+
+/// One trust domain's CA set in a generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustDomainInfo {
+    pub name: String,
+    pub ca_count: usize,
+    pub earliest_ca_expiry: Option<SystemTime>,
+    /// The SPIFFE bundle's `spiffe_sequence`, when the CAs came from one.
+    pub sequence: Option<u64>,
 }
 
 type Subscriber = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -210,6 +189,10 @@ struct Loaded {
     crls: Vec<CrlInfo>,
     material_digest: Vec<u8>,
     trust_digest: Vec<u8>,
+    /// Per trust domain: (name, CA count, earliest CA expiry).
+    domains: Vec<(String, usize, Option<SystemTime>)>,
+    /// Our private key's file when other users can read it: (path, mode).
+    insecure_key_file: Option<(PathBuf, u32)>,
 }
 
 impl CredentialStore {
@@ -226,7 +209,7 @@ impl CredentialStore {
         let loaded = load(&sources, &template, role, &options.name).inspect_err(|e| {
             telemetry::reload_rejected(&options.name, e.verdict());
         })?;
-        let profile = with_material(&template, &loaded);
+        let profile = with_material(&template, loaded.identity.as_ref(), &loaded.trust);
         let server = if role.server() { Some(profile.server_tls_from(profile.server_generation(1)?)) } else { None };
         let client = if role.client() { Some(profile.client_tls_from(profile.client_generation(1)?)?) } else { None };
         let info = info_of(&loaded, 1);
@@ -325,7 +308,7 @@ impl CredentialStore {
         let mut last_rejected = inner.load_lock.lock().unwrap_or_else(|p| p.into_inner());
         let sources = inner.sources.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let current = inner.info.load_full();
-        let digest = match material_digest(&sources) {
+        let digest = match read_material(&sources).map(|m| m.digests().0) {
             Ok(d) => d,
             Err(e) => return Err(self.rejected(e, None, &mut last_rejected, report)),
         };
@@ -337,12 +320,14 @@ impl CredentialStore {
             // Same bad material as last time: already reported.
             return Err(Error::credentials(None, "the sources still hold the material rejected before"));
         }
-        let loaded = match load(&sources, &inner.template, inner.role, &inner.options.name) {
+        let loaded = match load(&sources, &inner.template, inner.role, &inner.options.name)
+            .and_then(|l| check_identity_change(&current, &l, &inner.options).map(|()| l))
+        {
             Ok(l) => l,
             Err(e) => return Err(self.rejected(e, Some(digest), &mut last_rejected, report)),
         };
         let number = inner.next_number.fetch_add(1, Ordering::Relaxed);
-        let profile = with_material(&inner.template, &loaded);
+        let profile = with_material(&inner.template, loaded.identity.as_ref(), &loaded.trust);
         let built = (|| -> Result<_, Error> {
             let s = if inner.server.is_some() { Some(profile.server_generation(number)?) } else { None };
             let c = if inner.client.is_some() { Some(profile.client_generation(number)?) } else { None };
@@ -415,6 +400,20 @@ impl CredentialStore {
             crl_next_updates: &crls,
             loaded_at: info.loaded_at,
         });
+        telemetry::trust_domains(
+            name,
+            &info
+                .trust_domains
+                .iter()
+                .map(|d| (d.name.clone(), d.ca_count, d.earliest_ca_expiry, d.sequence))
+                .collect::<Vec<_>>(),
+        );
+        telemetry::insecure_key_file(name, info.insecure_key_file.is_some());
+        if let Some((path, mode)) = &info.insecure_key_file {
+            tracing::warn!(store = %name, path = %path.display(), mode = format!("{mode:03o}"),
+                "our private key file can be read by other users; make it readable by its owner only (chmod 600)");
+            self.emit(&Event::InsecureKeyFile { store: name.clone(), path: path.clone(), mode: *mode });
+        }
         self.emit(&Event::Reloaded { store: name.clone(), generation: info.number, serial, not_after });
         self.check_expiry();
     }
@@ -492,10 +491,10 @@ impl CredentialStore {
     }
 }
 
-fn with_material(template: &TlsProfile, loaded: &Loaded) -> TlsProfile {
+fn with_material(template: &TlsProfile, identity: Option<&Identity>, trust: &TrustBundle) -> TlsProfile {
     let mut p = template.clone();
-    p.identity = loaded.identity.clone();
-    p.trust = loaded.trust.clone();
+    p.identity = identity.cloned();
+    p.trust = trust.clone();
     p
 }
 
@@ -506,123 +505,95 @@ fn info_of(loaded: &Loaded, number: u64) -> GenerationInfo {
         certificate: loaded.certificate.clone(),
         earliest_ca_expiry: loaded.earliest_ca_expiry,
         crls: loaded.crls.clone(),
+        trust_domains: loaded
+            .domains
+            .iter()
+            .map(|(name, ca_count, earliest)| TrustDomainInfo {
+                name: name.clone(),
+                ca_count: *ca_count,
+                earliest_ca_expiry: *earliest,
+                sequence: TrustDomain::parse(name).ok().and_then(|td| loaded.trust.sequences.get(&td).copied()),
+            })
+            .collect(),
+        insecure_key_file: loaded.insecure_key_file.clone(),
         material_digest: loaded.material_digest.clone(),
         trust_digest: loaded.trust_digest.clone(),
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
-    std::fs::read(path)
-        .map_err(|e| Error::credentials(Some(Verdict::Io), format!("cannot read {what} {}: {e}", path.display())))
-}
-
-/// The bytes of each PEM source, files of a directory in name order.
-fn read_pem_sources(sources: &[PemSource], what: &str, exts: &[&str]) -> Result<Vec<(String, Vec<u8>)>, Error> {
-    let mut out = Vec::new();
-    for s in sources {
-        match s {
-            PemSource::Pem(b) => out.push((format!("{what} (bytes)"), b.clone())),
-            PemSource::Path(p) if p.is_dir() => {
-                let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-                    .map_err(|e| {
-                        Error::credentials(None, format!("cannot list {what} directory {}: {e}", p.display()))
-                    })?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|f| {
-                        // Kubernetes secret volumes hold `..data` and `..2024_…` entries: skip.
-                        !f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".."))
-                            && f.is_file()
-                            && f.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.contains(&e))
-                    })
-                    .collect();
-                files.sort();
-                for f in files {
-                    out.push((f.display().to_string(), read(&f, what)?));
-                }
-            }
-            PemSource::Path(p) => out.push((p.display().to_string(), read(p, what)?)),
-        }
-    }
-    Ok(out)
-}
-
-struct Material {
-    identity: Option<(Vec<u8>, Option<Vec<u8>>)>,
-    trust: Vec<(String, Vec<u8>)>,
-    crls: Vec<(String, Vec<u8>)>,
-}
-
-fn read_material(sources: &Sources) -> Result<Material, Error> {
-    let identity = match &sources.identity {
-        IdentitySource::None => None,
-        IdentitySource::Files { chain, key } => {
-            Some((read(chain, "certificate chain")?, Some(read(key, "private key")?)))
-        }
-        IdentitySource::Combined(p) => Some((read(p, "combined key and chain")?, None)),
-        IdentitySource::Pem { chain, key } => Some((chain.clone(), Some(key.clone()))),
-    };
-    Ok(Material {
-        identity,
-        trust: read_pem_sources(&sources.trust, "CA bundle", &["pem", "crt", "cer"])?,
-        crls: read_pem_sources(&sources.crls, "CRL", &["pem", "crl"])?,
-    })
-}
-
-fn digest_of(parts: &[&[u8]]) -> Vec<u8> {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    for p in parts {
-        ctx.update(&(p.len() as u64).to_be_bytes());
-        ctx.update(p);
-    }
-    ctx.finish().as_ref().to_vec()
-}
-
-fn material_digest(sources: &Sources) -> Result<Vec<u8>, Error> {
-    let m = read_material(sources)?;
-    Ok(digest_of_material(&m).0)
-}
-
-/// (digest of everything, digest of trust material only)
-fn digest_of_material(m: &Material) -> (Vec<u8>, Vec<u8>) {
-    let mut trust_parts: Vec<&[u8]> = Vec::new();
-    for (_, b) in m.trust.iter() {
-        trust_parts.push(b);
-    }
-    trust_parts.push(b"--crls--");
-    for (_, b) in m.crls.iter() {
-        trust_parts.push(b);
-    }
-    let trust = digest_of(&trust_parts);
-    let mut all: Vec<&[u8]> = vec![&trust];
-    if let Some((chain, key)) = &m.identity {
-        all.push(chain);
-        all.push(key.as_deref().unwrap_or(b"--combined--"));
-    }
-    (digest_of(&all), trust)
-}
-
 /// Reads, parses and validates; nothing is published here.
 fn load(sources: &Sources, template: &TlsProfile, role: Use, store: &str) -> Result<Loaded, Error> {
     let m = read_material(sources)?;
-    let (material_digest, trust_digest) = digest_of_material(&m);
+    let loaded = validate(&m, sources, template)?;
+    if let Some(id) = &loaded.identity {
+        if role.server() {
+            preflight::server(id, &loaded.trust, template)?;
+        }
+        if role.client() {
+            preflight::client(id, &loaded.trust, template)?;
+        }
+    }
+    tracing::debug!(store, "credentials validated");
+    Ok(loaded)
+}
+
+/// Material for a fixed profile: every check a store makes except the pre-flight handshakes
+/// (which need to know the role), so a profile loaded once and a store refuse the same files.
+pub(crate) fn load_fixed(sources: &Sources, template: &TlsProfile) -> Result<(Option<Identity>, TrustBundle), Error> {
+    let loaded = validate(&read_material(sources)?, sources, template)?;
+    Ok((loaded.identity, loaded.trust))
+}
+
+/// Parses the identity, the trust material by trust domain and the CRLs, and checks them.
+fn validate(m: &Material, sources: &Sources, template: &TlsProfile) -> Result<Loaded, Error> {
+    let (material_digest, trust_digest) = m.digests();
     let identity = match &m.identity {
         None => None,
-        Some((chain, Some(key))) => Some(Identity::from_pem(chain, key)?),
-        Some((combined, None)) => Some(Identity::from_combined_pem(combined)?),
+        Some((chain, Some(key), _)) => Some(Identity::from_pem(chain, key)?),
+        Some((combined, None, _)) => Some(Identity::from_combined_pem(combined)?),
     };
-    let mut trust = TrustBundle { require_fresh_crls: template.trust.require_fresh_crls, ..Default::default() };
+    let insecure_key_file = m.identity.as_ref().and_then(|(_, _, path)| path.as_deref()).and_then(readable_by_others);
+    let mut trust = TrustBundle {
+        require_fresh_crls: template.trust.require_fresh_crls,
+        trust_domain: sources.trust_domain.clone().or_else(|| template.trust.trust_domain.clone()),
+        ..Default::default()
+    };
     for (what, pem) in &m.trust {
-        trust.roots.extend(crate::tls::parse_certs(pem, what)?);
+        trust.roots.extend(parse_ca_bundle(pem, what)?);
     }
-    if trust.roots.is_empty() {
-        return Err(Error::credentials(None, "the trust bundle holds no CA certificate"));
+    let mut bundles: Vec<(TrustDomain, sources::SpiffeBundle)> = Vec::new();
+    if !m.trust_bundles.is_empty() {
+        let Some(td) = trust.trust_domain.clone() else {
+            return Err(Error::config("a SPIFFE bundle for our own trust domain needs [trust] trust_domain = \"…\""));
+        };
+        for (what, json) in &m.trust_bundles {
+            bundles.push((td.clone(), sources::parse_spiffe_bundle(json, what)?));
+        }
     }
-    let mut earliest_ca_expiry: Option<SystemTime> = None;
-    for ca in &trust.roots {
-        let info = CertificateInfo::from_der(ca)?;
-        let t = info.identity.not_after;
-        earliest_ca_expiry = Some(earliest_ca_expiry.map_or(t, |e| e.min(t)));
+    for (what, json) in &m.bundle_maps {
+        bundles.extend(sources::parse_bundle_map(json, what)?);
     }
+    for (td, cas, jsons) in &m.federation {
+        let mut pem_cas = Vec::new();
+        for (what, pem) in cas {
+            pem_cas.extend(parse_ca_bundle(pem, what)?);
+        }
+        trust = trust.federate(td.clone(), pem_cas);
+        for (what, json) in jsons {
+            bundles.push((td.clone(), sources::parse_spiffe_bundle(json, what)?));
+        }
+    }
+    for (td, b) in bundles {
+        if let Some(seq) = b.sequence {
+            trust.sequences.insert(td.clone(), seq);
+        }
+        trust = trust.federate(td, b.cas);
+    }
+    let probe = with_material(template, identity.as_ref(), &trust);
+    let resolved = trust.resolve(probe.local_trust_domain().as_ref())?;
+    let earliest_ca_expiry =
+        trust.all_cas().filter_map(|ca| CertificateInfo::from_der(ca).ok()).map(|i| i.identity.not_after).min();
+    let all_cas: Vec<CertificateDer<'static>> = trust.all_cas().cloned().collect();
     let mut crls = Vec::new();
     for (what, pem) in &m.crls {
         let before = trust.crls.len();
@@ -634,7 +605,7 @@ fn load(sources: &Sources, template: &TlsProfile, role: Use, store: &str) -> Res
             ));
         }
         for crl in &trust.crls[before..] {
-            crls.push(check_crl(crl.as_ref(), &trust.roots, what, template.trust.require_fresh_crls)?);
+            crls.push(check_crl(crl.as_ref(), &all_cas, what, template.trust.require_fresh_crls)?);
         }
     }
     let certificate = match &identity {
@@ -645,16 +616,37 @@ fn load(sources: &Sources, template: &TlsProfile, role: Use, store: &str) -> Res
         }
         None => None,
     };
-    if let Some(id) = &identity {
-        if role.server() {
-            preflight::server(id, &trust, template)?;
-        }
-        if role.client() {
-            preflight::client(id, &trust, template)?;
-        }
+    Ok(Loaded {
+        identity,
+        trust,
+        certificate,
+        earliest_ca_expiry,
+        crls,
+        material_digest,
+        trust_digest,
+        domains: resolved.domain_summaries(),
+        insecure_key_file,
+    })
+}
+
+/// A reload must not change who we are (our SPIFFE ID, hence our trust domain) unless the
+/// store allows it.
+fn check_identity_change(current: &GenerationInfo, new: &Loaded, options: &StoreOptions) -> Result<(), Error> {
+    let id = |c: &Option<CertificateInfo>| c.as_ref().and_then(|c| c.identity.spiffe_id.clone());
+    let (old, new) = (id(&current.certificate), id(&new.certificate));
+    if options.allow_identity_change || current.certificate.is_none() || old == new {
+        return Ok(());
     }
-    tracing::debug!(store, "credentials validated");
-    Ok(Loaded { identity, trust, certificate, earliest_ca_expiry, crls, material_digest, trust_digest })
+    Err(Error::credentials(
+        Some(Verdict::IdentityChanged),
+        format!(
+            "the new certificate's SPIFFE ID is {}, but the one in service is {}; the previous \
+             generation stays in service (a change of identity must be allowed explicitly: \
+             allow_identity_change)",
+            new.as_deref().unwrap_or("absent"),
+            old.as_deref().unwrap_or("absent")
+        ),
+    ))
 }
 
 fn check_validity(info: &CertificateInfo) -> Result<(), Error> {
@@ -685,24 +677,30 @@ fn check_validity(info: &CertificateInfo) -> Result<(), Error> {
     Ok(())
 }
 
-/// A CRL must be signed by a CA in the bundle; a stale one is refused when fresh CRLs are
-/// required.
-fn check_crl(der: &[u8], roots: &[CertificateDer<'static>], what: &str, require_fresh: bool) -> Result<CrlInfo, Error> {
+/// A CRL issued by a CA in the bundle must carry that CA's signature. One from another issuer
+/// (an intermediate CA, which peers send in their chains) is kept: webpki matches it to the
+/// issuer of a certificate being verified and checks its signature with that issuer's key, so a
+/// CRL whose signature does not verify never revokes (or clears) anything. A stale one is
+/// refused when fresh CRLs are required.
+fn check_crl(der: &[u8], cas: &[CertificateDer<'static>], what: &str, require_fresh: bool) -> Result<CrlInfo, Error> {
     let (_, crl) = CertificateRevocationList::from_der(der)
         .map_err(|e| Error::credentials(Some(Verdict::BadPem), format!("{what}: not a valid CRL: {e}")))?;
     let issuer = crl.issuer().to_string();
-    let mut signed_by_trusted = false;
-    for ca in roots {
+    let mut named_ca_found = false;
+    for ca in cas {
         let Ok((_, cert)) = X509Certificate::from_der(ca.as_ref()) else { continue };
-        if cert.subject().as_raw() == crl.issuer().as_raw() && crl.verify_signature(cert.public_key()).is_ok() {
-            signed_by_trusted = true;
-            break;
+        if cert.subject().as_raw() == crl.issuer().as_raw() {
+            named_ca_found = true;
+            if crl.verify_signature(cert.public_key()).is_ok() {
+                named_ca_found = false;
+                break;
+            }
         }
     }
-    if !signed_by_trusted {
+    if named_ca_found {
         return Err(Error::credentials(
             Some(Verdict::BadSignature),
-            format!("{what}: the CRL from '{issuer}' is not signed by any CA in the trust bundle"),
+            format!("{what}: the CRL from '{issuer}' is not signed by the key of the trusted CA of that name"),
         ));
     }
     let next_update =

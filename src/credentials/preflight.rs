@@ -1,84 +1,27 @@
 //! Pre-flight handshakes: before new material goes live, run a real TLS handshake in memory
-//! between the new identity and a peer that verifies it against the new trust bundle, in each
-//! role the store serves. What passes has been proven to sign, to chain to a trusted CA, and
-//! to carry the right key usage.
+//! between the new identity and a peer that verifies it with the same verifiers our handshakes
+//! use (the CA set of our trust domain, the CRLs in force), in each role the store serves. What
+//! passes has been proven to sign, to chain to a trusted CA of its trust domain, not to be
+//! revoked, and to carry the right key usage.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::WebPkiClientVerifier;
 use rustls::{
-    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, DistinguishedName, Error as TlsError,
-    RootCertStore, ServerConfig, ServerConnection, SignatureScheme,
+    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, Error as TlsError, ServerConfig,
+    ServerConnection, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::error::{Error, Verdict};
-use crate::tls::identity::PeerIdentity;
-use crate::tls::verify::verdict_for_tls_error;
-use crate::tls::{provider, Identity, TlsProfile, TrustBundle};
+use crate::error::Error;
+use crate::tls::policy::Policy;
+use crate::tls::verify::{take_diagnosis, verdict_for_tls_error, ClientVerifier, ServerVerifier};
+use crate::tls::{provider, trust, Identity, TlsProfile, TrustBundle};
 
-/// Records the first verification failure with a message naming the certificate.
-#[derive(Debug, Default)]
-struct Failure(Mutex<Option<Error>>);
-
-impl Failure {
-    fn record(&self, err: &TlsError, end_entity: &CertificateDer<'_>, role: &str, trust: &TrustBundle) {
-        let who = PeerIdentity::from_der(end_entity).ok();
-        let name = who.as_ref().map(|p| p.display_name()).unwrap_or_else(|| "?".into());
-        let verdict = verdict_for_tls_error(err).0;
-        let detail = match (verdict, &who) {
-            (Verdict::UnknownIssuer, Some(p)) => format!(
-                "it was issued by '{}', which is not among the CAs in the new trust bundle [{}]",
-                p.issuer,
-                trust_subjects(trust)
-            ),
-            (Verdict::BadKeyUsage, _) => {
-                let eku = if role == "server" { "serverAuth" } else { "clientAuth" };
-                format!("its extended key usage lacks {eku}")
-            }
-            _ => err.to_string(),
-        };
-        let message = format!("our new certificate for {name} cannot be used as a {role}: {detail}");
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        slot.get_or_insert(Error::credentials(Some(verdict), message));
-    }
-
-    fn take(&self) -> Option<Error> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-fn trust_subjects(trust: &TrustBundle) -> String {
-    trust
-        .roots
-        .iter()
-        .filter_map(|c| PeerIdentity::from_der(c).ok())
-        .map(|p| format!("'{}'", p.subject))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn roots(trust: &TrustBundle) -> Result<Arc<RootCertStore>, Error> {
-    let mut store = RootCertStore::empty();
-    for ca in &trust.roots {
-        store
-            .add(ca.clone())
-            .map_err(|e| Error::credentials(Some(Verdict::UnsupportedCertificate), format!("trust bundle: {e}")))?;
-    }
-    Ok(Arc::new(store))
-}
-
-/// Verifies the server chain like a client of ours would, except for the name: the names
-/// clients will ask for are theirs to choose.
+/// The verifier a client of ours would use on our server certificate, except for the name: the
+/// names clients will ask for are theirs to choose. Policy is left out too (it is the peer's).
 #[derive(Debug)]
-struct ServerChainCheck {
-    inner: Arc<WebPkiServerVerifier>,
-    failure: Arc<Failure>,
-    trust: TrustBundle,
-}
+struct ServerChainCheck(ServerVerifier);
 
 impl ServerCertVerifier for ServerChainCheck {
     fn verify_server_cert(
@@ -89,15 +32,14 @@ impl ServerCertVerifier for ServerChainCheck {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-            Ok(v) => Ok(v),
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(TlsError::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            Err(e) => {
-                self.failure.record(&e, end_entity, "server", &self.trust);
-                Err(e)
+            )) => {
+                take_diagnosis();
+                Ok(ServerCertVerified::assertion())
             }
+            other => other,
         }
     }
     fn verify_tls12_signature(
@@ -106,7 +48,7 @@ impl ServerCertVerifier for ServerChainCheck {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(m, c, d)
+        self.0.verify_tls12_signature(m, c, d)
     }
     fn verify_tls13_signature(
         &self,
@@ -114,54 +56,22 @@ impl ServerCertVerifier for ServerChainCheck {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(m, c, d)
+        self.0.verify_tls13_signature(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.0.supported_verify_schemes()
     }
 }
 
-/// Verifies a client chain with the new trust, recording why it fails.
-#[derive(Debug)]
-struct ClientChainCheck {
-    inner: Arc<dyn ClientCertVerifier>,
-    failure: Arc<Failure>,
-    trust: TrustBundle,
-}
-
-impl ClientCertVerifier for ClientChainCheck {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, TlsError> {
-        self.inner.verify_client_cert(end_entity, intermediates, now).inspect_err(|e| {
-            self.failure.record(e, end_entity, "client", &self.trust);
-        })
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(m, c, d)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+/// The new profile as our peers' verifiers see the material: our identity, the new trust, no
+/// policy (who may connect is the peer's business).
+fn peer_view(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> TlsProfile {
+    let mut p = template.clone();
+    p.identity = Some(identity.clone());
+    p.trust = trust.clone();
+    p.policy = Policy::default();
+    p.server_spiffe_id = None;
+    p
 }
 
 /// Accepts exactly one certificate: the throwaway server of the client pre-flight.
@@ -208,9 +118,10 @@ fn tls_config_error(e: TlsError) -> Error {
     Error::credentials(None, format!("the new identity cannot be used: {e}"))
 }
 
-/// Our identity as a server, verified by a client holding the new trust bundle.
+/// Our identity as a server, verified the way our clients verify servers (CA set of our trust
+/// domain, CRLs in force), by a client holding the new trust bundle.
 pub(super) fn server(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
-    let failure = Arc::new(Failure::default());
+    let view = peer_view(identity, trust, template);
     let versions = template.versions();
     let server = ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(versions)
@@ -218,34 +129,34 @@ pub(super) fn server(identity: &Identity, trust: &TrustBundle, template: &TlsPro
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(tls_config_error)?;
-    let inner = WebPkiServerVerifier::builder_with_provider(roots(trust)?, Arc::new(provider()))
-        .build()
-        .map_err(|e| Error::credentials(None, format!("trust bundle: {e}")))?;
+    let resolved = trust.resolve(view.local_trust_domain().as_ref())?;
+    let verifier = ServerVerifier {
+        verifiers: trust::server_verifiers(&resolved, trust)?,
+        policy: Arc::new(Policy::default()),
+        pinned_spiffe_id: None,
+    };
     let client = ClientConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(versions)
         .map_err(tls_config_error)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServerChainCheck {
-            inner,
-            failure: failure.clone(),
-            trust: trust.clone(),
-        }))
+        .with_custom_certificate_verifier(Arc::new(ServerChainCheck(verifier)))
         .with_no_client_auth();
-    run(client, server, &failure, "server")
+    run(client, server, "server")
 }
 
-/// Our identity as a client, verified by a server holding the new trust bundle.
+/// Our identity as a client, verified the way our servers verify clients, by a server holding
+/// the new trust bundle.
 pub(super) fn client(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
-    let failure = Arc::new(Failure::default());
+    let view = peer_view(identity, trust, template);
     let versions = template.versions();
     let (peer_cert, peer_key) = throwaway_server()?;
-    let inner = WebPkiClientVerifier::builder_with_provider(roots(trust)?, Arc::new(provider()))
-        .build()
-        .map_err(|e| Error::credentials(None, format!("trust bundle: {e}")))?;
+    let resolved = trust.resolve(view.local_trust_domain().as_ref())?;
+    let verifier =
+        ClientVerifier { verifiers: trust::client_verifiers(&resolved, trust)?, policy: Arc::new(Policy::default()) };
     let server = ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(versions)
         .map_err(tls_config_error)?
-        .with_client_cert_verifier(Arc::new(ClientChainCheck { inner, failure: failure.clone(), trust: trust.clone() }))
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(vec![peer_cert.clone()], peer_key.clone_key())
         .map_err(tls_config_error)?;
     let client = ClientConfig::builder_with_provider(Arc::new(provider()))
@@ -255,7 +166,7 @@ pub(super) fn client(identity: &Identity, trust: &TrustBundle, template: &TlsPro
         .with_custom_certificate_verifier(Arc::new(PinnedServer(peer_cert)))
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
         .map_err(tls_config_error)?;
-    run(client, server, &failure, "client")
+    run(client, server, "client")
 }
 
 /// A self-signed certificate for the client pre-flight's in-memory server, made once.
@@ -275,11 +186,13 @@ fn throwaway_server() -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>
 }
 
 /// Drives both ends in memory until the handshake completes or fails.
-fn run(client: ClientConfig, server: ServerConfig, failure: &Failure, role: &str) -> Result<(), Error> {
+fn run(client: ClientConfig, server: ServerConfig, role: &str) -> Result<(), Error> {
     let name = ServerName::try_from("preflight.trustwire.invalid").expect("a valid DNS name");
     let mut c = ClientConnection::new(Arc::new(client), name).map_err(tls_config_error)?;
     let mut s = ServerConnection::new(Arc::new(server)).map_err(tls_config_error)?;
     let mut buf = Vec::with_capacity(16 * 1024);
+    // The verifiers record why they refuse; start from a clean slot on this thread.
+    take_diagnosis();
     for _ in 0..16 {
         if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write() {
             return Ok(());
@@ -306,12 +219,16 @@ fn run(client: ClientConfig, server: ServerConfig, failure: &Failure, role: &str
             Ok(())
         })();
         if let Err(e) = step {
-            return Err(failure.take().unwrap_or_else(|| {
-                Error::credentials(
+            return Err(match take_diagnosis() {
+                Some(d) => Error::credentials(
+                    Some(d.verdict),
+                    format!("our new certificate cannot be used as a {role}: {}", d.message),
+                ),
+                None => Error::credentials(
                     Some(verdict_for_tls_error(&e).0),
                     format!("the pre-flight handshake of our new identity as a {role} failed: {e}"),
-                )
-            }));
+                ),
+            });
         }
     }
     Err(Error::credentials(None, format!("the pre-flight handshake as a {role} did not finish")))

@@ -9,11 +9,13 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::error::{Error, Verdict};
+use crate::tls::spiffe::{SpiffeId, TrustDomain};
 
 /// The verified identity of a peer, as its certificate states it. Handlers see it on every call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity {
-    /// The SPIFFE ID: the certificate's `spiffe://` URI SAN, when it has exactly one.
+    /// The SPIFFE ID: the certificate's one URI SAN when it is a valid `spiffe://` ID (an
+    /// X509-SVID carries exactly one; see [`CertificateInfo::svid_error`]).
     pub spiffe_id: Option<String>,
     pub dns_sans: Vec<String>,
     pub ip_sans: Vec<IpAddr>,
@@ -40,6 +42,10 @@ pub struct CertificateInfo {
     /// Extended key usages, e.g. `serverAuth`, `clientAuth`; empty when the extension is absent.
     pub extended_key_usage: Vec<&'static str>,
     pub self_signed: bool,
+    /// Why the certificate is not a valid X509-SVID although it claims a SPIFFE identity (a
+    /// `spiffe:` URI SAN beside other URI SANs, or an invalid SPIFFE ID). Such a certificate is
+    /// refused at the handshake as `unsupported_certificate`.
+    pub svid_error: Option<String>,
 }
 
 impl PeerIdentity {
@@ -107,10 +113,7 @@ impl CertificateInfo {
                 }
             }
         }
-        let spiffe: Vec<&String> =
-            uri_sans.iter().filter(|u| u.to_ascii_lowercase().starts_with("spiffe://")).collect();
-        // A SPIFFE X.509-SVID carries exactly one SPIFFE ID; several make the identity ambiguous.
-        let spiffe_id = (spiffe.len() == 1).then(|| spiffe[0].clone());
+        let (spiffe_id, svid_error) = svid_identity(&uri_sans);
         let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
         let mut extended_key_usage = Vec::new();
         if let Ok(Some(eku)) = cert.extended_key_usage() {
@@ -147,8 +150,41 @@ impl CertificateInfo {
             key_type: key_type(&cert),
             extended_key_usage,
             self_signed: cert.subject() == cert.issuer(),
+            svid_error,
             identity,
         })
+    }
+}
+
+impl CertificateInfo {
+    /// For a CA certificate naming a trust domain (`spiffe://T`, as SPIFFE signing certificates
+    /// do): that trust domain. A CA that names one vouches for no other.
+    pub fn named_trust_domain(&self) -> Option<TrustDomain> {
+        let id = SpiffeId::parse(self.identity.spiffe_id.as_deref()?).ok()?;
+        id.path().is_empty().then(|| id.trust_domain())
+    }
+}
+
+/// The SPIFFE ID of a certificate with these URI SANs, or why it is not a valid X509-SVID. A
+/// certificate with no `spiffe:` URI SAN makes no SPIFFE claim (a DNS identity) and is neither.
+fn svid_identity(uri_sans: &[String]) -> (Option<String>, Option<String>) {
+    let claims = |u: &&String| u.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("spiffe:"));
+    if !uri_sans.iter().any(|u| claims(&u)) {
+        return (None, None);
+    }
+    if uri_sans.len() > 1 {
+        let list = uri_sans.iter().map(|u| crate::authz::truncate(u).into_owned()).collect::<Vec<_>>().join(", ");
+        return (
+            None,
+            Some(format!(
+                "it carries {} URI SANs ({list}); an X509-SVID carries exactly one, its SPIFFE ID",
+                uri_sans.len()
+            )),
+        );
+    }
+    match SpiffeId::parse(&uri_sans[0]) {
+        Ok(id) => (Some(id.as_str().to_string()), None),
+        Err(e) => (None, Some(e.to_string())),
     }
 }
 

@@ -6,28 +6,31 @@
 
 pub mod identity;
 pub mod policy;
+pub mod spiffe;
 pub(crate) mod tracker;
+pub(crate) mod trust;
 pub(crate) mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::server::NoServerSessionStorage;
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 pub use identity::{CertificateInfo, PeerIdentity};
 pub use policy::{MethodDecision, Pattern, Policy};
+pub use spiffe::{SpiffeId, TrustDomain};
+pub use trust::TrustBundle;
 
 use crate::error::{Error, Verdict};
 use arc_swap::ArcSwap;
 pub(crate) use tracker::Tracker;
-use verify::{ClientVerifier, ServerVerifier, TrustSummary};
+use verify::{ClientVerifier, ServerVerifier};
 
 /// Default time allowed for a TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,65 +99,6 @@ impl Identity {
     }
 }
 
-/// The CAs we trust, and the CRLs in force.
-#[derive(Clone, Debug, Default)]
-pub struct TrustBundle {
-    pub roots: Vec<CertificateDer<'static>>,
-    pub crls: Vec<CertificateRevocationListDer<'static>>,
-    /// Refuse peers whose issuer's CRL is past its next-update time (`crl_stale`). Off by
-    /// default: a CA with no CRL configured is not checked for revocation either way.
-    pub require_fresh_crls: bool,
-}
-
-impl TrustBundle {
-    /// From PEM bytes holding one or more CA certificates.
-    pub fn from_pem(pem: &[u8]) -> Result<Self, Error> {
-        Ok(TrustBundle { roots: parse_certs(pem, "CA bundle")?, ..Default::default() })
-    }
-
-    /// From CA files and directories (every `.pem`/`.crt` file in a directory).
-    pub fn from_paths<P: AsRef<Path>>(paths: &[P]) -> Result<Self, Error> {
-        let mut roots = Vec::new();
-        for p in paths {
-            for file in pem_files(p.as_ref())? {
-                roots.extend(parse_certs(&read(&file, "CA bundle")?, &file.display().to_string())?);
-            }
-        }
-        if roots.is_empty() {
-            return Err(Error::credentials(None, "the trust bundle holds no CA certificate"));
-        }
-        Ok(TrustBundle { roots, ..Default::default() })
-    }
-
-    /// Adds CRLs from PEM bytes.
-    pub fn add_crls_pem(&mut self, pem: &[u8]) -> Result<(), Error> {
-        for crl in CertificateRevocationListDer::pem_slice_iter(pem) {
-            self.crls.push(
-                crl.map_err(|e| Error::credentials(Some(Verdict::BadPem), format!("CRL is not valid PEM: {e}")))?,
-            );
-        }
-        Ok(())
-    }
-
-    fn store(&self) -> Result<(Arc<RootCertStore>, Arc<TrustSummary>), Error> {
-        let mut store = RootCertStore::empty();
-        let mut summary = TrustSummary::default();
-        for (i, ca) in self.roots.iter().enumerate() {
-            store.add(ca.clone()).map_err(|e| {
-                Error::credentials(
-                    Some(Verdict::UnsupportedCertificate),
-                    format!("trust bundle certificate #{} cannot be used as a CA: {e}", i + 1),
-                )
-            })?;
-            summary.ca_subjects.push(CertificateInfo::from_der(ca).map(|c| c.identity.subject).unwrap_or_default());
-        }
-        if store.is_empty() {
-            return Err(Error::credentials(None, "the trust bundle holds no CA certificate"));
-        }
-        Ok((Arc::new(store), Arc::new(summary)))
-    }
-}
-
 /// Everything that decides how we handshake: identity, trust, policy and TLS settings.
 #[derive(Clone, Debug)]
 pub struct TlsProfile {
@@ -203,16 +147,9 @@ impl TlsProfile {
             .identity
             .as_ref()
             .ok_or_else(|| Error::config("a server needs an identity: set a certificate chain and private key"))?;
-        let (roots, trust) = self.trust.store()?;
-        let mut builder = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider()))
-            .with_crls(self.trust.crls.clone())
-            .allow_unknown_revocation_status();
-        if self.trust.require_fresh_crls {
-            builder = builder.enforce_revocation_expiration();
-        }
-        let inner =
-            builder.build().map_err(|e| Error::credentials(None, format!("cannot build client verifier: {e}")))?;
-        let verifier = Arc::new(ClientVerifier { inner, policy: Arc::new(self.policy.clone()), trust });
+        let resolved = self.trust.resolve(self.local_trust_domain().as_ref())?;
+        let verifiers = trust::client_verifiers(&resolved, &self.trust)?;
+        let verifier = Arc::new(ClientVerifier { verifiers, policy: Arc::new(self.policy.clone()) });
         let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(self.versions())
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
@@ -249,21 +186,15 @@ impl TlsProfile {
     }
 
     pub(crate) fn client_generation(&self, number: u64) -> Result<ClientGeneration, Error> {
-        let (roots, trust) = self.trust.store()?;
-        let mut builder = WebPkiServerVerifier::builder_with_provider(roots, Arc::new(provider()))
-            .with_crls(self.trust.crls.clone())
-            .allow_unknown_revocation_status();
-        if self.trust.require_fresh_crls {
-            builder = builder.enforce_revocation_expiration();
-        }
-        let inner =
-            builder.build().map_err(|e| Error::credentials(None, format!("cannot build server verifier: {e}")))?;
-        let verifier = Arc::new(ServerVerifier {
-            inner,
-            policy: Arc::new(self.policy.clone()),
-            pinned_spiffe_id: self.server_spiffe_id.clone(),
-            trust,
-        });
+        let resolved = self.trust.resolve(self.local_trust_domain().as_ref())?;
+        let verifiers = trust::server_verifiers(&resolved, &self.trust)?;
+        let pinned_spiffe_id = match &self.server_spiffe_id {
+            Some(id) => Some(
+                SpiffeId::parse(id).map_err(|e| Error::config(format!("server_spiffe_id: {e}")))?.as_str().to_string(),
+            ),
+            None => None,
+        };
+        let verifier = Arc::new(ServerVerifier { verifiers, policy: Arc::new(self.policy.clone()), pinned_spiffe_id });
         let builder = ClientConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(self.versions())
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
@@ -284,6 +215,17 @@ impl TlsProfile {
             our_not_after: leaf.map(|i| i.identity.not_after),
             number,
         })
+    }
+
+    /// Our trust domain: the bundle's, else our own SPIFFE ID's, else the pinned server's.
+    pub(crate) fn local_trust_domain(&self) -> Option<TrustDomain> {
+        if let Some(td) = &self.trust.trust_domain {
+            return Some(td.clone());
+        }
+        let ours = self.identity.as_ref().and_then(|id| id.leaf_info().ok()).and_then(|i| i.identity.spiffe_id);
+        ours.or_else(|| self.server_spiffe_id.clone())
+            .and_then(|id| SpiffeId::parse(&id).ok())
+            .map(|id| id.trust_domain())
     }
 
     pub(crate) fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
@@ -364,12 +306,12 @@ pub fn provider() -> CryptoProvider {
     p
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
+pub(crate) fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
     std::fs::read(path)
         .map_err(|e| Error::credentials(Some(Verdict::Io), format!("cannot read {what} {}: {e}", path.display())))
 }
 
-fn pem_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
+pub(crate) fn pem_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }

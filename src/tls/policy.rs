@@ -9,6 +9,7 @@ use std::fmt;
 
 use crate::error::Error;
 use crate::tls::identity::PeerIdentity;
+use crate::tls::spiffe::SpiffeId;
 
 /// One allow-list entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,28 +32,20 @@ impl Pattern {
         if s == "*" {
             return Ok(Pattern::Any);
         }
-        if let Some(rest) = strip_prefix_ci(s, "spiffe://") {
-            let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
-            if domain.is_empty() || domain == "*" {
-                return Err(Error::config(format!(
-                    "allow pattern '{s}' has no trust domain: write spiffe://example.org/… "
-                )));
+        if strip_prefix_ci(s, "spiffe://").is_some() {
+            let bad = |why: String| Error::config(format!("allow pattern '{s}': {why}"));
+            if let Some(base) = s.strip_suffix("/*") {
+                // A prefix: the part before `/*` is itself a SPIFFE ID (a trust domain alone,
+                // or a path), so `*` can only stand for whole trailing segments.
+                let base = SpiffeId::parse(base).map_err(|e| bad(e.to_string()))?;
+                return Ok(Pattern::SpiffePrefix(format!("{base}/")));
             }
-            if let Some(prefix) = s.strip_suffix('*') {
-                if !prefix.ends_with('/') || prefix[..prefix.len() - 1].contains('*') {
-                    return Err(Error::config(format!(
-                        "allow pattern '{s}': '*' is only allowed as a whole last path segment, \
-                         e.g. spiffe://example.org/ns/prod/*"
-                    )));
-                }
-                return Ok(Pattern::SpiffePrefix(normalize_spiffe(prefix)));
+            if s.contains('*') {
+                return Err(bad("'*' is only allowed as a whole last path segment, e.g. \
+                                spiffe://example.org/ns/prod/*"
+                    .into()));
             }
-            if path.contains('*') {
-                return Err(Error::config(format!(
-                    "allow pattern '{s}': '*' is only allowed as the last path segment"
-                )));
-            }
-            return Ok(Pattern::SpiffeId(normalize_spiffe(s)));
+            return Ok(Pattern::SpiffeId(SpiffeId::parse(s).map_err(|e| bad(e.to_string()))?.as_str().to_string()));
         }
         if let Some(name) = strip_prefix_ci(s, "dns:") {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -78,12 +71,12 @@ impl Pattern {
     pub fn matches(&self, peer: &PeerIdentity) -> bool {
         match self {
             Pattern::Any => true,
-            Pattern::SpiffeId(id) => peer.spiffe_id.as_deref().map(normalize_spiffe).as_deref() == Some(id.as_str()),
-            Pattern::SpiffePrefix(prefix) => peer
-                .spiffe_id
-                .as_deref()
-                .map(normalize_spiffe)
-                .is_some_and(|id| id.starts_with(prefix.as_str()) && id.len() > prefix.len()),
+            // Peer SPIFFE IDs were validated when the certificate was read (an invalid one is
+            // refused at the handshake), so plain comparison is exact: no normalising.
+            Pattern::SpiffeId(id) => peer.spiffe_id.as_deref() == Some(id.as_str()),
+            Pattern::SpiffePrefix(prefix) => {
+                peer.spiffe_id.as_deref().is_some_and(|id| id.len() > prefix.len() && id.starts_with(prefix.as_str()))
+            }
             Pattern::Dns(pat) => peer.dns_sans.iter().any(|d| dns_matches(pat, d)),
             Pattern::Cn(cn) => peer.common_name.as_deref() == Some(cn.as_str()),
         }
@@ -104,15 +97,6 @@ impl fmt::Display for Pattern {
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)).then(|| &s[prefix.len()..])
-}
-
-/// Scheme and trust domain are case-insensitive in SPIFFE; the path is not.
-fn normalize_spiffe(id: &str) -> String {
-    let rest = &id["spiffe://".len().min(id.len())..];
-    match rest.split_once('/') {
-        Some((domain, path)) => format!("spiffe://{}/{}", domain.to_ascii_lowercase(), path),
-        None => format!("spiffe://{}", rest.to_ascii_lowercase()),
-    }
 }
 
 fn dns_matches(pattern: &str, name: &str) -> bool {

@@ -25,8 +25,10 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::{Error, Side, Verdict};
-use crate::tls::identity::{rfc3339, PeerIdentity};
+use crate::tls::identity::{rfc3339, CertificateInfo, PeerIdentity};
 use crate::tls::policy::Policy;
+use crate::tls::spiffe::SpiffeId;
+use crate::tls::trust::{TrustSummary, VerifierSet};
 
 /// What went wrong in verification, in words a user can act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +45,7 @@ fn record(verdict: Verdict, message: String) {
     DIAGNOSIS.with(|d| *d.borrow_mut() = Some(Diagnosis { verdict, message }));
 }
 
-fn take_diagnosis() -> Option<Diagnosis> {
+pub(crate) fn take_diagnosis() -> Option<Diagnosis> {
     DIAGNOSIS.with(|d| d.borrow_mut().take())
 }
 
@@ -61,22 +63,6 @@ impl<F: Future + Unpin> Future for Diagnosed<F> {
                 take_diagnosis();
                 Poll::Pending
             }
-        }
-    }
-}
-
-/// The trusted CAs' subjects, for messages that say which CAs we trust.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct TrustSummary {
-    pub ca_subjects: Vec<String>,
-}
-
-impl TrustSummary {
-    fn list(&self) -> String {
-        if self.ca_subjects.is_empty() {
-            "none".into()
-        } else {
-            self.ca_subjects.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ")
         }
     }
 }
@@ -99,11 +85,11 @@ fn diagnose_chain(
     let message = match err {
         TlsError::InvalidCertificate(ce) => match ce {
             CertificateError::UnknownIssuer => format!(
-                "the {role} certificate for {name} was issued by '{}', which is not among the \
-                 trusted CAs [{}]; add that CA to the trust bundle, send the intermediate \
-                 certificates with the leaf, or use a certificate from a trusted CA",
+                "the {role} certificate for {name} was issued by '{}', which is not among {}; add \
+                 that CA to the trust bundle, send the intermediate certificates with the leaf, or \
+                 use a certificate from a trusted CA",
                 who.as_ref().map(|p| p.issuer.as_str()).unwrap_or("?"),
-                trust.list(),
+                trust.describe(),
             ),
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => format!(
                 "a certificate in the {role}'s chain for {name} has expired: not after {}, now {}; \
@@ -176,12 +162,74 @@ impl ServerVerifier {
     }
 }
 
-/// Server side: requires a client certificate, verifies it, and applies the allow-list.
+/// What a verifier knows about a peer's leaf before path validation: its identity, and the CA
+/// set its trust domain selects. A leaf that is not a valid X509-SVID although it claims a
+/// SPIFFE identity, or whose trust domain has no CAs here, is refused before webpki runs.
+fn preselect<'a, V: ?Sized>(
+    verifiers: &'a VerifierSet<V>,
+    end_entity: &CertificateDer<'_>,
+    role: &str,
+) -> Result<(PeerIdentity, &'a (Arc<V>, TrustSummary)), TlsError> {
+    let info = CertificateInfo::from_der(end_entity).map_err(|e| {
+        record(Verdict::UnsupportedCertificate, format!("the {role} certificate is not valid X.509: {e}"));
+        TlsError::InvalidCertificate(CertificateError::BadEncoding)
+    })?;
+    let name = info.identity.display_name();
+    if let Some(why) = &info.svid_error {
+        record(
+            Verdict::UnsupportedCertificate,
+            format!("the {role} certificate for {name} claims a SPIFFE identity but is not a valid X509-SVID: {why}"),
+        );
+        return Err(TlsError::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(InvalidSvid)))));
+    }
+    let domain = info.identity.spiffe_id.as_deref().and_then(|id| SpiffeId::parse(id).ok());
+    match verifiers.select(domain.as_ref().map(|d| d.trust_domain_name())) {
+        Ok(v) => Ok((info.identity, v)),
+        Err(why) => {
+            record(Verdict::UnknownIssuer, format!("the {role} certificate for {name} cannot be verified: {why}"));
+            Err(TlsError::InvalidCertificate(CertificateError::UnknownIssuer))
+        }
+    }
+}
+
+#[derive(Debug)]
+struct InvalidSvid;
+
+impl std::fmt::Display for InvalidSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("not a valid X509-SVID")
+    }
+}
+
+impl std::error::Error for InvalidSvid {}
+
+/// Handshake signatures do not depend on the CA set: every set uses the same provider.
+fn tls12_signature(
+    m: &[u8],
+    c: &CertificateDer<'_>,
+    d: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, TlsError> {
+    rustls::crypto::verify_tls12_signature(m, c, d, &crate::tls::provider().signature_verification_algorithms)
+}
+
+fn tls13_signature(
+    m: &[u8],
+    c: &CertificateDer<'_>,
+    d: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, TlsError> {
+    rustls::crypto::verify_tls13_signature(m, c, d, &crate::tls::provider().signature_verification_algorithms)
+}
+
+fn verify_schemes() -> Vec<SignatureScheme> {
+    crate::tls::provider().signature_verification_algorithms.supported_schemes()
+}
+
+/// Server side: requires a client certificate, verifies it against the CAs of its trust
+/// domain, and applies the allow-list.
 #[derive(Debug)]
 pub(crate) struct ClientVerifier {
-    pub inner: Arc<dyn ClientCertVerifier>,
+    pub verifiers: VerifierSet<dyn ClientCertVerifier>,
     pub policy: Arc<Policy>,
-    pub trust: Arc<TrustSummary>,
 }
 
 impl ClientCertVerifier for ClientVerifier {
@@ -190,7 +238,7 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &self.verifiers.hints
     }
 
     fn verify_client_cert(
@@ -199,13 +247,12 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
-            let d = diagnose_chain(&e, end_entity, &self.trust, now, "client");
+        let (peer, (inner, trust)) = preselect(&self.verifiers, end_entity, "client")?;
+        if let Err(e) = inner.verify_client_cert(end_entity, intermediates, now) {
+            let d = diagnose_chain(&e, end_entity, trust, now, "client");
             record(d.verdict, d.message);
             return Err(e);
         }
-        let peer = PeerIdentity::from_der(end_entity)
-            .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
         if !self.policy.admits(&peer) {
             record(Verdict::PeerNotAllowed, self.policy.explain_refusal(&peer));
             return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
@@ -219,7 +266,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -228,21 +275,21 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        verify_schemes()
     }
 }
 
-/// Client side: verifies the server's chain and name, then the pinned SPIFFE ID and allow-list.
+/// Client side: verifies the server's chain (against the CAs of its trust domain) and name,
+/// then the pinned SPIFFE ID and allow-list.
 #[derive(Debug)]
 pub(crate) struct ServerVerifier {
-    pub inner: Arc<dyn ServerCertVerifier>,
+    pub verifiers: VerifierSet<dyn ServerCertVerifier>,
     pub policy: Arc<Policy>,
     pub pinned_spiffe_id: Option<String>,
-    pub trust: Arc<TrustSummary>,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -254,28 +301,22 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        if let Err(e) = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
-            let mut d = diagnose_chain(&e, end_entity, &self.trust, now, "server");
+        let (peer, (inner, trust)) = preselect(&self.verifiers, end_entity, "server")?;
+        if let Err(e) = inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            let mut d = diagnose_chain(&e, end_entity, trust, now, "server");
             if d.verdict == Verdict::NameMismatch {
-                let names = PeerIdentity::from_der(end_entity)
-                    .map(|p| {
-                        let mut n = p.dns_sans.iter().map(|d| format!("dns:{d}")).collect::<Vec<_>>();
-                        n.extend(p.ip_sans.iter().map(|i| format!("ip:{i}")));
-                        n.join(", ")
-                    })
-                    .unwrap_or_default();
+                let mut n = peer.dns_sans.iter().map(|d| format!("dns:{d}")).collect::<Vec<_>>();
+                n.extend(peer.ip_sans.iter().map(|i| format!("ip:{i}")));
                 d.message = format!(
                     "asked for server name '{}', but the server's certificate covers only [{}]; \
                      set server_name to one of those, or reissue the certificate with that name",
                     server_name.to_str(),
-                    names
+                    n.join(", ")
                 );
             }
             record(d.verdict, d.message);
             return Err(e);
         }
-        let peer = PeerIdentity::from_der(end_entity)
-            .map_err(|_| TlsError::InvalidCertificate(CertificateError::BadEncoding))?;
         if let Some(pinned) = &self.pinned_spiffe_id {
             if peer.spiffe_id.as_deref() != Some(pinned.as_str()) {
                 record(
@@ -301,7 +342,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -310,11 +351,11 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        verify_schemes()
     }
 }
 

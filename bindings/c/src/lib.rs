@@ -88,6 +88,8 @@ pub enum tw_result {
     TW_KEY_MISMATCH = 19,
     /// Credential material is not valid PEM, or is empty or cut short.
     TW_BAD_PEM = 20,
+    /// A reload would change our own SPIFFE ID; refused unless allow_identity_change is set.
+    TW_IDENTITY_CHANGED = 21,
     /// A required pointer argument was NULL.
     TW_NULL_ARGUMENT = 1000,
     /// An argument is out of range or not valid UTF-8.

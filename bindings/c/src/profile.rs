@@ -66,6 +66,9 @@ pub enum tw_event_kind {
     TW_EVENT_EXPIRING = 3,
     /// An established connection was closed because new trust material refuses its peer.
     TW_EVENT_CONNECTION_CLOSED = 4,
+    /// Our private key's file can be read by users other than its owner; `message` names the
+    /// file and its mode.
+    TW_EVENT_INSECURE_KEY_FILE = 5,
 }
 
 /// One credential event, borrowed by the callback: the struct and its strings are valid only
@@ -141,6 +144,12 @@ fn deliver(events: &Events, event: &Event) {
             ev.verdict = ffi::verdict_result(*verdict);
             (message.clone(), peer.clone())
         }
+        Event::InsecureKeyFile { path, mode, .. } => {
+            ev.kind = tw_event_kind::TW_EVENT_INSECURE_KEY_FILE;
+            (format!("{} is readable by other users (mode {mode:03o})", path.display()), String::new())
+        }
+        // Kinds this library does not know yet are not delivered.
+        _ => return,
     };
     let message = ffi::owned_cstring(message);
     let peer = ffi::owned_cstring(peer);
@@ -205,7 +214,7 @@ impl Events {
 pub unsafe extern "C" fn tw_profile_builder_new(builder_out: *mut *mut tw_profile_builder) -> tw_result {
     guard(|| {
         let b = tw_profile_builder {
-            sources: Sources { identity: IdentitySource::None, trust: Vec::new(), crls: Vec::new() },
+            sources: Sources::default(),
             template: TlsProfile::new(None, TrustBundle::default()),
             options: StoreOptions { name: "c".into(), ..StoreOptions::default() },
         };

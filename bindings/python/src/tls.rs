@@ -138,6 +138,12 @@ impl From<&Event> for PyEvent {
                 out.verdict = Some(verdict.name());
                 out.message = Some(message.clone());
             }
+            Event::InsecureKeyFile { store, path, mode } => {
+                out.kind = "insecure_key_file";
+                out.store = store.clone();
+                out.message = Some(format!("{} is readable by other users (mode {mode:03o})", path.display()));
+            }
+            _ => out.kind = "other",
         }
         out
     }
@@ -243,7 +249,7 @@ impl PyTlsConfig {
         if trust.is_empty() {
             return Err(config_error(py, "ca is required: the CA certificates that vouch for peers"));
         }
-        let sources = Sources { identity, trust, crls: pem_sources(crl)? };
+        let sources = Sources { identity, trust, crls: pem_sources(crl)?, ..Sources::default() };
         let mut policy = Policy::from_patterns(&allow.unwrap_or_default()).map_err(|e| to_pyerr(py, e))?;
         for (methods, allow) in rules.unwrap_or_default() {
             policy = policy.with_rule(&methods, &allow).map_err(|e| to_pyerr(py, e))?;
