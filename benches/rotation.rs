@@ -3,7 +3,9 @@
 //! 1. full mTLS handshakes per second against a server whose material comes from a watched
 //!    `CredentialStore` vs one built once from a fixed profile (target ≥ 0.98×);
 //! 2. calls per second from pooled clients while the server's certificate is rotated every
-//!    second vs not rotated, with the number of failed calls (target: none).
+//!    second vs not rotated, with the number of failed calls (target: none);
+//! 3. full handshakes per second against a server trusting three trust domains (its own plus
+//!    two federated, each with its CA) vs one trusting a single CA (target ≥ 0.97×).
 //!
 //! Baseline and candidate alternate in rounds (B, T, B, T, …) so background load on a shared
 //! machine falls on both. Client and server share one 2-worker tokio runtime. Duration per
@@ -52,6 +54,19 @@ impl Pki {
         let d = self.dir.path();
         let id = Identity::from_files(&d.join("server.pem"), &d.join("server.key")).unwrap();
         let trust = TrustBundle::from_paths(&[d.join("ca.pem")]).unwrap();
+        TlsProfile::new(Some(id), trust).server().unwrap()
+    }
+
+    /// The fixed server, also trusting two federated trust domains with their own CAs.
+    fn three_domains(&self) -> ServerTls {
+        let d = self.dir.path();
+        let id = Identity::from_files(&d.join("server.pem"), &d.join("server.key")).unwrap();
+        let mut trust = TrustBundle::from_paths(&[d.join("ca.pem")]).unwrap();
+        for td in ["partner-a.example", "partner-b.example"] {
+            let ca = DevCa::new(td).unwrap();
+            let cas = TrustBundle::from_pem(ca.cert_pem().as_bytes()).unwrap().roots;
+            trust = trust.federate(trustwire::tls::TrustDomain::parse(td).unwrap(), cas);
+        }
         TlsProfile::new(Some(id), trust).server().unwrap()
     }
 
@@ -172,16 +187,23 @@ fn main() {
         let fixed = serve(pki.fixed()).await;
         let store = pki.store();
         let rotating = serve(store.server_tls().unwrap()).await;
+        let federated = serve(pki.three_domains()).await;
         let (fixed_addr, store_addr) = (fixed.local_addr().to_string(), rotating.local_addr().to_string());
+        let federated_addr = federated.local_addr().to_string();
 
         // Warm-up.
         handshakes(fixed_addr.clone(), client_tls.clone(), 8, 0.3).await;
         handshakes(store_addr.clone(), client_tls.clone(), 8, 0.3).await;
+        handshakes(federated_addr.clone(), client_tls.clone(), 8, 0.3).await;
 
-        let (mut hs_fixed, mut hs_store) = (0.0, 0.0);
+        let (mut hs_fixed, mut hs_store, mut hs_fixed3, mut hs_three) = (0.0, 0.0, 0.0, 0.0);
         for _ in 0..ROUNDS {
             hs_fixed += handshakes(fixed_addr.clone(), client_tls.clone(), 8, secs).await / ROUNDS as f64;
             hs_store += handshakes(store_addr.clone(), client_tls.clone(), 8, secs).await / ROUNDS as f64;
+        }
+        for _ in 0..ROUNDS {
+            hs_fixed3 += handshakes(fixed_addr.clone(), client_tls.clone(), 8, secs).await / ROUNDS as f64;
+            hs_three += handshakes(federated_addr.clone(), client_tls.clone(), 8, secs).await / ROUNDS as f64;
         }
 
         let (mut c_still, mut c_rot, mut failed, mut rotations) = (0.0, 0.0, 0, 0);
@@ -211,10 +233,11 @@ fn main() {
         };
         row("1. handshakes, store-backed vs fixed server (8 conc.)", "hs/s", hs_fixed, hs_store, Some(0.98));
         row("2. calls/s rotating every 1s vs not rotating", "calls/s", c_still, c_rot, None);
+        row("3. handshakes, three trust domains vs one CA", "hs/s", hs_fixed3, hs_three, Some(0.97));
         println!("{}", "-".repeat(110));
         println!("rotations during scenario 2: {rotations}; failed calls in scenario 2: {failed} (target 0)");
         println!(
-            "BENCH_JSON {{\"handshakes_fixed\":{hs_fixed:.1},\"handshakes_store\":{hs_store:.1},\"handshake_ratio\":{ratio_hs:.4},\"calls_still\":{c_still:.1},\"calls_rotating\":{c_rot:.1},\"calls_ratio\":{ratio_calls:.4},\"rotations\":{rotations},\"failed_calls\":{failed}}}"
+            "BENCH_JSON {{\"handshakes_fixed\":{hs_fixed:.1},\"handshakes_store\":{hs_store:.1},\"handshake_ratio\":{ratio_hs:.4},\"calls_still\":{c_still:.1},\"calls_rotating\":{c_rot:.1},\"calls_ratio\":{ratio_calls:.4},\"rotations\":{rotations},\"failed_calls\":{failed},\"handshakes_one_ca\":{hs_fixed3:.1},\"handshakes_three_domains\":{hs_three:.1},\"trust_domains_ratio\":{:.4}}}", hs_three / hs_fixed3
         );
     });
 }

@@ -76,6 +76,8 @@ pub struct IssueRequest {
     pub spiffe_id: Option<String>,
     pub dns: Vec<String>,
     pub ips: Vec<IpAddr>,
+    /// Further URI SANs beside the SPIFFE ID (for testing how peers treat them).
+    pub uris: Vec<String>,
     /// Default: five minutes ago (tolerates small clock differences).
     pub not_before: Option<SystemTime>,
     /// Default: `days` from now.
@@ -92,6 +94,7 @@ impl IssueRequest {
             spiffe_id: None,
             dns: Vec::new(),
             ips: Vec::new(),
+            uris: Vec::new(),
             not_before: None,
             not_after: None,
             days: 30,
@@ -112,6 +115,11 @@ impl IssueRequest {
 
     pub fn ip(mut self, ip: IpAddr) -> Self {
         self.ips.push(ip);
+        self
+    }
+
+    pub fn uri(mut self, uri: impl Into<String>) -> Self {
+        self.uris.push(uri.into());
         self
     }
 
@@ -236,6 +244,9 @@ impl DevCa {
         }
         for ip in &req.ips {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        for uri in &req.uris {
+            params.subject_alt_names.push(SanType::URI(uri.clone().try_into().map_err(pki_err)?));
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if req.key_type == KeyType::Rsa2048 {

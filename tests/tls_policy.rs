@@ -261,7 +261,7 @@ server_spiffe_id = "{SERVER_ID}"
 min_version = "1.3"
 handshake_timeout_ms = 2000
 "#,
-            pki.dir.path().display()
+            pki.path("ca.pem").display()
         ),
     )
     .unwrap();
@@ -303,7 +303,8 @@ fn verdict_names_are_stable() {
             "not_tls",
             "io",
             "key_mismatch",
-            "bad_pem"
+            "bad_pem",
+            "identity_changed"
         ]
     );
     for (i, v) in Verdict::ALL.iter().enumerate() {
