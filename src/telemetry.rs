@@ -68,6 +68,24 @@ struct ClosedLabels {
     verdict: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadApiStateLabels {
+    source: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadApiFailureLabels {
+    source: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadApiUpdateLabels {
+    source: String,
+    result: &'static str,
+}
+
 struct Metrics {
     registry: Registry,
     handshakes: Family<HandshakeLabels, Counter>,
@@ -82,6 +100,9 @@ struct Metrics {
     earliest_ca_expiry: Family<StoreLabels, Gauge>,
     crl_next_update: Family<CrlLabels, Gauge>,
     last_reload: Family<StoreLabels, Gauge>,
+    workload_api_state: Family<WorkloadApiStateLabels, Gauge>,
+    workload_api_failures: Family<WorkloadApiFailureLabels, Counter>,
+    workload_api_updates: Family<WorkloadApiUpdateLabels, Counter>,
     /// not-after per store, so seconds-left is computed when scraped.
     expiries: Mutex<HashMap<String, i64>>,
 }
@@ -103,6 +124,9 @@ fn metrics() -> &'static Metrics {
             earliest_ca_expiry: Family::default(),
             crl_next_update: Family::default(),
             last_reload: Family::default(),
+            workload_api_state: Family::default(),
+            workload_api_failures: Family::default(),
+            workload_api_updates: Family::default(),
             expiries: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -153,6 +177,21 @@ fn metrics() -> &'static Metrics {
             "last_successful_reload_seconds",
             "When the current generation went live (Unix seconds)",
             m.last_reload.clone(),
+        );
+        registry.register(
+            "workload_api_stream_state",
+            "State of each Workload API source's stream: 1 for the current state (connecting, streaming, backoff, failed), 0 for the others",
+            m.workload_api_state.clone(),
+        );
+        registry.register(
+            "workload_api_stream_failures",
+            "Workload API streams that could not be opened or broke, by source and reason (unreachable, refused, broken, ended, too_large)",
+            m.workload_api_failures.clone(),
+        );
+        registry.register(
+            "workload_api_updates",
+            "Workload API responses by source and result (accepted, or rejected as malformed or without the selected SVID)",
+            m.workload_api_updates.clone(),
         );
         Metrics { registry, ..m }
     })
@@ -246,6 +285,35 @@ pub(crate) fn proxy_stream(route: &str, outcome: &'static str) {
 
 pub(crate) fn connection_closed(store: &str, verdict: Verdict) {
     metrics().closed.get_or_create(&ClosedLabels { store: store.to_string(), verdict: verdict.name() }).inc();
+}
+
+/// Sets a Workload API source's stream state: `state` to 1, the other `states` to 0.
+pub(crate) fn workload_api_state(source: &str, state: &'static str, states: &[&'static str]) {
+    let m = metrics();
+    for s in states {
+        let labels = WorkloadApiStateLabels { source: source.to_string(), state: s };
+        m.workload_api_state.get_or_create(&labels).set(i64::from(*s == state));
+    }
+}
+
+/// Drops a stopped Workload API source's state series, so it does not look stuck.
+pub(crate) fn workload_api_stopped(source: &str, states: &[&'static str]) {
+    let m = metrics();
+    for s in states {
+        m.workload_api_state.remove(&WorkloadApiStateLabels { source: source.to_string(), state: s });
+    }
+}
+
+pub(crate) fn workload_api_failure(source: &str, reason: &'static str) {
+    metrics()
+        .workload_api_failures
+        .get_or_create(&WorkloadApiFailureLabels { source: source.to_string(), reason })
+        .inc();
+}
+
+pub(crate) fn workload_api_update(source: &str, accepted: bool) {
+    let result = if accepted { "accepted" } else { "rejected" };
+    metrics().workload_api_updates.get_or_create(&WorkloadApiUpdateLabels { source: source.to_string(), result }).inc();
 }
 
 /// What a successful load publishes about the material now in service.

@@ -14,6 +14,7 @@
 
 mod preflight;
 mod watch;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
