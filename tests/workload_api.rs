@@ -338,6 +338,9 @@ fn a_malformed_response_is_reported_and_the_previous_context_kept() {
 
     let leaf = der(&good.cert_pem).to_vec();
     let other = m.ca.issue(&IssueRequest::new("other").spiffe_id(ID)).unwrap();
+    let ca_dir = tempfile::tempdir().unwrap();
+    m.ca.write(ca_dir.path()).unwrap();
+    let ca_key = std::fs::read(ca_dir.path().join("ca.key")).unwrap();
     let wrong_id = format!("the leaf certificate is for {ID}, not this ID");
     type Break<'a> = Box<dyn Fn(&Material) + 'a>;
     let cases: Vec<(&str, Break, &str)> = vec![
@@ -360,6 +363,14 @@ fn a_malformed_response_is_reported_and_the_previous_context_kept() {
             "another certificate's key",
             Box::new(|m: &Material| m.write("svids/0/key.pem", other.key_pem.as_bytes())),
             "the private key does not belong to the leaf certificate",
+        ),
+        (
+            "a CA certificate as the leaf",
+            Box::new(|m: &Material| {
+                m.write("svids/0/chain.pem", m.ca.cert_pem().as_bytes());
+                m.write("svids/0/key.pem", &ca_key);
+            }),
+            "the leaf certificate is a CA certificate",
         ),
         (
             "a key that is not PKCS#8",
@@ -403,12 +414,12 @@ fn a_malformed_response_is_reported_and_the_previous_context_kept() {
     let status = w.source.status();
     assert_eq!(
         (status.state, status.updates, status.rejected, status.stream_failures),
-        (StreamState::Streaming, 1, 9, 0)
+        (StreamState::Streaming, 1, 10, 0)
     );
     assert!(status.last_error.unwrap().contains("CRL #1"));
     assert_eq!(
         metric_line("trustwire_workload_api_updates_total", "source=\"wl-malformed\",result=\"rejected\"").as_deref(),
-        Some("9")
+        Some("10")
     );
 
     let next = m.issue("0", ID, None);

@@ -2,10 +2,11 @@
 //!
 //! Every field is parsed strictly: the concatenated DER certificates must split into whole
 //! certificates with nothing left over, each CRL entry must be exactly one CRL, the key must be
-//! PKCS#8 and belong to the leaf, and each SPIFFE ID must follow the SPIFFE ID standard and be the
-//! leaf's only URI SAN. Anything else makes the whole response malformed: it is reported and the
-//! previous context stays in use. Checks of validity windows and chains against trust are the
-//! credential store's, as for every other source.
+//! PKCS#8 and belong to the leaf, the leaf must be an end-entity certificate for signing (not a
+//! CA), and each SPIFFE ID must follow the SPIFFE ID standard and be the leaf's only URI SAN.
+//! Anything else makes the whole response malformed: it is reported and the previous context
+//! stays in use. Checks of validity windows and chains against trust are the credential
+//! store's, as for every other source.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -194,6 +195,7 @@ fn svid(index: usize, s: proto::X509Svid) -> Result<X509Svid, Error> {
     let trust_domain =
         check_spiffe_id(&s.spiffe_id).map_err(|why| malformed(None, format!("{what}: SPIFFE ID: {why}")))?.to_string();
     let chain = split_certs(&s.x509_svid, &format!("{what}: certificate chain"))?;
+    check_leaf(&chain[0]).map_err(|why| malformed(Some(Verdict::BadKeyUsage), format!("{what}: {why}")))?;
     let leaf = CertificateInfo::from_der(&chain[0])?;
     match leaf.identity.uri_sans.as_slice() {
         [one] if *one == s.spiffe_id => {}
@@ -226,6 +228,25 @@ fn svid(index: usize, s: proto::X509Svid) -> Result<X509Svid, Error> {
     let bundle = split_certs(&s.bundle, &format!("{what}: bundle"))?;
     let hint = (!s.hint.is_empty()).then_some(s.hint);
     Ok(X509Svid { spiffe_id: s.spiffe_id, trust_domain, chain, key, bundle, hint })
+}
+
+/// The leaf rules of the X509-SVID standard (section 4): not a CA, signs, signs no certificates.
+fn check_leaf(leaf: &CertificateDer<'_>) -> Result<(), String> {
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|e| e.to_string())?;
+    if cert.is_ca() {
+        return Err("the leaf certificate is a CA certificate".into());
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.digital_signature() => {
+            Err("the leaf certificate's key usage lacks digitalSignature".into())
+        }
+        Ok(Some(ku)) if ku.value.key_cert_sign() || ku.value.crl_sign() => {
+            Err("the leaf certificate's key usage allows signing certificates or CRLs".into())
+        }
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("the leaf certificate has no key usage extension".into()),
+        Err(e) => Err(format!("the leaf certificate's key usage cannot be read: {e}")),
+    }
 }
 
 fn pick(svids: &[X509Svid], select: &SvidSelector) -> Result<usize, Error> {
