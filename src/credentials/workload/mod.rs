@@ -35,6 +35,7 @@ mod address;
 mod context;
 mod proto;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -189,6 +190,7 @@ struct Shared {
     options: WorkloadApiOptions,
     status: Mutex<WorkloadApiStatus>,
     current: watch::Sender<Option<Arc<X509Context>>>,
+    stopped: AtomicBool,
 }
 
 impl Shared {
@@ -201,8 +203,19 @@ impl Shared {
     }
 
     fn set_state(&self, state: StreamState) {
-        self.update(|s| s.state = state);
-        telemetry::workload_api_state(self.name(), state.name(), &STATE_NAMES);
+        // Under the lock, so a state set while the source is being dropped cannot bring back
+        // the series the drop removed.
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.stopped.load(Ordering::Relaxed) {
+            status.state = state;
+            telemetry::workload_api_state(self.name(), state.name(), &STATE_NAMES);
+        }
+    }
+
+    fn stop(&self) {
+        let _status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        self.stopped.store(true, Ordering::Relaxed);
+        telemetry::workload_api_stopped(self.name(), &STATE_NAMES);
     }
 
     fn emit(&self, event: WorkloadApiEvent) {
@@ -233,7 +246,7 @@ impl std::fmt::Debug for WorkloadApiSource {
 impl Drop for WorkloadApiSource {
     fn drop(&mut self) {
         self.task.abort();
-        telemetry::workload_api_stopped(self.shared.name(), &STATE_NAMES);
+        self.shared.stop();
     }
 }
 
@@ -257,6 +270,7 @@ impl WorkloadApiSource {
                 rejected: 0,
             }),
             current: watch::Sender::new(None),
+            stopped: AtomicBool::new(false),
             options,
         });
         shared.set_state(StreamState::Connecting);
