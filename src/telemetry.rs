@@ -74,6 +74,24 @@ struct ClosedLabels {
     verdict: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadApiStateLabels {
+    source: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadApiFailureLabels {
+    source: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadApiUpdateLabels {
+    source: String,
+    result: &'static str,
+}
+
 struct Metrics {
     registry: Registry,
     handshakes: Family<HandshakeLabels, Counter>,
@@ -94,6 +112,9 @@ struct Metrics {
     insecure_key: Family<StoreLabels, Gauge>,
     /// Trust domains published per store, so a domain that goes away loses its gauges.
     domains: Mutex<HashMap<String, Vec<String>>>,
+    workload_api_state: Family<WorkloadApiStateLabels, Gauge>,
+    workload_api_failures: Family<WorkloadApiFailureLabels, Counter>,
+    workload_api_updates: Family<WorkloadApiUpdateLabels, Counter>,
     /// not-after per store, so seconds-left is computed when scraped.
     expiries: Mutex<HashMap<String, i64>>,
 }
@@ -120,6 +141,9 @@ fn metrics() -> &'static Metrics {
             domain_sequence: Family::default(),
             insecure_key: Family::default(),
             domains: Mutex::new(HashMap::new()),
+            workload_api_state: Family::default(),
+            workload_api_failures: Family::default(),
+            workload_api_updates: Family::default(),
             expiries: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -190,6 +214,21 @@ fn metrics() -> &'static Metrics {
             "insecure_key_file",
             "1 when our private key's file can be read by users other than its owner",
             m.insecure_key.clone(),
+        );
+        registry.register(
+            "workload_api_stream_state",
+            "State of each Workload API source's stream: 1 for the current state (connecting, streaming, backoff, failed), 0 for the others",
+            m.workload_api_state.clone(),
+        );
+        registry.register(
+            "workload_api_stream_failures",
+            "Workload API streams that could not be opened or broke, by source and reason (unreachable, refused, broken, ended, too_large)",
+            m.workload_api_failures.clone(),
+        );
+        registry.register(
+            "workload_api_updates",
+            "Workload API responses by source and result (accepted, or rejected as malformed or without the selected SVID)",
+            m.workload_api_updates.clone(),
         );
         Metrics { registry, ..m }
     })
@@ -283,6 +322,35 @@ pub(crate) fn proxy_stream(route: &str, outcome: &'static str) {
 
 pub(crate) fn connection_closed(store: &str, verdict: Verdict) {
     metrics().closed.get_or_create(&ClosedLabels { store: store.to_string(), verdict: verdict.name() }).inc();
+}
+
+/// Sets a Workload API source's stream state: `state` to 1, the other `states` to 0.
+pub(crate) fn workload_api_state(source: &str, state: &'static str, states: &[&'static str]) {
+    let m = metrics();
+    for s in states {
+        let labels = WorkloadApiStateLabels { source: source.to_string(), state: s };
+        m.workload_api_state.get_or_create(&labels).set(i64::from(*s == state));
+    }
+}
+
+/// Drops a stopped Workload API source's state series, so it does not look stuck.
+pub(crate) fn workload_api_stopped(source: &str, states: &[&'static str]) {
+    let m = metrics();
+    for s in states {
+        m.workload_api_state.remove(&WorkloadApiStateLabels { source: source.to_string(), state: s });
+    }
+}
+
+pub(crate) fn workload_api_failure(source: &str, reason: &'static str) {
+    metrics()
+        .workload_api_failures
+        .get_or_create(&WorkloadApiFailureLabels { source: source.to_string(), reason })
+        .inc();
+}
+
+pub(crate) fn workload_api_update(source: &str, accepted: bool) {
+    let result = if accepted { "accepted" } else { "rejected" };
+    metrics().workload_api_updates.get_or_create(&WorkloadApiUpdateLabels { source: source.to_string(), result }).inc();
 }
 
 /// What a successful load publishes about the material now in service.

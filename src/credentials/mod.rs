@@ -15,6 +15,7 @@
 mod preflight;
 mod sources;
 mod watch;
+pub mod workload;
 
 use sources::{read_material, Material};
 pub use sources::{FederatedSource, IdentitySource, PemSource, Sources};

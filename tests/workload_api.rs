@@ -1,0 +1,641 @@
+//! The SPIFFE Workload API source against a Workload API agent written in Go with go-spiffe's
+//! generated `workload` package (tests/go/workloadapi, built with Go modules into the target
+//! directory): what a response carries, rotations pushed on the stream, malformed responses,
+//! the agent going away and coming back, the security metadata, the message size limit; and the
+//! address syntax of the SPIFFE Workload Endpoint standard.
+//!
+//! The agent serves files this test writes (certificates generated here) and pushes a new
+//! response on a `push` line on its stdin.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::peers::*;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use trustwire::credentials::workload::{
+    StreamState, SvidSelector, WorkloadApiAddress, WorkloadApiEvent, WorkloadApiOptions, WorkloadApiSource, X509Context,
+};
+use trustwire::pki::{Credential, DevCa, IssueRequest};
+use trustwire::PeerIdentity;
+
+const ID: &str = "spiffe://example.org/ns/test/workload";
+const OTHER_ID: &str = "spiffe://example.org/ns/test/external";
+const PARTNER_TD: &str = "partner.example";
+
+fn agent_bin() -> Option<PathBuf> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT.get_or_init(|| go_build("workloadapi", true, "the Workload API test agent")).clone()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    trustwire::runtime::runtime().block_on(f)
+}
+
+fn der(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+fn serial(c: &Credential) -> String {
+    PeerIdentity::from_der(&der(&c.cert_pem)).unwrap().serial
+}
+
+/// Polls `f` until it holds, or panics after the shared guard timeout.
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The directory the agent serves from (layout: tests/go/workloadapi/main.go).
+struct Material {
+    dir: tempfile::TempDir,
+    ca: DevCa,
+}
+
+impl Material {
+    fn new() -> Self {
+        Material { dir: tempfile::tempdir().unwrap(), ca: DevCa::new("example.org").unwrap() }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn write(&self, rel: &str, bytes: &[u8]) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+
+    fn remove(&self, rel: &str) {
+        let _ = std::fs::remove_file(self.path(rel));
+    }
+
+    /// Issues a new SVID for `id` from the CA and puts it in `slot`; returns it.
+    fn issue(&self, slot: &str, id: &str, hint: Option<&str>) -> Credential {
+        let c = self.ca.issue(&IssueRequest::new("workload").spiffe_id(id)).unwrap();
+        self.svid(slot, id, &c, hint);
+        c
+    }
+
+    fn svid(&self, slot: &str, id: &str, c: &Credential, hint: Option<&str>) {
+        let base = format!("svids/{slot}");
+        for item in ["chain", "key", "bundle"] {
+            self.remove(&format!("{base}/{item}.der"));
+        }
+        self.write(&format!("{base}/id"), id.as_bytes());
+        self.write(&format!("{base}/chain.pem"), c.cert_pem.as_bytes());
+        self.write(&format!("{base}/key.pem"), c.key_pem.as_bytes());
+        self.write(&format!("{base}/bundle.pem"), self.ca.cert_pem().as_bytes());
+        match hint {
+            Some(h) => self.write(&format!("{base}/hint"), h.as_bytes()),
+            None => self.remove(&format!("{base}/hint")),
+        }
+    }
+}
+
+/// The Go agent, serving `dir` on a Unix socket (and TCP when asked).
+struct Agent {
+    proc: Proc,
+    socket: PathBuf,
+    tcp: Option<String>,
+}
+
+impl Agent {
+    fn start(bin: &Path, material: &Material, socket: &Path, tcp: bool) -> Agent {
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").arg("-dir").arg(material.dir.path()).arg("-unix").arg(socket);
+        if tcp {
+            cmd.args(["-tcp", "127.0.0.1:0"]);
+        }
+        let mut proc = Proc::spawn(&mut cmd);
+        proc.wait_for("the agent to listen", |out, _| {
+            String::from_utf8_lossy(out).contains("listening unix").then_some(())
+        });
+        let tcp = tcp.then(|| {
+            proc.wait_for("the agent's TCP port", |out, _| {
+                let out = String::from_utf8_lossy(out);
+                out.lines().find_map(|l| l.strip_prefix("listening tcp ").map(str::to_string))
+            })
+        });
+        Agent { proc, socket: socket.to_path_buf(), tcp }
+    }
+
+    fn address(&self) -> WorkloadApiAddress {
+        WorkloadApiAddress::parse(&format!("unix://{}", self.socket.display())).unwrap()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        String::from_utf8_lossy(&self.proc.stdout()).matches(needle).count()
+    }
+
+    /// Sends a command line and waits for its answer.
+    fn command(&mut self, line: &str, answer: &str) {
+        let before = self.count(answer);
+        self.proc.write(format!("{line}\n").as_bytes());
+        self.proc.wait_for(answer, |out, _| {
+            let out = String::from_utf8_lossy(out);
+            assert!(!out.contains("push failed"), "the agent could not read the material:\n{out}");
+            (out.matches(answer).count() > before).then_some(())
+        });
+    }
+
+    fn push(&mut self) {
+        self.command("push", "pushed to ");
+    }
+}
+
+/// A started source whose contexts and events the test collects.
+struct Watched {
+    source: WorkloadApiSource,
+    contexts: Arc<Mutex<Vec<Arc<X509Context>>>>,
+    events: Arc<Mutex<Vec<WorkloadApiEvent>>>,
+}
+
+impl Watched {
+    fn start(address: WorkloadApiAddress, options: WorkloadApiOptions) -> Watched {
+        let contexts: Arc<Mutex<Vec<Arc<X509Context>>>> = Arc::default();
+        let events: Arc<Mutex<Vec<WorkloadApiEvent>>> = Arc::default();
+        let sink = events.clone();
+        let options = options.on_event(move |e| sink.lock().unwrap().push(e.clone()));
+        let into = contexts.clone();
+        let source = WorkloadApiSource::start(address, options, move |c| into.lock().unwrap().push(c)).unwrap();
+        Watched { source, contexts, events }
+    }
+
+    fn serials(&self) -> Vec<String> {
+        self.contexts.lock().unwrap().iter().map(|c| c.svid().serial()).collect()
+    }
+
+    fn wait_contexts(&self, n: usize) {
+        wait_until(&format!("{n} contexts"), || self.contexts.lock().unwrap().len() >= n);
+    }
+
+    fn rejections(&self) -> Vec<String> {
+        let events = self.events.lock().unwrap();
+        events
+            .iter()
+            .filter_map(|e| match e {
+                WorkloadApiEvent::Rejected { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// (reason, message, retry_in) of every stream failure so far.
+    fn failures(&self) -> Vec<(&'static str, String, Option<Duration>)> {
+        let events = self.events.lock().unwrap();
+        events
+            .iter()
+            .filter_map(|e| match e {
+                WorkloadApiEvent::StreamFailed { reason, message, retry_in, .. } => {
+                    Some((*reason, message.clone(), *retry_in))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn options(name: &str) -> WorkloadApiOptions {
+    WorkloadApiOptions {
+        name: name.into(),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        ..Default::default()
+    }
+}
+
+fn metric_line(name: &str, labels: &str) -> Option<String> {
+    let prefix = format!("{name}{{{labels}}} ");
+    trustwire::telemetry::metrics_text().lines().find(|l| l.starts_with(&prefix)).map(|l| l[prefix.len()..].to_string())
+}
+
+#[test]
+fn the_first_context_carries_the_svid_bundle_federated_bundles_and_crls() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    let svid = m.issue("0", ID, Some("internal"));
+    let partner = DevCa::new(PARTNER_TD).unwrap();
+    m.write(&format!("federated/{PARTNER_TD}.pem"), partner.cert_pem().as_bytes());
+    let revoked = m.ca.issue(&IssueRequest::new("revoked").spiffe_id(OTHER_ID)).unwrap();
+    let crl_pem = m.ca.crl_pem(&[&serial(&revoked)], SystemTime::now() + Duration::from_secs(3600)).unwrap();
+    m.write("crls/example.pem", crl_pem.as_bytes());
+    let agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+
+    let w = Watched::start(agent.address(), options("wl-first"));
+    let first = block_on(w.source.first(WAIT)).unwrap();
+    let s = first.svid();
+    assert_eq!(s.spiffe_id(), ID);
+    assert_eq!(s.trust_domain(), "example.org");
+    assert_eq!(s.hint(), Some("internal"));
+    assert_eq!(s.chain(), &[der(&svid.cert_pem)]);
+    assert_eq!(s.serial(), serial(&svid));
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(svid.key_pem.as_bytes()).unwrap();
+    assert_eq!(s.key().secret_pkcs8_der(), key.secret_der(), "the PKCS#8 key as served");
+    assert_eq!(first.trust_domain(), "example.org");
+    assert_eq!(first.bundle(), &[der(m.ca.cert_pem())]);
+    let federated: Vec<(&str, &[CertificateDer<'static>])> =
+        first.federated_bundles().iter().map(|(td, cas)| (td.as_str(), cas.as_slice())).collect();
+    assert_eq!(federated, vec![(PARTNER_TD, &[der(partner.cert_pem())][..])], "keyed by trust domain name");
+    assert_eq!(first.crls(), &[CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes()).unwrap()]);
+    // The chain and key make a TLS identity as they are.
+    let profile = trustwire::TlsProfile::new(
+        Some(s.identity()),
+        trustwire::tls::TrustBundle { roots: first.bundle().to_vec(), ..Default::default() },
+    );
+    profile.server().expect("the served SVID works as a server identity");
+
+    let status = w.source.status();
+    assert_eq!(
+        (status.state, status.updates, status.rejected, status.stream_failures),
+        (StreamState::Streaming, 1, 0, 0)
+    );
+    assert_eq!(
+        metric_line("trustwire_workload_api_stream_state", "source=\"wl-first\",state=\"streaming\"").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        metric_line("trustwire_workload_api_stream_state", "source=\"wl-first\",state=\"backoff\"").as_deref(),
+        Some("0")
+    );
+    drop(w);
+    assert_eq!(
+        metric_line("trustwire_workload_api_stream_state", "source=\"wl-first\",state=\"streaming\""),
+        None,
+        "a stopped source leaves no state behind"
+    );
+}
+
+#[test]
+fn an_svid_is_selected_by_spiffe_id_or_hint_and_fetched_once_over_tcp() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    m.issue("0", ID, Some("internal"));
+    let external = m.issue("1", OTHER_ID, Some("external"));
+    let agent = Agent::start(&bin, &m, &m.path("agent.sock"), true);
+    let tcp = WorkloadApiAddress::parse(&format!("tcp://{}", agent.tcp.as_deref().unwrap())).unwrap();
+
+    let fetch = |address: &WorkloadApiAddress, select: SvidSelector| {
+        let options = WorkloadApiOptions { select, ..Default::default() };
+        block_on(WorkloadApiSource::fetch_once(address, &options, WAIT))
+    };
+    let c = fetch(&agent.address(), SvidSelector::First).unwrap();
+    assert_eq!(c.svid().spiffe_id(), ID, "the first SVID by default, as the standard says");
+    assert_eq!(c.svids().len(), 2);
+    let c = fetch(&agent.address(), SvidSelector::SpiffeId(OTHER_ID.into())).unwrap();
+    assert_eq!((c.svid().spiffe_id(), c.svid().serial()), (OTHER_ID, serial(&external)));
+    let c = fetch(&tcp, SvidSelector::Hint("external".into())).unwrap();
+    assert_eq!(c.svid().spiffe_id(), OTHER_ID);
+    let e = fetch(&agent.address(), SvidSelector::Hint("admin".into())).unwrap_err();
+    let text = e.to_string();
+    assert_eq!(e.kind_name(), "credentials");
+    assert!(
+        text.contains("no SVID with hint 'admin'") && text.contains(&format!("{OTHER_ID} (hint 'external')")),
+        "{text}"
+    );
+}
+
+#[test]
+fn twenty_rotations_pushed_on_the_stream_all_arrive_in_order() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    let mut expected = vec![serial(&m.issue("0", ID, None))];
+    let mut agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let w = Watched::start(agent.address(), options("wl-rotations"));
+    w.wait_contexts(1);
+    for _ in 0..20 {
+        expected.push(serial(&m.issue("0", ID, None)));
+        agent.push();
+    }
+    w.wait_contexts(21);
+    assert_eq!(w.serials(), expected);
+    let status = w.source.status();
+    assert_eq!((status.updates, status.stream_failures, status.rejected), (21, 0, 0));
+    assert_eq!(agent.count("stream 0 opened"), 1, "one stream carried every rotation");
+    assert_eq!(w.source.current().unwrap().svid().serial(), *expected.last().unwrap());
+    assert_eq!(
+        metric_line("trustwire_workload_api_updates_total", "source=\"wl-rotations\",result=\"accepted\"").as_deref(),
+        Some("21")
+    );
+}
+
+#[test]
+fn a_malformed_response_is_reported_and_the_previous_context_kept() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    let good = m.issue("0", ID, None);
+    let mut agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let w = Watched::start(agent.address(), options("wl-malformed"));
+    w.wait_contexts(1);
+
+    let leaf = der(&good.cert_pem).to_vec();
+    let other = m.ca.issue(&IssueRequest::new("other").spiffe_id(ID)).unwrap();
+    let ca_dir = tempfile::tempdir().unwrap();
+    m.ca.write(ca_dir.path()).unwrap();
+    let ca_key = std::fs::read(ca_dir.path().join("ca.key")).unwrap();
+    let wrong_id = format!("the leaf certificate is for {ID}, not this ID");
+    type Break<'a> = Box<dyn Fn(&Material) + 'a>;
+    let cases: Vec<(&str, Break, &str)> = vec![
+        (
+            "a certificate cut short",
+            Box::new(|m: &Material| m.write("svids/0/chain.der", &leaf[..leaf.len() - 10])),
+            "certificate chain: certificate #1 (at byte 0) is not DER X.509",
+        ),
+        (
+            "bytes after the last certificate",
+            Box::new(|m: &Material| m.write("svids/0/chain.der", &[leaf.as_slice(), &[0x30, 0x03, 1, 2]].concat())),
+            "certificate chain: certificate #2 (at byte",
+        ),
+        (
+            "an empty bundle",
+            Box::new(|m: &Material| m.write("svids/0/bundle.der", b"")),
+            "bundle: empty (no certificate)",
+        ),
+        (
+            "another certificate's key",
+            Box::new(|m: &Material| m.write("svids/0/key.pem", other.key_pem.as_bytes())),
+            "the private key does not belong to the leaf certificate",
+        ),
+        (
+            "a CA certificate as the leaf",
+            Box::new(|m: &Material| {
+                m.write("svids/0/chain.pem", m.ca.cert_pem().as_bytes());
+                m.write("svids/0/key.pem", &ca_key);
+            }),
+            "the leaf certificate is a CA certificate",
+        ),
+        (
+            "a key that is not PKCS#8",
+            Box::new(|m: &Material| m.write("svids/0/key.der", b"\x30\x03\x02\x01\x01")),
+            "the private key is not a usable PKCS#8 key",
+        ),
+        (
+            "an ID the certificate does not carry",
+            Box::new(|m: &Material| m.write("svids/0/id", OTHER_ID.as_bytes())),
+            &wrong_id,
+        ),
+        (
+            "an ID against the SPIFFE ID standard",
+            Box::new(|m: &Material| m.write("svids/0/id", b"spiffe://example.org/ns/../admin")),
+            "SPIFFE ID: the path has a '.' or '..' segment",
+        ),
+        (
+            "an upper-case federated trust domain",
+            Box::new(|m: &Material| m.write("federated/Partner.Example.pem", m.ca.cert_pem().as_bytes())),
+            "federated bundle key 'spiffe://Partner.Example'",
+        ),
+        (
+            "a CRL that is a certificate",
+            Box::new(|m: &Material| m.write("crls/bad.der", &leaf)),
+            "CRL #1 is not a DER CRL",
+        ),
+    ];
+    for (i, (what, break_it, says)) in cases.iter().enumerate() {
+        break_it(&m);
+        agent.push();
+        wait_until(&format!("the rejection of {what}"), || w.rejections().len() > i);
+        let message = w.rejections()[i].clone();
+        assert!(message.contains("malformed Workload API response") && message.contains(says), "{what}: {message}");
+        assert_eq!(w.source.current().unwrap().svid().serial(), serial(&good), "{what}: the previous context stays");
+        // Back to the good material for the next case.
+        m.svid("0", ID, &good, None);
+        for f in ["federated/Partner.Example.pem", "crls/bad.der"] {
+            m.remove(f);
+        }
+    }
+    let status = w.source.status();
+    assert_eq!(
+        (status.state, status.updates, status.rejected, status.stream_failures),
+        (StreamState::Streaming, 1, 10, 0)
+    );
+    assert!(status.last_error.unwrap().contains("CRL #1"));
+    assert_eq!(
+        metric_line("trustwire_workload_api_updates_total", "source=\"wl-malformed\",result=\"rejected\"").as_deref(),
+        Some("10")
+    );
+
+    let next = m.issue("0", ID, None);
+    agent.push();
+    w.wait_contexts(2);
+    assert_eq!(w.serials(), vec![serial(&good), serial(&next)], "a good response after bad ones is taken");
+    assert_eq!(agent.count("stream 0 opened"), 1, "malformed responses do not break the stream");
+}
+
+#[test]
+fn the_agent_going_away_and_coming_back_is_reported_backed_off_and_streamed_again() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    let socket = m.path("agent.sock");
+
+    let before = m.issue("0", ID, None);
+    let agent = Agent::start(&bin, &m, &socket, false);
+    let w = Watched::start(agent.address(), options("wl-restart"));
+    w.wait_contexts(1);
+
+    drop(agent);
+    // The broken stream, then attempts at a socket nobody listens on.
+    wait_until("three failed attempts", || w.failures().len() >= 4);
+    let failures = w.failures();
+    assert_eq!(failures[0].0, "broken", "{failures:?}");
+    assert!(failures[1..].iter().all(|f| f.0 == "unreachable"), "{failures:?}");
+    let waits: Vec<Duration> = failures.iter().map(|f| f.2.expect("retried")).collect();
+    // Each step doubles (50, 100, 200, 400 ms) and the jitter stays within its upper half, so
+    // waits never shrink until the cap and never pass it.
+    assert!(waits.windows(2).take(2).all(|p| p[0] <= p[1]), "{waits:?}");
+    assert!(waits.iter().all(|d| *d <= Duration::from_millis(400)), "{waits:?}");
+    assert!(waits[0] <= Duration::from_millis(50), "{waits:?}");
+    let status = w.source.status();
+    assert!(matches!(status.state, StreamState::Backoff | StreamState::Connecting), "{status:?}");
+    assert!(status.last_error.unwrap().contains("cannot connect to the Workload API at unix://"));
+    assert_eq!(w.source.current().unwrap().svid().serial(), serial(&before), "the last context stays in use");
+    let unreachable =
+        metric_line("trustwire_workload_api_stream_failures_total", "source=\"wl-restart\",reason=\"unreachable\"");
+    assert!(unreachable.unwrap().parse::<u64>().unwrap() >= 3);
+
+    let after = m.issue("0", ID, None);
+    let mut agent = Agent::start(&bin, &m, &socket, false);
+    w.wait_contexts(2);
+    assert_eq!(w.serials(), vec![serial(&before), serial(&after)]);
+    assert_eq!(w.source.status().state, StreamState::Streaming);
+
+    // A healthy stream resets the backoff: the next failure waits the first step again.
+    let seen = w.failures().len();
+    agent.command("close", "closed");
+    wait_until("the closed stream's failure", || w.failures().len() > seen);
+    let (reason, message, retry_in) = w.failures()[seen].clone();
+    assert_eq!(reason, "broken");
+    assert!(message.contains("stream closed on command"), "{message}");
+    assert!(retry_in.unwrap() <= Duration::from_millis(50), "{retry_in:?}");
+    w.wait_contexts(3);
+    assert_eq!(w.serials()[2], serial(&after), "the reopened stream starts with the agent's current response");
+}
+
+#[test]
+fn the_agent_refuses_requests_without_the_security_metadata_and_ours_carry_it() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    m.issue("0", ID, None);
+    let agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let probe = |header: bool| {
+        let out = Command::new(&bin)
+            .args(["probe", "-unix"])
+            .arg(&agent.socket)
+            .arg(format!("-header={header}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(probe(false), "error InvalidArgument: security header missing from request");
+    assert_eq!(probe(true), format!("ok {ID}"));
+    let c = block_on(WorkloadApiSource::fetch_once(&agent.address(), &WorkloadApiOptions::default(), WAIT)).unwrap();
+    assert_eq!(c.svid().spiffe_id(), ID);
+}
+
+#[test]
+fn invalid_argument_is_not_retried_and_permission_denied_is() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    m.issue("0", ID, None);
+    let mut agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+
+    agent.command("refuse invalid_argument", "refusing");
+    let w = Watched::start(agent.address(), options("wl-invalid"));
+    wait_until("the refusal", || w.source.status().state == StreamState::Failed);
+    let failures = w.failures();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    let (reason, message, retry_in) = &failures[0];
+    assert_eq!((*reason, *retry_in), ("refused", None), "the standard says not to retry InvalidArgument");
+    assert!(message.contains("refused the request as invalid") && message.contains("refused on command"), "{message}");
+    let e =
+        block_on(WorkloadApiSource::fetch_once(&agent.address(), &WorkloadApiOptions::default(), WAIT)).unwrap_err();
+    assert_eq!(e.kind_name(), "transport", "{e}");
+    drop(w);
+
+    agent.command("refuse permission_denied", "refusing");
+    let w = Watched::start(agent.address(), options("wl-denied"));
+    wait_until("two refusals", || w.failures().len() >= 2);
+    let (reason, message, retry_in) = w.failures()[0].clone();
+    assert_eq!(reason, "refused");
+    assert!(retry_in.is_some() && message.contains("has no identity for this workload"), "{message}");
+    agent.command("refuse ok", "refusing");
+    w.wait_contexts(1);
+    assert_eq!(w.source.status().state, StreamState::Streaming);
+}
+
+#[test]
+fn a_response_over_the_size_limit_breaks_the_stream_and_is_counted() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    m.issue("0", ID, None);
+    let agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let w = Watched::start(agent.address(), WorkloadApiOptions { max_message_bytes: 256, ..options("wl-limit") });
+    wait_until("the failure", || !w.failures().is_empty());
+    let (reason, message, _) = w.failures()[0].clone();
+    assert_eq!(reason, "too_large");
+    assert!(message.contains("over max_message_bytes (256 bytes)"), "{message}");
+    assert!(w.source.current().is_none());
+    let counted =
+        metric_line("trustwire_workload_api_stream_failures_total", "source=\"wl-limit\",reason=\"too_large\"");
+    assert!(counted.unwrap().parse::<u64>().unwrap() >= 1);
+    let e = block_on(w.source.first(Duration::from_millis(1))).unwrap_err().to_string();
+    assert!(e.contains("no X509-SVID from the Workload API") && e.contains("over max_message_bytes"), "{e}");
+}
+
+#[test]
+fn addresses_follow_the_workload_endpoint_standard() {
+    let ok = |s: &str| WorkloadApiAddress::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    assert_eq!(
+        ok("unix:///run/spire/sockets/agent.sock"),
+        WorkloadApiAddress::Unix("/run/spire/sockets/agent.sock".into())
+    );
+    assert_eq!(ok("unix:/tmp/agent.sock"), WorkloadApiAddress::Unix("/tmp/agent.sock".into()));
+    assert_eq!(ok("unix:///tmp/my%20agent.sock"), WorkloadApiAddress::Unix("/tmp/my agent.sock".into()));
+    assert_eq!(ok("tcp://127.0.0.1:8081"), WorkloadApiAddress::Tcp("127.0.0.1:8081".parse().unwrap()));
+    assert_eq!(ok("tcp://[::1]:8081"), WorkloadApiAddress::Tcp("[::1]:8081".parse().unwrap()));
+    assert_eq!(ok("TCP://127.0.0.1:1").to_string(), "tcp://127.0.0.1:1", "schemes are case-insensitive");
+    for s in ["unix:///run/a.sock", "tcp://10.0.0.1:8081", "tcp://[::1]:8081"] {
+        assert_eq!(ok(s).to_string(), s);
+        assert_eq!(ok(&ok(s).to_string()), ok(s));
+    }
+    for (s, says) in [
+        ("", "not a URI"),
+        ("/run/agent.sock", "not a URI"),
+        ("http://127.0.0.1:80", "scheme 'http' is not supported"),
+        ("unix://agent/run/agent.sock", "a unix address has no authority"),
+        ("unix:run/agent.sock", "must be absolute"),
+        ("unix://", "the socket path is missing"),
+        ("unix:///run/agent.sock?mode=1", "a query"),
+        ("unix:///run/agent.sock#x", "a fragment"),
+        ("unix:///run/agent%zz.sock", "'%' must start an escape"),
+        ("unix:///run/agent%00.sock", "NUL"),
+        ("tcp://localhost:8081", "'localhost' is not an IP address"),
+        ("tcp://127.0.0.1", "the port is missing"),
+        ("tcp://127.0.0.1:0", "'0' is not a port number"),
+        ("tcp://127.0.0.1:65536", "not a port number"),
+        ("tcp://user@127.0.0.1:8081", "userinfo"),
+        ("tcp://127.0.0.1:8081/agent", "a tcp address has no path"),
+        ("tcp:127.0.0.1:8081", "write tcp://127.0.0.1:8081"),
+        ("tcp://::1:8081", "in brackets"),
+        ("tcp://[::1:8081", "not closed"),
+        ("tcp://[127.0.0.1]:8081", "only an IPv6 address goes in brackets"),
+    ] {
+        let e = WorkloadApiAddress::parse(s).expect_err(s);
+        let text = e.to_string();
+        assert_eq!(e.kind_name(), "config", "{s}");
+        assert!(text.contains(&format!("Workload API address '{s}'")) && text.contains(says), "{s}: {text}");
+    }
+}
+
+/// Runs `env_child` in a child process with SPIFFE_ENDPOINT_SOCKET as given, so no test here
+/// changes its own environment (other threads read it).
+fn parse_env_in_child(value: Option<&str>) -> String {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "env_child", "--nocapture", "--test-threads=1"]).env("TW_WORKLOAD_ENV_CHILD", "1");
+    match value {
+        Some(v) => cmd.env("SPIFFE_ENDPOINT_SOCKET", v),
+        None => cmd.env_remove("SPIFFE_ENDPOINT_SOCKET"),
+    };
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("ENV-RESULT ").map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .to_string()
+}
+
+#[test]
+fn env_child() {
+    if std::env::var_os("TW_WORKLOAD_ENV_CHILD").is_none() {
+        return;
+    }
+    match WorkloadApiAddress::parse("env") {
+        Ok(a) => println!("ENV-RESULT ok {a}"),
+        Err(e) => println!("ENV-RESULT error {e}"),
+    }
+}
+
+#[test]
+fn env_takes_the_address_from_spiffe_endpoint_socket() {
+    assert_eq!(parse_env_in_child(Some("unix:///run/spire/agent.sock")), "ok unix:///run/spire/agent.sock");
+    assert_eq!(parse_env_in_child(Some("tcp://127.0.0.1:8081")), "ok tcp://127.0.0.1:8081");
+    let bad = parse_env_in_child(Some("tcp://spire-agent:8081"));
+    assert!(
+        bad.starts_with("error")
+            && bad.contains("SPIFFE_ENDPOINT_SOCKET='tcp://spire-agent:8081'")
+            && bad.contains("not an IP address"),
+        "{bad}"
+    );
+    for unset in [None, Some("")] {
+        let e = parse_env_in_child(unset);
+        assert!(e.contains("SPIFFE_ENDPOINT_SOCKET, which is not set"), "{e}");
+    }
+}
