@@ -428,7 +428,7 @@ where
                     }
                     Ok(_) => {
                         if buf.capacity() - buf.len() < 4096 {
-                            buf.reserve(decoder.wanted(&buf).max(16 * 1024));
+                            buf.reserve(decoder.reserve_hint(&buf).max(16 * 1024));
                         }
                     }
                     Err(e) => break crate::transport::stream_error(&e, conn.ours.as_deref()),

@@ -384,7 +384,7 @@ async fn serve_connection<S>(
             }
         }
         if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(decoder.wanted(&buf).max(16 * 1024));
+            buf.reserve(decoder.reserve_hint(&buf).max(16 * 1024));
         }
     }
     // Let calls already dispatched answer before the write side closes.
