@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use super::{response_frame, CatchUnwind, Handler, HandlerFuture, Request};
 use crate::authz::truncate;
 use crate::error::{codes, Error, Verdict};
+use crate::limits::{Admission, ConnectionLimits, Established};
 use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::policy::Policy;
@@ -32,8 +33,13 @@ pub struct ServerOptions {
     pub max_body: usize,
     /// A connection with no call in flight and nothing received for this long is closed.
     pub idle_timeout: Option<Duration>,
-    /// Connections served at once; further ones wait in the listen backlog.
+    /// Verified connections served at once; further ones are closed at once.
     pub max_connections: usize,
+    /// Connections whose TLS handshake is in progress, in total; further ones are closed at once.
+    pub max_handshakes: usize,
+    /// Connections whose TLS handshake is in progress from one source address (an IPv6 /64
+    /// counts as one); further ones from that source are closed at once.
+    pub max_handshakes_per_source: usize,
     /// Calls running at once on one connection; reading pauses when it is reached.
     pub max_in_flight_per_connection: usize,
     /// How long a graceful shutdown waits for calls in flight.
@@ -48,6 +54,8 @@ impl std::fmt::Debug for ServerOptions {
             .field("max_body", &self.max_body)
             .field("idle_timeout", &self.idle_timeout)
             .field("max_connections", &self.max_connections)
+            .field("max_handshakes", &self.max_handshakes)
+            .field("max_handshakes_per_source", &self.max_handshakes_per_source)
             .field("max_in_flight_per_connection", &self.max_in_flight_per_connection)
             .field("shutdown_grace", &self.shutdown_grace)
             .finish_non_exhaustive()
@@ -56,16 +64,32 @@ impl std::fmt::Debug for ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
+        let limits = ConnectionLimits::default();
         ServerOptions {
             max_body: DEFAULT_MAX_BODY,
             idle_timeout: Some(Duration::from_secs(300)),
-            max_connections: 10_000,
+            max_connections: limits.max_connections,
+            max_handshakes: limits.max_handshakes,
+            max_handshakes_per_source: limits.max_handshakes_per_source,
             max_in_flight_per_connection: 1024,
             shutdown_grace: Duration::from_secs(30),
             on_handshake_error: None,
         }
     }
 }
+
+impl ServerOptions {
+    fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_source: self.max_handshakes_per_source,
+        }
+    }
+}
+
+/// The scope this server's limits are counted under in metrics.
+const SCOPE: &str = "server";
 
 type MethodMap = HashMap<String, Arc<dyn Handler>>;
 
@@ -155,7 +179,7 @@ impl Server {
         let local_addr = listener.local_addr().map_err(|e| Error::config(format!("cannot read bound address: {e}")))?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let policy = self.tls.as_ref().map(|t| t.policy.clone()).unwrap_or_default();
-        let connections = Arc::new(Semaphore::new(self.options.max_connections));
+        let admission = Admission::new(SCOPE, self.options.connection_limits());
         let shared = Arc::new(Shared {
             registry: self.registry,
             policy,
@@ -165,7 +189,7 @@ impl Server {
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
             stop_rx,
-            connections,
+            admission,
         });
         let accept = tokio::spawn(accept_loop(listener, self.tls, shared.clone()));
         Ok(RunningServer { local_addr, shared, stop_tx, accept: Some(accept) })
@@ -182,8 +206,8 @@ struct Shared {
     drained: Notify,
     /// Becomes true when connections must close (after the drain).
     stop_rx: watch::Receiver<bool>,
-    /// One permit per open (or handshaking) connection, up to `max_connections`.
-    connections: Arc<Semaphore>,
+    /// Handshake and connection slots.
+    admission: Arc<Admission>,
 }
 
 impl Shared {
@@ -237,9 +261,8 @@ impl RunningServer {
             }
         }
         let _ = self.stop_tx.send(true);
-        let all = u32::try_from(self.shared.options.max_connections).unwrap_or(u32::MAX);
         let close_by = deadline.max(Instant::now() + Duration::from_secs(1));
-        let closed = tokio::time::timeout_at(close_by.into(), self.shared.connections.acquire_many(all)).await;
+        let closed = tokio::time::timeout_at(close_by.into(), self.shared.admission.all_closed()).await;
         if closed.is_err() {
             warn!("shutdown: connections still closing");
         }
@@ -265,7 +288,6 @@ impl Drop for RunningServer {
 
 async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<Shared>) {
     loop {
-        let Ok(permit) = shared.connections.clone().acquire_owned().await else { return };
         let (tcp, remote) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -275,28 +297,50 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<
                 continue;
             }
         };
+        // Accepted and closed at once when a budget is full, rather than left in the backlog
+        // where it would hold up the sockets behind it.
+        let slot = match shared.admission.admit(Some(remote.ip())) {
+            Ok(slot) => slot,
+            Err(full) => {
+                debug!(%remote, limit = full.name(), "connection refused: {full} reached");
+                continue;
+            }
+        };
         let tls = tls.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             match tls {
-                Some(tls) => match crate::transport::accept(&tls, tcp).await {
-                    Ok((stream, info)) => {
-                        debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
-                        let guard = tls.tracker.register(info.peer_chain, None, info.peer.clone(), info.our_not_after);
-                        serve_connection(stream, info.peer, remote, shared, Some(guard)).await
-                    }
-                    Err(e) => {
-                        let verdict = e.verdict().unwrap_or(Verdict::Io);
-                        info!(%remote, verdict = verdict.name(), side = ?e.side(), "handshake refused: {e}");
-                        if let Some(hook) = &shared.options.on_handshake_error {
-                            hook(remote, &e);
+                Some(tls) => {
+                    let mut stop_rx = shared.stop_rx.clone();
+                    let handshake = tokio::select! {
+                        r = crate::transport::accept(&tls, tcp) => r,
+                        _ = stop_rx.wait_for(|s| *s) => return,
+                    };
+                    match handshake {
+                        Ok((stream, info)) => {
+                            let Ok(slot) = slot.established() else {
+                                info!(%remote, peer = %info.peer, "connection closed: max_connections reached");
+                                return;
+                            };
+                            debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
+                            let guard =
+                                tls.tracker.register(info.peer_chain, None, info.peer.clone(), info.our_not_after);
+                            serve_connection(stream, info.peer, remote, shared, Some(guard), slot).await
+                        }
+                        Err(e) => {
+                            drop(slot);
+                            let verdict = e.verdict().unwrap_or(Verdict::Io);
+                            info!(%remote, verdict = verdict.name(), side = ?e.side(), "handshake refused: {e}");
+                            if let Some(hook) = &shared.options.on_handshake_error {
+                                hook(remote, &e);
+                            }
                         }
                     }
-                },
+                }
                 None => {
+                    let Ok(slot) = slot.established() else { return };
                     let _ = tcp.set_nodelay(true);
-                    serve_connection(tcp, plaintext_peer(), remote, shared, None).await
+                    serve_connection(tcp, plaintext_peer(), remote, shared, None, slot).await
                 }
             }
         });
@@ -326,6 +370,7 @@ async fn serve_connection<S>(
     remote: SocketAddr,
     shared: Arc<Shared>,
     guard: Option<TrackGuard>,
+    _slot: Established,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
