@@ -10,6 +10,7 @@ pub mod cli;
 pub mod credentials;
 pub mod echo;
 pub mod error;
+pub mod limits;
 pub mod pki;
 pub mod profile;
 pub mod proxy;

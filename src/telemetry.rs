@@ -69,6 +69,12 @@ struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    scope: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClosedLabels {
     store: String,
     verdict: &'static str,
@@ -99,6 +105,9 @@ struct Metrics {
     calls: Family<CallLabels, Counter>,
     refused_calls: Family<RefusedLabels, Counter>,
     closed: Family<ClosedLabels, Counter>,
+    refused_connections: Family<LimitLabels, Counter>,
+    closed_by_limit: Family<LimitLabels, Counter>,
+    reads_paused: Family<LimitLabels, Counter>,
     proxy: Family<ProxyLabels, Counter>,
     generation: Family<StoreLabels, Gauge>,
     not_after: Family<StoreLabels, Gauge>,
@@ -129,6 +138,9 @@ fn metrics() -> &'static Metrics {
             calls: Family::default(),
             refused_calls: Family::default(),
             closed: Family::default(),
+            refused_connections: Family::default(),
+            closed_by_limit: Family::default(),
+            reads_paused: Family::default(),
             proxy: Family::default(),
             generation: Family::default(),
             not_after: Family::default(),
@@ -165,8 +177,23 @@ fn metrics() -> &'static Metrics {
             m.closed.clone(),
         );
         registry.register(
+            "connections_refused",
+            "Accepted sockets closed at once because a budget was full, by scope (server, or the proxy route) and reason (max_connections, max_handshakes, max_handshakes_per_source)",
+            m.refused_connections.clone(),
+        );
+        registry.register(
+            "connections_closed_by_limit",
+            "Connections closed because they hit a limit, by scope and reason (frame_timeout, idle_timeout, max_body)",
+            m.closed_by_limit.clone(),
+        );
+        registry.register(
+            "reads_paused",
+            "Times a connection stopped reading until its answers drained, by scope and reason (max_unwritten_bytes, max_in_flight_per_connection)",
+            m.reads_paused.clone(),
+        );
+        registry.register(
             "proxy_streams",
-            "Proxied streams by route and outcome (completed, handshake_refused, upstream_error, protocol, io)",
+            "Proxied streams by route and outcome (completed, handshake_refused, refused, upstream_error, protocol, io)",
             m.proxy.clone(),
         );
         registry.register("credential_generation", "Generation number in service", m.generation.clone());
@@ -318,6 +345,18 @@ pub(crate) fn reload_rejected(store: &str, verdict: Option<Verdict>) {
 
 pub(crate) fn proxy_stream(route: &str, outcome: &'static str) {
     metrics().proxy.get_or_create(&ProxyLabels { route: route.to_string(), outcome }).inc();
+}
+
+pub(crate) fn connection_refused(scope: &str, reason: &'static str) {
+    metrics().refused_connections.get_or_create(&LimitLabels { scope: scope.to_string(), reason }).inc();
+}
+
+pub(crate) fn connection_closed_by_limit(scope: &str, reason: &'static str) {
+    metrics().closed_by_limit.get_or_create(&LimitLabels { scope: scope.to_string(), reason }).inc();
+}
+
+pub(crate) fn reads_paused(scope: &str, reason: &'static str) {
+    metrics().reads_paused.get_or_create(&LimitLabels { scope: scope.to_string(), reason }).inc();
 }
 
 pub(crate) fn connection_closed(store: &str, verdict: Verdict) {

@@ -27,6 +27,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Verdict};
+use crate::limits::{Admission, ConnectionLimits, Handshaking};
 use crate::telemetry;
 use crate::tls::identity::PeerIdentity;
 use crate::tls::{ClientTls, ServerTls};
@@ -196,8 +197,13 @@ impl Drop for RunningProxy {
     }
 }
 
-/// Starts a route.
+/// Starts a route with the default [`ConnectionLimits`].
 pub async fn start(route: Route) -> Result<RunningProxy, Error> {
+    start_with_limits(route, ConnectionLimits::default()).await
+}
+
+/// Starts a route whose accepted sockets are held to `limits` (counted under the route's name).
+pub async fn start_with_limits(route: Route, limits: ConnectionLimits) -> Result<RunningProxy, Error> {
     let listener = match &route.listen {
         Endpoint::Tcp(addr) => {
             let l = TcpListener::bind(addr)
@@ -229,6 +235,7 @@ pub async fn start(route: Route) -> Result<RunningProxy, Error> {
     let active = Arc::new(AtomicUsize::new(0));
     let idle = Arc::new(Notify::new());
     let route = Arc::new(route);
+    let admission = Admission::new(route.name.clone(), limits);
     let accept = {
         let (active, idle, route) = (active.clone(), idle.clone(), route.clone());
         tokio::spawn(async move {
@@ -241,11 +248,21 @@ pub async fn start(route: Route) -> Result<RunningProxy, Error> {
                         continue;
                     }
                 };
+                // Unix-socket peers have no address: they count toward the totals only.
+                let source = remote.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+                let slot = match admission.admit(source) {
+                    Ok(slot) => slot,
+                    Err(full) => {
+                        // Closed at once, so it does not hold up the sockets behind it.
+                        debug!(route = %route.name, %remote, limit = full.name(), "connection refused: {full} reached");
+                        continue;
+                    }
+                };
                 active.fetch_add(1, Ordering::AcqRel);
                 let (active, idle, route, mut stop_rx) = (active.clone(), idle.clone(), route.clone(), stop_rx.clone());
                 tokio::spawn(async move {
                     tokio::select! {
-                        _ = serve(&route, io, &remote) => {}
+                        _ = serve(&route, io, &remote, slot) => {}
                         _ = stop_rx.wait_for(|s| *s) => debug!(route = %route.name, %remote, "closed by shutdown"),
                     }
                     if active.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -283,10 +300,10 @@ async fn connect_upstream(route: &Route) -> Result<BoxIo, Error> {
     }
 }
 
-async fn serve(route: &Route, downstream: BoxIo, remote: &str) {
+async fn serve(route: &Route, downstream: BoxIo, remote: &str, slot: Handshaking) {
     let result = match &route.tls {
-        RouteTls::Server(tls) => serve_server_side(route, tls, downstream, remote).await,
-        RouteTls::Client(tls) => serve_client_side(route, tls, downstream).await,
+        RouteTls::Server(tls) => serve_server_side(route, tls, downstream, remote, slot).await,
+        RouteTls::Client(tls) => serve_client_side(route, tls, downstream, slot).await,
     };
     match result {
         Ok(()) => telemetry::proxy_stream(&route.name, "completed"),
@@ -299,9 +316,21 @@ async fn serve(route: &Route, downstream: BoxIo, remote: &str) {
 
 type Outcome = Result<(), (&'static str, Error)>;
 
-async fn serve_server_side(route: &Route, tls: &ServerTls, downstream: BoxIo, remote: &str) -> Outcome {
+/// A verified stream that found the route's `max_connections` full (counted by the admission).
+fn refused(full: crate::limits::Refused) -> (&'static str, Error) {
+    ("refused", Error::transport(format!("connection closed: {full} reached")))
+}
+
+async fn serve_server_side(
+    route: &Route,
+    tls: &ServerTls,
+    downstream: BoxIo,
+    remote: &str,
+    slot: Handshaking,
+) -> Outcome {
     let (stream, info) =
         crate::transport::accept_on(tls, downstream, remote).await.map_err(|e| ("handshake_refused", e))?;
+    let _slot = slot.established().map_err(refused)?;
     let guard = tls.tracker.register(info.peer_chain.clone(), None, info.peer.clone(), info.our_not_after);
     let mut close_signal = guard.close_signal();
     let mut stream = stream;
@@ -335,13 +364,14 @@ async fn serve_server_side(route: &Route, tls: &ServerTls, downstream: BoxIo, re
     }
 }
 
-async fn serve_client_side(route: &Route, tls: &ClientTls, downstream: BoxIo) -> Outcome {
+async fn serve_client_side(route: &Route, tls: &ClientTls, downstream: BoxIo, slot: Handshaking) -> Outcome {
     let addr = match &route.upstream {
         Endpoint::Tcp(a) => a.clone(),
         Endpoint::Unix(_) => return Err(("config", Error::config("a client-side route's upstream is a TCP address"))),
     };
     let (stream, _info) =
         crate::transport::connect(tls, &addr, route.connect_timeout).await.map_err(|e| ("upstream_error", e))?;
+    let _slot = slot.established().map_err(refused)?;
     splice(downstream, stream).await
 }
 

@@ -55,6 +55,9 @@ pub struct CallOptions {
 
 type Pending = HashMap<i64, oneshot::Sender<Result<Frame, Error>>>;
 
+/// How long closing a connection waits to send TLS close_notify to a server that is not reading.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
+
 struct Conn {
     tx: mpsc::UnboundedSender<Bytes>,
     /// None once the connection has failed; calls registered before that get its error.
@@ -372,10 +375,18 @@ where
     });
     let reader_conn = conn.clone();
     let writer_conn = Arc::downgrade(&conn);
+    // Dropped when the reader ends: the connection is over then (the server closed it, or it
+    // must close, e.g. because a certificate expired), so the write side closes too instead of
+    // waiting for a Client that may never send again.
+    let (reader_done, mut reader_gone) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        match super::write_queued(&mut wr, &mut rx).await {
+        let written = tokio::select! {
+            r = super::write_queued(&mut wr, &mut rx, || {}) => r,
+            _ = &mut reader_gone => Ok(()),
+        };
+        match written {
             Ok(()) => {
-                let _ = wr.shutdown().await;
+                let _ = tokio::time::timeout(CLOSE_NOTIFY_WAIT, wr.shutdown()).await;
             }
             Err(e) => {
                 if let Some(c) = writer_conn.upgrade() {
@@ -385,6 +396,7 @@ where
         }
     });
     tokio::spawn(async move {
+        let _reader_done = reader_done;
         let conn = reader_conn;
         let mut decoder = Decoder::new(max_body);
         let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -428,7 +440,7 @@ where
                     }
                     Ok(_) => {
                         if buf.capacity() - buf.len() < 4096 {
-                            buf.reserve(decoder.wanted(&buf).max(16 * 1024));
+                            buf.reserve(decoder.reserve_hint(&buf).max(16 * 1024));
                         }
                     }
                     Err(e) => break crate::transport::stream_error(&e, conn.ours.as_deref()),

@@ -142,27 +142,45 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Writes queued frames until the queue ends, coalescing what is already queued into one TLS
-/// write (up to 256 KiB); a frame that large on its own is written without a copy.
-pub(crate) async fn write_queued<W: tokio::io::AsyncWrite + Unpin>(
+/// write (up to 256 KiB); a frame that large on its own is written without a copy, in 256 KiB
+/// steps. An item is dropped only once its bytes are written (a server's item carries the call's
+/// in-flight permit and its share of the connection's unwritten-bytes budget), and `progress` is
+/// called after every write, so a reader can tell a slow peer from one that stopped reading.
+pub(crate) async fn write_queued<W, T>(
     wr: &mut W,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Bytes>,
-) -> std::io::Result<()> {
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    mut progress: impl FnMut(),
+) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    T: AsRef<[u8]>,
+{
     use tokio::io::AsyncWriteExt;
     const BATCH: usize = 256 * 1024;
     let mut batch = bytes::BytesMut::with_capacity(64 * 1024);
+    let mut written: Vec<T> = Vec::new();
     while let Some(first) = rx.recv().await {
-        if first.len() >= BATCH {
-            wr.write_all(&first).await?;
+        if first.as_ref().len() >= BATCH {
+            for chunk in first.as_ref().chunks(BATCH) {
+                wr.write_all(chunk).await?;
+                progress();
+            }
         } else {
-            batch.extend_from_slice(&first);
+            batch.extend_from_slice(first.as_ref());
+            written.push(first);
             while batch.len() < BATCH {
                 match rx.try_recv() {
-                    Ok(next) => batch.extend_from_slice(&next),
+                    Ok(next) => {
+                        batch.extend_from_slice(next.as_ref());
+                        written.push(next);
+                    }
                     Err(_) => break,
                 }
             }
             wr.write_all(&batch).await?;
             batch.clear();
+            written.clear();
+            progress();
         }
         wr.flush().await?;
     }

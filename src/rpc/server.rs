@@ -2,19 +2,20 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::{response_frame, CatchUnwind, Handler, HandlerFuture, Request};
 use crate::authz::truncate;
 use crate::error::{codes, Error, Verdict};
+use crate::limits::{Admission, ConnectionLimits, Established};
 use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::policy::Policy;
@@ -25,18 +26,40 @@ use crate::wire::{DecodeError, Decoder, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
 /// Called with the remote address and the error when a handshake is refused or fails.
 pub type HandshakeHook = Arc<dyn Fn(SocketAddr, &Error) + Send + Sync>;
 
-/// Server limits. The defaults suit a service on a shared host.
+/// Default [`ServerOptions::max_unwritten_bytes`]: brpc's `socket_max_unwritten_bytes`.
+pub const DEFAULT_MAX_UNWRITTEN_BYTES: usize = 64 << 20;
+/// Default [`ServerOptions::frame_timeout`].
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Server limits. The defaults suit a service on a shared host; every limit that is hit is
+/// counted (see the README's Limits table).
 #[derive(Clone)]
 pub struct ServerOptions {
     /// Largest frame body accepted (brpc's default: 64 MiB).
     pub max_body: usize,
-    /// A connection with no call in flight and nothing received for this long is closed.
+    /// A connection on which no complete frame arrived, nothing was written and no call ran for
+    /// this long is closed. Bytes of a frame that never completes do not count as activity.
     pub idle_timeout: Option<Duration>,
-    /// Connections served at once; further ones wait in the listen backlog.
+    /// A frame must arrive whole within this long of its first byte (while we are reading), so a
+    /// peer cannot hold a connection, and the buffer for its frame, by dribbling bytes.
+    pub frame_timeout: Option<Duration>,
+    /// Verified connections served at once; further ones are closed at once.
     pub max_connections: usize,
-    /// Calls running at once on one connection; reading pauses when it is reached.
+    /// Connections whose TLS handshake is in progress, in total; further ones are closed at once.
+    pub max_handshakes: usize,
+    /// Connections whose TLS handshake is in progress from one source address (an IPv6 /64
+    /// counts as one); further ones from that source are closed at once.
+    pub max_handshakes_per_source: usize,
+    /// Calls running or waiting to be written at once on one connection; reading pauses when it
+    /// is reached.
     pub max_in_flight_per_connection: usize,
-    /// How long a graceful shutdown waits for calls in flight.
+    /// Bytes one connection may make us hold: requests read but not yet answered, plus answers
+    /// queued but not yet written. Reading from the connection pauses while it holds this much
+    /// (a frame is always read when nothing is held, so a single frame or answer larger than
+    /// this still goes through).
+    pub max_unwritten_bytes: usize,
+    /// How long a graceful shutdown waits for calls in flight, and how long a closing
+    /// connection waits for its last answers to be written.
     pub shutdown_grace: Duration,
     /// Told about every refused or failed handshake (they are also logged).
     pub on_handshake_error: Option<HandshakeHook>,
@@ -47,8 +70,12 @@ impl std::fmt::Debug for ServerOptions {
         f.debug_struct("ServerOptions")
             .field("max_body", &self.max_body)
             .field("idle_timeout", &self.idle_timeout)
+            .field("frame_timeout", &self.frame_timeout)
             .field("max_connections", &self.max_connections)
+            .field("max_handshakes", &self.max_handshakes)
+            .field("max_handshakes_per_source", &self.max_handshakes_per_source)
             .field("max_in_flight_per_connection", &self.max_in_flight_per_connection)
+            .field("max_unwritten_bytes", &self.max_unwritten_bytes)
             .field("shutdown_grace", &self.shutdown_grace)
             .finish_non_exhaustive()
     }
@@ -56,16 +83,34 @@ impl std::fmt::Debug for ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
+        let limits = ConnectionLimits::default();
         ServerOptions {
             max_body: DEFAULT_MAX_BODY,
             idle_timeout: Some(Duration::from_secs(300)),
-            max_connections: 10_000,
+            frame_timeout: Some(DEFAULT_FRAME_TIMEOUT),
+            max_connections: limits.max_connections,
+            max_handshakes: limits.max_handshakes,
+            max_handshakes_per_source: limits.max_handshakes_per_source,
             max_in_flight_per_connection: 1024,
+            max_unwritten_bytes: DEFAULT_MAX_UNWRITTEN_BYTES,
             shutdown_grace: Duration::from_secs(30),
             on_handshake_error: None,
         }
     }
 }
+
+impl ServerOptions {
+    fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_source: self.max_handshakes_per_source,
+        }
+    }
+}
+
+/// The scope this server's limits are counted under in metrics.
+const SCOPE: &str = "server";
 
 type MethodMap = HashMap<String, Arc<dyn Handler>>;
 
@@ -155,7 +200,7 @@ impl Server {
         let local_addr = listener.local_addr().map_err(|e| Error::config(format!("cannot read bound address: {e}")))?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let policy = self.tls.as_ref().map(|t| t.policy.clone()).unwrap_or_default();
-        let connections = Arc::new(Semaphore::new(self.options.max_connections));
+        let admission = Admission::new(SCOPE, self.options.connection_limits());
         let shared = Arc::new(Shared {
             registry: self.registry,
             policy,
@@ -165,7 +210,7 @@ impl Server {
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
             stop_rx,
-            connections,
+            admission,
         });
         let accept = tokio::spawn(accept_loop(listener, self.tls, shared.clone()));
         Ok(RunningServer { local_addr, shared, stop_tx, accept: Some(accept) })
@@ -182,8 +227,8 @@ struct Shared {
     drained: Notify,
     /// Becomes true when connections must close (after the drain).
     stop_rx: watch::Receiver<bool>,
-    /// One permit per open (or handshaking) connection, up to `max_connections`.
-    connections: Arc<Semaphore>,
+    /// Handshake and connection slots.
+    admission: Arc<Admission>,
 }
 
 impl Shared {
@@ -237,9 +282,8 @@ impl RunningServer {
             }
         }
         let _ = self.stop_tx.send(true);
-        let all = u32::try_from(self.shared.options.max_connections).unwrap_or(u32::MAX);
         let close_by = deadline.max(Instant::now() + Duration::from_secs(1));
-        let closed = tokio::time::timeout_at(close_by.into(), self.shared.connections.acquire_many(all)).await;
+        let closed = tokio::time::timeout_at(close_by.into(), self.shared.admission.all_closed()).await;
         if closed.is_err() {
             warn!("shutdown: connections still closing");
         }
@@ -265,7 +309,6 @@ impl Drop for RunningServer {
 
 async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<Shared>) {
     loop {
-        let Ok(permit) = shared.connections.clone().acquire_owned().await else { return };
         let (tcp, remote) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -275,28 +318,50 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<
                 continue;
             }
         };
+        // Accepted and closed at once when a budget is full, rather than left in the backlog
+        // where it would hold up the sockets behind it.
+        let slot = match shared.admission.admit(Some(remote.ip())) {
+            Ok(slot) => slot,
+            Err(full) => {
+                debug!(%remote, limit = full.name(), "connection refused: {full} reached");
+                continue;
+            }
+        };
         let tls = tls.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             match tls {
-                Some(tls) => match crate::transport::accept(&tls, tcp).await {
-                    Ok((stream, info)) => {
-                        debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
-                        let guard = tls.tracker.register(info.peer_chain, None, info.peer.clone(), info.our_not_after);
-                        serve_connection(stream, info.peer, remote, shared, Some(guard)).await
-                    }
-                    Err(e) => {
-                        let verdict = e.verdict().unwrap_or(Verdict::Io);
-                        info!(%remote, verdict = verdict.name(), side = ?e.side(), "handshake refused: {e}");
-                        if let Some(hook) = &shared.options.on_handshake_error {
-                            hook(remote, &e);
+                Some(tls) => {
+                    let mut stop_rx = shared.stop_rx.clone();
+                    let handshake = tokio::select! {
+                        r = crate::transport::accept(&tls, tcp) => r,
+                        _ = stop_rx.wait_for(|s| *s) => return,
+                    };
+                    match handshake {
+                        Ok((stream, info)) => {
+                            let Ok(slot) = slot.established() else {
+                                info!(%remote, peer = %info.peer, "connection closed: max_connections reached");
+                                return;
+                            };
+                            debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
+                            let guard =
+                                tls.tracker.register(info.peer_chain, None, info.peer.clone(), info.our_not_after);
+                            serve_connection(stream, info.peer, remote, shared, Some(guard), slot).await
+                        }
+                        Err(e) => {
+                            drop(slot);
+                            let verdict = e.verdict().unwrap_or(Verdict::Io);
+                            info!(%remote, verdict = verdict.name(), side = ?e.side(), "handshake refused: {e}");
+                            if let Some(hook) = &shared.options.on_handshake_error {
+                                hook(remote, &e);
+                            }
                         }
                     }
-                },
+                }
                 None => {
+                    let Ok(slot) = slot.established() else { return };
                     let _ = tcp.set_nodelay(true);
-                    serve_connection(tcp, plaintext_peer(), remote, shared, None).await
+                    serve_connection(tcp, plaintext_peer(), remote, shared, None, slot).await
                 }
             }
         });
@@ -319,78 +384,265 @@ fn plaintext_peer() -> Arc<PeerIdentity> {
     })
 }
 
-/// Serves one connection until the peer closes, it idles out, a fatal frame error, or stop.
+/// Reasons a connection stops reading for a while, as counted in `trustwire_reads_paused_total`.
+const MAX_UNWRITTEN: &str = "max_unwritten_bytes";
+const MAX_IN_FLIGHT: &str = "max_in_flight_per_connection";
+
+/// What one connection makes us hold, shared by its reader, its calls and its writer.
+struct Held {
+    /// Bytes of requests read but not yet answered, plus answers queued but not yet written.
+    bytes: AtomicUsize,
+    cap: usize,
+    /// Woken when `bytes` falls back under the cap.
+    room: Notify,
+    /// Handlers running now.
+    running: AtomicUsize,
+    /// Bumped after every write; the idle check looks for a change.
+    progress: AtomicU64,
+}
+
+impl Held {
+    fn new(cap: usize) -> Held {
+        Held {
+            bytes: AtomicUsize::new(0),
+            cap,
+            room: Notify::new(),
+            running: AtomicUsize::new(0),
+            progress: AtomicU64::new(0),
+        }
+    }
+
+    /// Over the cap. Nothing held is never over it, so one frame larger than the cap still
+    /// gets read and answered.
+    fn over(&self, bytes: usize) -> bool {
+        bytes > 0 && bytes >= self.cap
+    }
+
+    fn is_over(&self) -> bool {
+        self.over(self.bytes.load(Ordering::Acquire))
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn sub(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        if self.over(before) && !self.over(before - n) {
+            // Stored when the reader is not waiting yet, so a release between its check and its
+            // wait is not lost.
+            self.room.notify_one();
+        }
+    }
+
+    /// Resolves once the connection is under its cap.
+    async fn room(&self) {
+        while self.is_over() {
+            self.room.notified().await;
+        }
+    }
+
+    fn progress(&self) -> u64 {
+        self.progress.load(Ordering::Acquire)
+    }
+}
+
+/// One call's share of its connection's budgets: the bytes it makes us hold (its request until
+/// it is answered, then its answer) and its in-flight permit. Released when the answer has been
+/// written (or dropped, when the connection is gone).
+struct Charge {
+    held: Arc<Held>,
+    bytes: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Charge {
+    fn new(held: &Arc<Held>, bytes: usize, permit: OwnedSemaphorePermit) -> Charge {
+        held.add(bytes);
+        Charge { held: held.clone(), bytes, _permit: permit }
+    }
+
+    /// The request is answered: from now on the call holds its answer's bytes instead.
+    fn answered(&mut self, bytes: usize) {
+        self.held.add(bytes);
+        self.held.sub(self.bytes);
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.sub(self.bytes);
+    }
+}
+
+/// An answer waiting to be written, with the charge its writing releases.
+struct Outgoing {
+    bytes: Bytes,
+    _charge: Charge,
+}
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Serves one connection until the peer closes, it idles out, a frame takes too long, a fatal
+/// frame error, it must close (trust or a certificate), or stop.
 async fn serve_connection<S>(
     stream: S,
     peer: Arc<PeerIdentity>,
     remote: SocketAddr,
     shared: Arc<Shared>,
     guard: Option<TrackGuard>,
+    _slot: Established,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let opts = &shared.options;
     let (mut rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-    let writer = tokio::spawn(write_loop(wr, rx));
-    let limit = Arc::new(Semaphore::new(shared.options.max_in_flight_per_connection));
-    let mut decoder = Decoder::new(shared.options.max_body);
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let held = Arc::new(Held::new(opts.max_unwritten_bytes));
+    let mut writer = tokio::spawn(write_loop(wr, rx, held.clone()));
+    let max_in_flight = opts.max_in_flight_per_connection.clamp(1, u32::MAX as usize);
+    let limit = Arc::new(Semaphore::new(max_in_flight));
+    let mut decoder = Decoder::new(opts.max_body);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut stop_rx = shared.stop_rx.clone();
+    let stopped = stop_rx.wait_for(|s| *s);
+    tokio::pin!(stopped);
     let mut close_signal = guard.as_ref().map(|g| g.close_signal());
+    let closing = must_close(&mut close_signal);
+    tokio::pin!(closing);
+    // The in-flight permit for the next frame, taken before it is decoded.
+    let mut permit: Option<OwnedSemaphorePermit> = None;
+    // Idle time counts from the last complete frame (or the last time the idle check saw calls
+    // running or answers being written), never from a stray byte.
+    let mut quiet_since = Instant::now();
+    let mut progress_then = held.progress();
+    // When the first byte of the frame being received arrived (while we were reading).
+    let mut frame_since: Option<Instant> = None;
+    let deadline = |quiet_since: Instant, frame_since: Option<Instant>| {
+        let idle = opts.idle_timeout.map(|d| quiet_since + d);
+        let frame = opts.frame_timeout.zip(frame_since).map(|(d, since)| since + d);
+        idle.into_iter().chain(frame).min()
+    };
+    // One timer for both limits, reset only when it fires or must fire earlier: frames on a busy
+    // connection cost no timer work.
+    let timer = tokio::time::sleep_until(deadline(quiet_since, None).unwrap_or_else(Instant::now).into());
+    tokio::pin!(timer);
+    let mut paused: Option<&'static str> = None;
     'conn: loop {
-        loop {
+        let blocked = loop {
+            if held.is_over() {
+                break Some(MAX_UNWRITTEN);
+            }
+            if permit.is_none() {
+                match limit.clone().try_acquire_owned() {
+                    Ok(p) => permit = Some(p),
+                    Err(_) => break Some(MAX_IN_FLIGHT),
+                }
+            }
+            let before = buf.len();
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
-                    let Ok(permit) = limit.clone().acquire_owned().await else { break 'conn };
-                    dispatch(frame, &peer, &shared, &tx, permit);
+                    quiet_since = Instant::now();
+                    progress_then = held.progress();
+                    frame_since = None;
+                    let Some(p) = permit.take() else { break 'conn };
+                    dispatch(frame, &peer, &shared, &tx, Charge::new(&held, before - buf.len(), p));
                 }
-                Ok(None) => break,
+                Ok(None) => break None,
                 Err(e) => {
                     warn!(%remote, peer = %peer, error = e.name(), "bad frame: {e}");
+                    frame_since = None;
                     if let DecodeError::BadAttachmentSize { correlation_id: Some(id), .. } = &e {
-                        let text = shared.error_text(codes::EREQUEST, &e.to_string());
-                        send(&tx, response_frame(*id, Err((codes::EREQUEST, text))));
+                        if let Some(p) = permit.take() {
+                            let text = shared.error_text(codes::EREQUEST, &e.to_string());
+                            send(&tx, response_frame(*id, Err((codes::EREQUEST, text))), Charge::new(&held, 0, p));
+                        }
                     }
                     if e.stream_in_sync() {
                         continue;
                     }
+                    if matches!(e, DecodeError::BodyTooLarge { .. }) {
+                        telemetry::connection_closed_by_limit(SCOPE, "max_body");
+                    }
                     break 'conn;
                 }
             }
+        };
+        if blocked.is_some() && paused != blocked {
+            debug!(%remote, limit = blocked, "pausing reads until answers are written");
+            telemetry::reads_paused(SCOPE, blocked.unwrap_or_default());
         }
-        let idle = shared.options.idle_timeout;
-        let read = rd.read_buf(&mut buf);
-        let n = tokio::select! {
-            r = read => r,
-            _ = stop_rx.wait_for(|s| *s) => break 'conn,
-            d = must_close(&mut close_signal) => {
+        paused = blocked;
+        if blocked.is_some() {
+            // The peer cannot finish a frame while we are not reading.
+            frame_since = None;
+        } else if !buf.is_empty() && frame_since.is_none() {
+            let since = Instant::now();
+            frame_since = Some(since);
+            if let Some(d) = deadline(quiet_since, frame_since) {
+                if d < timer.deadline().into_std() {
+                    timer.as_mut().reset(d.into());
+                }
+            }
+        }
+        let timed = opts.idle_timeout.is_some() || opts.frame_timeout.is_some();
+        tokio::select! {
+            r = rd.read_buf(&mut buf), if blocked.is_none() => match r {
+                Ok(0) => break 'conn,
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(%remote, "read failed: {e}");
+                    break 'conn;
+                }
+            },
+            _ = held.room(), if blocked == Some(MAX_UNWRITTEN) => {}
+            // Waits for a permit without taking it; the decode loop takes it.
+            _ = limit.acquire(), if blocked == Some(MAX_IN_FLIGHT) => {}
+            _ = &mut stopped => break 'conn,
+            d = &mut closing => {
                 info!(%remote, peer = %peer, verdict = d.verdict.name(), "closing: {}", d.message);
                 break 'conn;
             }
-            _ = sleep_opt(idle) => {
-                if limit.available_permits() == shared.options.max_in_flight_per_connection {
-                    debug!(%remote, "closing idle connection");
+            _ = &mut timer, if timed => {
+                let now = Instant::now();
+                if opts.frame_timeout.zip(frame_since).is_some_and(|(d, since)| now >= since + d) {
+                    info!(%remote, peer = %peer, "closing: a frame did not arrive whole within the frame timeout");
+                    telemetry::connection_closed_by_limit(SCOPE, "frame_timeout");
                     break 'conn;
                 }
-                continue;
-            }
-        };
-        match n {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
-                debug!(%remote, "read failed: {e}");
-                break;
+                if opts.idle_timeout.is_some_and(|d| now >= quiet_since + d) {
+                    let progress = held.progress();
+                    if held.running.load(Ordering::Acquire) == 0 && progress == progress_then {
+                        debug!(%remote, "closing idle connection");
+                        telemetry::connection_closed_by_limit(SCOPE, "idle_timeout");
+                        break 'conn;
+                    }
+                    quiet_since = now;
+                    progress_then = progress;
+                }
+                let next = deadline(quiet_since, frame_since).unwrap_or(now + Duration::from_secs(3600));
+                timer.as_mut().reset(next.into());
             }
         }
         if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(decoder.wanted(&buf).max(16 * 1024));
+            buf.reserve(decoder.reserve_hint(&buf).max(16 * 1024));
         }
     }
-    // Let calls already dispatched answer before the write side closes.
-    let _ = limit.acquire_many(shared.options.max_in_flight_per_connection as u32).await;
+    // Let calls already dispatched answer, and their answers be written, before the write side
+    // closes; a peer that stopped reading gets no longer than the grace.
+    drop(permit);
+    let drain_by = tokio::time::Instant::now() + opts.shutdown_grace;
+    let drained = tokio::time::timeout_at(drain_by, limit.acquire_many(max_in_flight as u32)).await.is_ok();
     drop(tx);
-    let _ = writer.await;
+    if !drained || tokio::time::timeout_at(drain_by, &mut writer).await.is_err() {
+        debug!(%remote, "closing with answers unwritten");
+        writer.abort();
+    }
 }
 
 /// Resolves when this connection must close (its peer is no longer trusted, or a certificate
@@ -402,25 +654,23 @@ async fn must_close(signal: &mut Option<crate::tls::tracker::CloseSignal>) -> cr
     }
 }
 
-async fn sleep_opt(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn send(tx: &mpsc::UnboundedSender<Bytes>, frame: Frame) {
+fn send(tx: &mpsc::UnboundedSender<Outgoing>, frame: Frame, mut charge: Charge) {
     match frame.to_bytes() {
-        Ok(b) => {
-            let _ = tx.send(b);
+        Ok(bytes) => {
+            charge.answered(bytes.len());
+            // When the writer is gone the answer comes back here and its charge is released.
+            let _ = tx.send(Outgoing { bytes, _charge: charge });
         }
         Err(e) => warn!("cannot encode response: {e}"),
     }
 }
 
 /// Writes queued responses; the write side is closed (close_notify) once the queue ends.
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
-    if super::write_queued(&mut wr, &mut rx).await.is_ok() {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Outgoing>, held: Arc<Held>) {
+    let progressed = || {
+        held.progress.fetch_add(1, Ordering::Release);
+    };
+    if super::write_queued(&mut wr, &mut rx, progressed).await.is_ok() {
         let _ = wr.shutdown().await;
     }
 }
@@ -429,21 +679,21 @@ fn dispatch(
     frame: Frame,
     peer: &Arc<PeerIdentity>,
     shared: &Arc<Shared>,
-    tx: &mpsc::UnboundedSender<Bytes>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    charge: Charge,
 ) {
     let cid = frame.meta.correlation_id.unwrap_or(0);
     // Calls refused before their method is resolved are counted without the names the peer
     // sent, which a peer could vary without limit.
-    let fail = |code: i32, text: &str| {
+    let fail = |code: i32, text: &str, charge: Charge| {
         telemetry::call(Role::Server, "(unknown)", "(unknown)", code);
-        send(tx, response_frame(cid, Err((code, shared.error_text(code, text)))));
+        send(tx, response_frame(cid, Err((code, shared.error_text(code, text)))), charge);
     };
     if shared.stopping.load(Ordering::Acquire) {
-        return fail(codes::ELOGOFF, "Server is stopping");
+        return fail(codes::ELOGOFF, "Server is stopping", charge);
     }
     let Some(req) = frame.meta.request.as_ref() else {
-        return fail(codes::EREQUEST, "frame carries no request meta (is this a response?)");
+        return fail(codes::EREQUEST, "frame carries no request meta (is this a response?)", charge);
     };
     if let Some(ct) = frame.meta.compress_type.filter(|c| *c != COMPRESS_NONE) {
         let name = match ct {
@@ -456,21 +706,22 @@ fn dispatch(
         return fail(
             codes::EREQUEST,
             &format!("compress_type {ct} ({name}) is not supported; send uncompressed payloads (compress_type 0)"),
+            charge,
         );
     }
     if let Err(e) = frame.verify_checksum() {
-        return fail(codes::EREQUEST, &format!("request checksum rejected: {e}"));
+        return fail(codes::EREQUEST, &format!("request checksum rejected: {e}"), charge);
     }
     let service = req.service_name.as_deref().unwrap_or("");
     let method = req.method_name.as_deref().unwrap_or("");
     let (full, handler) = match shared.registry.resolve(service, method) {
         Resolved::Found(full, h) => (full, h.clone()),
-        Resolved::NoService(t) => return fail(codes::ENOSERVICE, &t),
-        Resolved::NoMethod(t) => return fail(codes::ENOMETHOD, &t),
+        Resolved::NoService(t) => return fail(codes::ENOSERVICE, &t, charge),
+        Resolved::NoMethod(t) => return fail(codes::ENOMETHOD, &t, charge),
     };
     if let Err(r) = crate::authz::authorize_call(&shared.policy, peer, full, &[], method, "server") {
         telemetry::call(Role::Server, full, method, r.code);
-        send(tx, response_frame(cid, Err((r.code, shared.error_text(r.code, &r.text)))));
+        send(tx, response_frame(cid, Err((r.code, shared.error_text(r.code, &r.text)))), charge);
         return;
     }
     let checksum = frame.meta.checksum_type == Some(crate::wire::CHECKSUM_CRC32C);
@@ -492,6 +743,7 @@ fn dispatch(
     let shared = shared.clone();
     let tx = tx.clone();
     shared.in_flight.fetch_add(1, Ordering::AcqRel);
+    charge.held.running.fetch_add(1, Ordering::AcqRel);
     tokio::spawn(async move {
         // The handler is called inside the caught future, so a panic while it builds its
         // future (before any await) is caught too.
@@ -510,8 +762,9 @@ fn dispatch(
         if checksum {
             frame.set_checksum(with_attachment);
         }
-        send(&tx, frame);
-        drop(permit);
+        let held = charge.held.clone();
+        send(&tx, frame, charge);
+        held.running.fetch_sub(1, Ordering::AcqRel);
         if shared.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             shared.drained.notify_waiters();
         }

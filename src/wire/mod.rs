@@ -17,6 +17,11 @@ pub const MAGIC: [u8; 4] = *b"PRPC";
 pub const HEADER_LEN: usize = 12;
 /// brpc's default `max_body_size`: 64 MiB.
 pub const DEFAULT_MAX_BODY: usize = 64 << 20;
+/// Most that a frame's header alone makes a reader reserve for its body. A larger body gets room
+/// only as fast as it arrives (at most as much again as has come), so a peer cannot make us
+/// reserve `max_body` per connection by sending 12 bytes. Frames up to this size (a 1 MiB
+/// payload with its meta, say) are still read into one buffer without a copy.
+pub const MAX_RESERVE_AHEAD: usize = 2 << 20;
 
 /// `compress_type` value for an uncompressed payload, the only one trustwire accepts.
 pub const COMPRESS_NONE: i32 = 0;
@@ -110,6 +115,13 @@ impl Decoder {
         (HEADER_LEN + body.min(self.max_body)).saturating_sub(buf.len())
     }
 
+    /// How much room a reader should make in `buf` (which starts at a frame boundary) for its
+    /// next read: what the frame still needs, but no more than [`MAX_RESERVE_AHEAD`] or the
+    /// bytes of it already received, whichever is larger.
+    pub fn reserve_hint(&self, buf: &[u8]) -> usize {
+        self.wanted(buf).min(buf.len().max(MAX_RESERVE_AHEAD))
+    }
+
     /// Takes one complete frame off the front of `buf`.
     ///
     /// Returns `Ok(None)` when more bytes are needed (nothing is consumed). On an error for
@@ -137,7 +149,7 @@ impl Decoder {
             return Err(DecodeError::BodyTooLarge { body_size, limit: self.max_body });
         }
         if buf.len() < HEADER_LEN + body_size {
-            buf.reserve(HEADER_LEN + body_size - buf.len());
+            buf.reserve(self.reserve_hint(buf));
             return Ok(None);
         }
         if meta_size > body_size {
