@@ -1,5 +1,9 @@
 //! The `trustwire` command: demo, dev PKI, echo server, one-off calls, probes, inspection.
+// Output goes through `say!`/`note!` (see output.rs): `println!` panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
+#[macro_use]
+mod output;
 mod demo;
 
 use std::net::IpAddr;
@@ -276,15 +280,22 @@ where
         Command::Probe { addr, creds, server_name } => rt.block_on(probe(addr, creds, server_name)),
         Command::Inspect { file } => inspect(&file),
     };
-    match result {
+    let status = match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("{}", describe_error(&e));
+            note!("{}", describe_error(&e));
             match e {
                 Error::Config { .. } => 2,
                 _ => 1,
             }
         }
+    };
+    match output::stdout_error() {
+        Some(e) if status == 0 => {
+            note!("error: cannot write the output: {e}");
+            1
+        }
+        _ => status,
     }
 }
 
@@ -308,7 +319,7 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
         PkiCommand::Init { dir, trust_domain } => {
             let ca = DevCa::new(&trust_domain)?;
             ca.write(&dir)?;
-            println!("wrote {} and {}", dir.join("ca.pem").display(), dir.join("ca.key").display());
+            say!("wrote {} and {}", dir.join("ca.pem").display(), dir.join("ca.key").display());
         }
         PkiCommand::Issue { dir, name, spiffe_id, dns, ip, days, usage, key_type } => {
             let ca = DevCa::load(&dir)?;
@@ -321,7 +332,7 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
                 return Err(Error::config(format!("--name '{name}' must be a plain file name")));
             }
             let (cert, key) = ca.issue(&req)?.write(&dir, &name)?;
-            println!("wrote {} and {}", cert.display(), key.display());
+            say!("wrote {} and {}", cert.display(), key.display());
         }
     }
     Ok(())
@@ -343,21 +354,21 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: Re
     // stop it gracefully, not kill it with the default action.
     let mut signals = Signals::new();
     let running = server.bind(&listen).await?;
-    println!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
+    say!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
     if let Some(m) = &metrics {
-        println!("metrics on http://{}/metrics", m.local_addr());
+        say!("metrics on http://{}/metrics", m.local_addr());
     }
     while let Signal::Reload = signals.next().await {
         match store.reload() {
-            Ok(generation) => eprintln!("SIGHUP: credentials generation {generation} in service"),
-            Err(e) => eprintln!(
+            Ok(generation) => note!("SIGHUP: credentials generation {generation} in service"),
+            Err(e) => note!(
                 "SIGHUP: reload refused, previous generation stays [{}]: {e}",
                 e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())
             ),
         }
     }
     // Progress goes to stderr: stdout may be a pipe whose reader only wanted the address.
-    eprintln!("stopping: finishing calls in flight");
+    note!("stopping: finishing calls in flight");
     running.shutdown().await;
     Ok(())
 }
@@ -371,16 +382,16 @@ async fn proxy(config: PathBuf) -> Result<(), Error> {
     let mut signals = Signals::new();
     let (running, stores): (Vec<_>, Vec<_>) = file.start().await?.into_iter().unzip();
     for r in &running {
-        println!("route {}: listening on {}", r.name(), r.local());
+        say!("route {}: listening on {}", r.name(), r.local());
     }
     if let Some(m) = &metrics {
-        println!("metrics on http://{}/metrics", m.local_addr());
+        say!("metrics on http://{}/metrics", m.local_addr());
     }
     while let Signal::Reload = signals.next().await {
         for store in &stores {
             match store.reload() {
-                Ok(g) => eprintln!("SIGHUP: route {}: credentials generation {g} in service", store.name()),
-                Err(e) => eprintln!(
+                Ok(g) => note!("SIGHUP: route {}: credentials generation {g} in service", store.name()),
+                Err(e) => note!(
                     "SIGHUP: route {}: reload refused, previous generation stays [{}]: {e}",
                     store.name(),
                     e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())
@@ -388,7 +399,7 @@ async fn proxy(config: PathBuf) -> Result<(), Error> {
             }
         }
     }
-    eprintln!("draining: open streams may finish for {}s", file.drain().as_secs());
+    note!("draining: open streams may finish for {}s", file.drain().as_secs());
     let drain = file.drain();
     // All routes drain at once, under one deadline.
     let draining: Vec<_> = running.into_iter().map(|r| tokio::spawn(r.shutdown(drain))).collect();
@@ -487,15 +498,14 @@ async fn call(a: CallArgs) -> Result<(), Error> {
     let resp = client.call(service, method, payload, opts).await?;
     if a.echo.is_some() {
         match crate::echo::decode(&resp.payload) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => say!("{text}"),
             Err(e) => return Err(Error::Protocol { message: format!("response is not an EchoResponse: {e}") }),
         }
     } else {
-        use std::io::Write;
-        let _ = std::io::stdout().write_all(&resp.payload);
+        output::stdout_bytes(&resp.payload);
     }
     if !resp.attachment.is_empty() {
-        eprintln!("attachment: {}", String::from_utf8_lossy(&resp.attachment));
+        note!("attachment: {}", String::from_utf8_lossy(&resp.attachment));
     }
     Ok(())
 }
@@ -509,15 +519,15 @@ async fn probe(addr: String, creds: Creds, server_name: Option<String>) -> Resul
     let has_identity = profile.identity.is_some();
     let tls = profile.client()?;
     let (mut stream, info) = crate::transport::connect(&tls, &addr, Duration::from_secs(5)).await?;
-    println!("connected to {addr}");
-    println!("  protocol      {}", info.version);
-    println!("  cipher suite  {}", info.cipher_suite);
-    println!("  key exchange  {}", info.kx_group.as_deref().unwrap_or("?"));
-    println!("  server chain:");
+    say!("connected to {addr}");
+    say!("  protocol      {}", info.version);
+    say!("  cipher suite  {}", info.cipher_suite);
+    say!("  key exchange  {}", info.kx_group.as_deref().unwrap_or("?"));
+    say!("  server chain:");
     for (i, der) in info.peer_chain.iter().enumerate() {
         match CertificateInfo::from_der(der) {
             Ok(c) => print_cert(i, &c, "    "),
-            Err(e) => println!("    [{i}] unreadable: {e}"),
+            Err(e) => say!("    [{i}] unreadable: {e}"),
         }
     }
     // In TLS 1.3 the server judges our certificate after our side has finished; its verdict
@@ -526,10 +536,10 @@ async fn probe(addr: String, creds: Creds, server_name: Option<String>) -> Resul
     match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
         Ok(Err(e)) => return Err(crate::transport::stream_error(&e, None)),
         Ok(Ok(0)) if has_identity => {
-            println!("  the server closed the connection after the handshake");
+            say!("  the server closed the connection after the handshake");
         }
-        _ if has_identity => println!("  client certificate: accepted"),
-        _ => println!("  client certificate: none sent (the server will refuse calls)"),
+        _ if has_identity => say!("  client certificate: accepted"),
+        _ => say!("  client certificate: none sent (the server will refuse calls)"),
     }
     Ok(())
 }
@@ -554,19 +564,19 @@ fn print_cert(i: usize, c: &CertificateInfo, indent: &str) {
         let left = id.not_after.duration_since(now).unwrap_or_default().as_secs();
         format!("valid, {}d {}h left", left / 86_400, (left % 86_400) / 3600)
     };
-    println!("{indent}[{i}] {}", id.subject);
-    println!("{indent}    issuer       {}", id.issuer);
+    say!("{indent}[{i}] {}", id.subject);
+    say!("{indent}    issuer       {}", id.issuer);
     if let Some(s) = &id.spiffe_id {
-        println!("{indent}    spiffe id    {s}");
+        say!("{indent}    spiffe id    {s}");
     }
     if !id.names().is_empty() {
-        println!("{indent}    names        {}", id.names().join(", "));
+        say!("{indent}    names        {}", id.names().join(", "));
     }
-    println!("{indent}    validity     {} .. {} ({state})", rfc3339(id.not_before), rfc3339(id.not_after));
-    println!("{indent}    key          {}{}", c.key_type, if c.is_ca { ", CA" } else { "" });
+    say!("{indent}    validity     {} .. {} ({state})", rfc3339(id.not_before), rfc3339(id.not_after));
+    say!("{indent}    key          {}{}", c.key_type, if c.is_ca { ", CA" } else { "" });
     if !c.extended_key_usage.is_empty() {
-        println!("{indent}    usage        {}", c.extended_key_usage.join(", "));
+        say!("{indent}    usage        {}", c.extended_key_usage.join(", "));
     }
-    println!("{indent}    serial       {}", id.serial);
-    println!("{indent}    sha256       {}", id.fingerprint_sha256);
+    say!("{indent}    serial       {}", id.serial);
+    say!("{indent}    sha256       {}", id.fingerprint_sha256);
 }
