@@ -46,6 +46,7 @@ use crate::tls::{Identity, MinVersion, TlsProfile, TrustBundle};
 pub struct ProfileFile {
     #[serde(default)]
     pub identity: Option<IdentitySection>,
+    #[serde(default)]
     pub trust: TrustSection,
     #[serde(default)]
     pub policy: PolicySection,

@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::pki::{DevCa, IssueRequest, KeyType, Usage};
 use crate::rpc::{CallOptions, Client, ClientOptions, Server};
 use crate::tls::identity::{rfc3339, CertificateInfo};
-use crate::tls::{Identity, MinVersion, Policy, TlsProfile, TrustBundle};
+use crate::tls::{MinVersion, Policy, TlsProfile, TrustBundle};
 
 #[derive(Parser, Debug)]
 #[command(name = "trustwire", version, about = "Mutual-TLS RPC for brpc's baidu_std protocol")]
@@ -61,11 +61,8 @@ enum Command {
         target: String,
         #[command(flatten)]
         creds: Creds,
-        #[arg(long)]
-        server_name: Option<String>,
-        /// Require the server's SPIFFE ID to be exactly this.
-        #[arg(long)]
-        server_spiffe_id: Option<String>,
+        #[command(flatten)]
+        server: ServerCheck,
         /// Send an EchoRequest with this message and decode the EchoResponse.
         #[arg(long, conflicts_with = "payload_file")]
         echo: Option<String>,
@@ -85,8 +82,8 @@ enum Command {
         addr: String,
         #[command(flatten)]
         creds: Creds,
-        #[arg(long)]
-        server_name: Option<String>,
+        #[command(flatten)]
+        server: ServerCheck,
     },
     /// Show the identities, validity, key type and fingerprint of each certificate in a file.
     Inspect { file: PathBuf },
@@ -137,30 +134,55 @@ struct ReloadArgs {
     metrics: Option<String>,
 }
 
-/// Where credentials come from: a profile file, or separate PEM files.
+/// Where credentials come from: a profile file, completed and overridden by flags.
 #[derive(Args, Debug, Clone)]
 struct Creds {
-    /// A profile file (TOML); the flags below override or complete it.
-    #[arg(long)]
+    /// A profile file (TOML, see the README). Each flag below replaces the one setting it names
+    /// and completes what the file leaves out; everything else in the file stays in force.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Our certificate chain (PEM, leaf first).
-    #[arg(long)]
+    /// Our certificate chain (PEM, leaf first); with --key, replaces the profile's [identity].
+    #[arg(long, value_name = "FILE", requires = "key")]
     cert: Option<PathBuf>,
-    /// Our private key (PEM).
-    #[arg(long)]
+    /// Our private key (PEM), with --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
-    /// Trusted CA certificates (PEM file or directory; repeatable).
-    #[arg(long)]
+    /// Trusted CA certificates (PEM file or directory; repeatable). With --config, replaces the
+    /// profile's CA list only: its CRLs and other trust settings stay in force.
+    #[arg(long, value_name = "PATH")]
     ca: Vec<PathBuf>,
     /// Also accept TLS 1.2 (TLS 1.3 only by default).
     #[arg(long)]
     tls12: bool,
 }
 
+/// The flags a client command adds on top of [`Creds`].
+#[derive(Args, Debug, Clone, Default)]
+struct ServerCheck {
+    /// Verify the server's certificate for NAME and send it as SNI (default: the profile's
+    /// [client] server_name, else the host in ADDR).
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// Also require the server's SPIFFE ID to be exactly ID (replaces the profile's
+    /// [client] server_spiffe_id).
+    #[arg(long, value_name = "ID")]
+    server_spiffe_id: Option<String>,
+}
+
+/// What a command adds to the credentials beyond [`Creds`].
+#[derive(Default)]
+struct Extra<'a> {
+    /// `serve-echo --allow`: replaces the profile's allow-list (its method rules stay).
+    allow: &'a [String],
+    server: Option<&'a ServerCheck>,
+}
+
 impl Creds {
-    /// A credential store for these files, reloading as `reload` says.
-    fn store(&self, role: Use, reload: &ReloadArgs, name: &str, allow: &[String]) -> Result<CredentialStore, Error> {
-        let (mut sources, mut template) = match &self.config {
+    /// The one place where a profile file and the flags become what a command runs with. Every
+    /// command goes through here, so a flag means the same everywhere: it replaces the setting
+    /// it names, and completeness is checked after all flags are applied.
+    fn resolve(&self, role: Use, extra: &Extra<'_>) -> Result<(Sources, TlsProfile), Error> {
+        let (mut sources, mut settings) = match &self.config {
             Some(path) => {
                 let file = crate::profile::ProfileFile::load(path)?;
                 (file.sources()?, file.settings()?)
@@ -173,50 +195,54 @@ impl Creds {
         if !self.ca.is_empty() {
             sources.trust = self.ca.iter().cloned().map(PemSource::Path).collect();
         }
-        if sources.trust.is_empty() {
-            return Err(Error::config("give --ca FILE (trusted CAs) or --config FILE"));
-        }
-        match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => sources.identity = IdentitySource::Files { chain: c.clone(), key: k.clone() },
-            (None, None) => {}
-            _ => return Err(Error::config("--cert and --key go together")),
+        if let (Some(chain), Some(key)) = (&self.cert, &self.key) {
+            sources.identity = IdentitySource::Files { chain: chain.clone(), key: key.clone() };
         }
         if self.tls12 {
-            template.min_version = MinVersion::Tls12;
+            settings.min_version = MinVersion::Tls12;
         }
-        if !allow.is_empty() {
-            template.policy = Policy { allow: Policy::from_patterns(allow)?.allow, ..template.policy };
+        if !extra.allow.is_empty() {
+            settings.policy = Policy { allow: Policy::from_patterns(extra.allow)?.allow, ..settings.policy };
         }
-        let options = StoreOptions {
-            name: name.to_string(),
-            reload_interval: reload.reload_interval.map(Duration::from_secs),
-            ..StoreOptions::default()
-        };
-        CredentialStore::new(role, sources, template, options)
+        if let Some(check) = extra.server {
+            if check.server_name.is_some() {
+                settings.server_name = check.server_name.clone();
+            }
+            if check.server_spiffe_id.is_some() {
+                settings.server_spiffe_id = check.server_spiffe_id.clone();
+            }
+        }
+        if sources.trust.is_empty() {
+            return Err(Error::config(match &self.config {
+                Some(p) => format!("no trusted CAs: give --ca FILE, or list them in [trust] ca of {}", p.display()),
+                None => "no trusted CAs: give --ca FILE or --config FILE".to_string(),
+            }));
+        }
+        if role == Use::Server && matches!(sources.identity, IdentitySource::None) {
+            return Err(Error::config(
+                "a server needs its certificate: give --cert FILE --key FILE, or a --config profile with [identity]",
+            ));
+        }
+        Ok((sources, settings))
     }
 
-    fn profile(&self) -> Result<TlsProfile, Error> {
-        let mut profile = match &self.config {
-            Some(path) => TlsProfile::from_file(path)?,
-            None => {
-                if self.ca.is_empty() {
-                    return Err(Error::config("give --ca FILE (trusted CAs) or --config FILE"));
-                }
-                TlsProfile::new(None, TrustBundle::from_paths(&self.ca)?)
-            }
+    /// A credential store for what [`Creds::resolve`] gives: the same loading and checks (CRLs
+    /// included) for a one-off call as for a server.
+    fn store(&self, role: Use, extra: &Extra<'_>, options: StoreOptions) -> Result<CredentialStore, Error> {
+        let (sources, settings) = self.resolve(role, extra)?;
+        CredentialStore::new(role, sources, settings, options)
+    }
+
+    /// The store of a one-off client command: loaded once, never watched.
+    fn client_store(&self, name: &str, server: &ServerCheck) -> Result<CredentialStore, Error> {
+        let options = StoreOptions {
+            name: name.to_string(),
+            watch: false,
+            poll_interval: None,
+            reload_interval: None,
+            ..StoreOptions::default()
         };
-        if self.config.is_some() && !self.ca.is_empty() {
-            profile.trust = TrustBundle::from_paths(&self.ca)?;
-        }
-        match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => profile.identity = Some(Identity::from_files(c, k)?),
-            (None, None) => {}
-            _ => return Err(Error::config("--cert and --key go together")),
-        }
-        if self.tls12 {
-            profile.min_version = MinVersion::Tls12;
-        }
-        Ok(profile)
+        self.store(Use::Client, &Extra { server: Some(server), ..Extra::default() }, options)
     }
 }
 
@@ -253,31 +279,20 @@ where
         Command::Demo => rt.block_on(demo::run()),
         Command::Pki(cmd) => pki(cmd),
         Command::ServeEcho { listen, creds, allow, reload } => rt.block_on(serve_echo(listen, creds, allow, reload)),
-        Command::Call {
-            addr,
-            target,
-            creds,
-            server_name,
-            server_spiffe_id,
-            echo,
-            payload_file,
-            attachment,
-            timeout_ms,
-            log_id,
-        } => rt.block_on(call(CallArgs {
-            addr,
-            target,
-            creds,
-            server_name,
-            server_spiffe_id,
-            echo,
-            payload_file,
-            attachment,
-            timeout: Duration::from_millis(timeout_ms),
-            log_id,
-        })),
+        Command::Call { addr, target, creds, server, echo, payload_file, attachment, timeout_ms, log_id } => rt
+            .block_on(call(CallArgs {
+                addr,
+                target,
+                creds,
+                server,
+                echo,
+                payload_file,
+                attachment,
+                timeout: Duration::from_millis(timeout_ms),
+                log_id,
+            })),
         Command::Proxy { config } => rt.block_on(proxy(config)),
-        Command::Probe { addr, creds, server_name } => rt.block_on(probe(addr, creds, server_name)),
+        Command::Probe { addr, creds, server } => rt.block_on(probe(addr, creds, server)),
         Command::Inspect { file } => inspect(&file),
     };
     let status = match result {
@@ -339,7 +354,12 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
 }
 
 async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: ReloadArgs) -> Result<(), Error> {
-    let store = creds.store(Use::Server, &reload, "serve-echo", &allow)?;
+    let options = StoreOptions {
+        name: "serve-echo".into(),
+        reload_interval: reload.reload_interval.map(Duration::from_secs),
+        ..StoreOptions::default()
+    };
+    let store = creds.store(Use::Server, &Extra { allow: &allow, ..Extra::default() }, options)?;
     let tls = store.server_tls()?;
     if tls.policy().allow.is_empty() {
         tracing::warn!("no allow-list: any peer whose certificate the trust bundle verifies may connect");
@@ -464,8 +484,7 @@ struct CallArgs {
     addr: String,
     target: String,
     creds: Creds,
-    server_name: Option<String>,
-    server_spiffe_id: Option<String>,
+    server: ServerCheck,
     echo: Option<String>,
     payload_file: Option<PathBuf>,
     attachment: Option<String>,
@@ -476,19 +495,13 @@ struct CallArgs {
 async fn call(a: CallArgs) -> Result<(), Error> {
     let (service, method) =
         a.target.split_once('/').ok_or_else(|| Error::config(format!("'{}': write SERVICE/METHOD", a.target)))?;
-    let mut profile = a.creds.profile()?;
-    if a.server_name.is_some() {
-        profile.server_name = a.server_name.clone();
-    }
-    if a.server_spiffe_id.is_some() {
-        profile.server_spiffe_id = a.server_spiffe_id.clone();
-    }
+    let store = a.creds.client_store("call", &a.server)?;
     let payload = match (&a.echo, &a.payload_file) {
         (Some(text), _) => crate::echo::encode(text),
         (None, Some(f)) => std::fs::read(f).map_err(|e| Error::config(format!("cannot read {}: {e}", f.display())))?,
         (None, None) => Vec::new(),
     };
-    let client = Client::new(&a.addr, profile.client()?, ClientOptions::default());
+    let client = Client::new(&a.addr, store.client_tls()?, ClientOptions::default());
     let opts = CallOptions {
         timeout: Some(a.timeout),
         attachment: a.attachment.clone().unwrap_or_default().into(),
@@ -510,14 +523,11 @@ async fn call(a: CallArgs) -> Result<(), Error> {
     Ok(())
 }
 
-async fn probe(addr: String, creds: Creds, server_name: Option<String>) -> Result<(), Error> {
+async fn probe(addr: String, creds: Creds, server: ServerCheck) -> Result<(), Error> {
     use tokio::io::AsyncReadExt;
-    let mut profile = creds.profile()?;
-    if server_name.is_some() {
-        profile.server_name = server_name;
-    }
-    let has_identity = profile.identity.is_some();
-    let tls = profile.client()?;
+    let store = creds.client_store("probe", &server)?;
+    let has_identity = store.generation().certificate.is_some();
+    let tls = store.client_tls()?;
     let (mut stream, info) = crate::transport::connect(&tls, &addr, Duration::from_secs(5)).await?;
     say!("connected to {addr}");
     say!("  protocol      {}", info.version);
