@@ -380,3 +380,40 @@ fn proxy_command_routes_plaintext_brpc_over_mtls_and_drains_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A profile may leave out what flags give: `--config` without `[trust]` plus `--ca` works, and
+/// without either the command says what is missing instead of `missing field 'trust'`.
+#[test]
+fn flags_complete_a_profile_and_override_one_setting() {
+    let dir = pki_dir();
+    let d = dir.path();
+    let (_server, addr) = serve(d, &[]);
+    std::fs::write(d.join("id-only.toml"), "[identity]\ncert = \"web.pem\"\nkey = \"web.key\"\n").unwrap();
+    let config = p(d, "id-only.toml");
+    let out = ok(&[
+        "call",
+        &addr,
+        "example.EchoService/Echo",
+        "--echo",
+        "completed",
+        "--config",
+        &config,
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
+    assert_eq!(out.trim(), "completed");
+
+    let out = run(&["call", &addr, "example.EchoService/Echo", "--echo", "x", "--config", &config]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no trusted CAs") && err.contains("--ca"), "{err}");
+
+    // probe pins the server's SPIFFE ID like call does.
+    let probe =
+        |id: &str| run(&["probe", &addr, "--config", &config, "--ca", &p(d, "ca.pem"), "--server-spiffe-id", id]);
+    let out = probe("spiffe://example.org/ns/prod/echo");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = probe("spiffe://example.org/ns/prod/other");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("[peer_not_allowed]"), "{err}");
+}

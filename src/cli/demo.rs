@@ -40,9 +40,9 @@ pub(super) async fn run() -> Result<(), Error> {
     let rogue_cred = rogue_ca.issue(&IssueRequest::new("rogue").spiffe_id("spiffe://example.org/ns/demo/frontend"))?;
     let rogue = Identity::from_pem(rogue_cred.cert_pem.as_bytes(), rogue_cred.key_pem.as_bytes())?;
     let trust = TrustBundle::from_pem(ca.cert_pem().as_bytes())?;
-    println!("trustwire demo, working in {}", dir.0.display());
-    println!("  dev PKI: a CA for {TRUST_DOMAIN}, certificates for the echo server, 'frontend',");
-    println!("           'intruder' (same CA, outside the allow-list) and 'rogue' (another CA)");
+    say!("trustwire demo, working in {}", dir.0.display());
+    say!("  dev PKI: a CA for {TRUST_DOMAIN}, certificates for the echo server, 'frontend',");
+    say!("           'intruder' (same CA, outside the allow-list) and 'rogue' (another CA)");
 
     let mut profile = TlsProfile::new(Some(server_id), trust.clone());
     profile.policy = Policy::from_patterns(&[ALLOW])?;
@@ -54,8 +54,8 @@ pub(super) async fn run() -> Result<(), Error> {
         Some(Arc::new(move |addr, e| sink.lock().unwrap_or_else(|p| p.into_inner()).push((addr, e.clone()))));
     let running = server.bind("127.0.0.1:0").await?;
     let addr = running.local_addr().to_string();
-    println!("  server:  mTLS echo on {addr}, allowing {ALLOW}");
-    println!();
+    say!("  server:  mTLS echo on {addr}, allowing {ALLOW}");
+    say!("");
 
     let client_for = |id: Identity| -> Result<Client, Error> {
         let tls = TlsProfile::new(Some(id), trust.clone()).client()?;
@@ -71,8 +71,8 @@ pub(super) async fn run() -> Result<(), Error> {
         Ok(resp) => {
             let echoed = crate::echo::decode(&resp.payload).unwrap_or_default();
             let info = client.connect().await?.expect("TLS connection");
-            println!("[ok]      frontend called Echo(\"{message}\") and got \"{echoed}\"");
-            println!(
+            say!("[ok]      frontend called Echo(\"{message}\") and got \"{echoed}\"");
+            say!(
                 "          {} {} {}, server identity {}",
                 info.version,
                 info.cipher_suite,
@@ -82,7 +82,7 @@ pub(super) async fn run() -> Result<(), Error> {
             ok &= echoed == message;
         }
         Err(e) => {
-            println!("[FAILED]  frontend's call failed: {e}");
+            say!("[FAILED]  frontend's call failed: {e}");
             ok = false;
         }
     }
@@ -100,7 +100,7 @@ pub(super) async fn run() -> Result<(), Error> {
         match (&result, &server_side) {
             (Err(client_err), Some(server_err)) => {
                 let verdict = server_err.verdict();
-                println!(
+                say!(
                     "{} {who} refused: server verdict {}, client saw {}{}",
                     if verdict == Some(expected) { "[ok]    " } else { "[FAILED]" },
                     verdict.map(|v| v.name()).unwrap_or("none"),
@@ -110,19 +110,19 @@ pub(super) async fn run() -> Result<(), Error> {
                         _ => String::new(),
                     }
                 );
-                println!("          why: {}", message_of(server_err));
+                say!("          why: {}", message_of(server_err));
                 ok &= verdict == Some(expected);
             }
             _ => {
-                println!("[FAILED]  {who} was not refused as expected: client {result:?}");
+                say!("[FAILED]  {who} was not refused as expected: client {result:?}");
                 ok = false;
             }
         }
     }
     running.shutdown().await;
-    println!();
+    say!("");
     if ok {
-        println!("demo finished: 1 call served, 2 peers refused with their verdicts");
+        say!("demo finished: 1 call served, 2 peers refused with their verdicts");
         Ok(())
     } else {
         Err(Error::Protocol { message: "the demo did not go as expected".into() })

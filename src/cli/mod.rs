@@ -1,5 +1,9 @@
 //! The `trustwire` command: demo, dev PKI, echo server, one-off calls, probes, inspection.
+// Output goes through `say!`/`note!` (see output.rs): `println!` panics on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
+#[macro_use]
+mod output;
 mod demo;
 
 use std::net::IpAddr;
@@ -14,7 +18,7 @@ use crate::error::Error;
 use crate::pki::{DevCa, IssueRequest, KeyType, Usage};
 use crate::rpc::{CallOptions, Client, ClientOptions, Server};
 use crate::tls::identity::{rfc3339, CertificateInfo};
-use crate::tls::{Identity, MinVersion, Policy, TlsProfile, TrustBundle};
+use crate::tls::{MinVersion, Policy, TlsProfile, TrustBundle};
 
 #[derive(Parser, Debug)]
 #[command(name = "trustwire", version, about = "Mutual-TLS RPC for brpc's baidu_std protocol")]
@@ -57,11 +61,8 @@ enum Command {
         target: String,
         #[command(flatten)]
         creds: Creds,
-        #[arg(long)]
-        server_name: Option<String>,
-        /// Require the server's SPIFFE ID to be exactly this.
-        #[arg(long)]
-        server_spiffe_id: Option<String>,
+        #[command(flatten)]
+        server: ServerCheck,
         /// Send an EchoRequest with this message and decode the EchoResponse.
         #[arg(long, conflicts_with = "payload_file")]
         echo: Option<String>,
@@ -81,8 +82,8 @@ enum Command {
         addr: String,
         #[command(flatten)]
         creds: Creds,
-        #[arg(long)]
-        server_name: Option<String>,
+        #[command(flatten)]
+        server: ServerCheck,
     },
     /// Show the identities, validity, key type and fingerprint of each certificate in a file.
     Inspect { file: PathBuf },
@@ -133,30 +134,55 @@ struct ReloadArgs {
     metrics: Option<String>,
 }
 
-/// Where credentials come from: a profile file, or separate PEM files.
+/// Where credentials come from: a profile file, completed and overridden by flags.
 #[derive(Args, Debug, Clone)]
 struct Creds {
-    /// A profile file (TOML); the flags below override or complete it.
-    #[arg(long)]
+    /// A profile file (TOML, see the README). Each flag below replaces the one setting it names
+    /// and completes what the file leaves out; everything else in the file stays in force.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Our certificate chain (PEM, leaf first).
-    #[arg(long)]
+    /// Our certificate chain (PEM, leaf first); with --key, replaces the profile's [identity].
+    #[arg(long, value_name = "FILE", requires = "key")]
     cert: Option<PathBuf>,
-    /// Our private key (PEM).
-    #[arg(long)]
+    /// Our private key (PEM), with --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
-    /// Trusted CA certificates (PEM file or directory; repeatable).
-    #[arg(long)]
+    /// Trusted CA certificates (PEM file or directory; repeatable). With --config, replaces the
+    /// profile's CA list only: its CRLs and other trust settings stay in force.
+    #[arg(long, value_name = "PATH")]
     ca: Vec<PathBuf>,
     /// Also accept TLS 1.2 (TLS 1.3 only by default).
     #[arg(long)]
     tls12: bool,
 }
 
+/// The flags a client command adds on top of [`Creds`].
+#[derive(Args, Debug, Clone, Default)]
+struct ServerCheck {
+    /// Verify the server's certificate for NAME and send it as SNI (default: the profile's
+    /// [client] server_name, else the host in ADDR).
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// Also require the server's SPIFFE ID to be exactly ID (replaces the profile's
+    /// [client] server_spiffe_id).
+    #[arg(long, value_name = "ID")]
+    server_spiffe_id: Option<String>,
+}
+
+/// What a command adds to the credentials beyond [`Creds`].
+#[derive(Default)]
+struct Extra<'a> {
+    /// `serve-echo --allow`: replaces the profile's allow-list (its method rules stay).
+    allow: &'a [String],
+    server: Option<&'a ServerCheck>,
+}
+
 impl Creds {
-    /// A credential store for these files, reloading as `reload` says.
-    fn store(&self, role: Use, reload: &ReloadArgs, name: &str, allow: &[String]) -> Result<CredentialStore, Error> {
-        let (mut sources, mut template) = match &self.config {
+    /// The one place where a profile file and the flags become what a command runs with. Every
+    /// command goes through here, so a flag means the same everywhere: it replaces the setting
+    /// it names, and completeness is checked after all flags are applied.
+    fn resolve(&self, role: Use, extra: &Extra<'_>) -> Result<(Sources, TlsProfile), Error> {
+        let (mut sources, mut settings) = match &self.config {
             Some(path) => {
                 let file = crate::profile::ProfileFile::load(path)?;
                 (file.sources()?, file.settings()?)
@@ -166,50 +192,54 @@ impl Creds {
         if !self.ca.is_empty() {
             sources.trust = self.ca.iter().cloned().map(PemSource::Path).collect();
         }
-        if sources.trust.is_empty() {
-            return Err(Error::config("give --ca FILE (trusted CAs) or --config FILE"));
-        }
-        match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => sources.identity = IdentitySource::Files { chain: c.clone(), key: k.clone() },
-            (None, None) => {}
-            _ => return Err(Error::config("--cert and --key go together")),
+        if let (Some(chain), Some(key)) = (&self.cert, &self.key) {
+            sources.identity = IdentitySource::Files { chain: chain.clone(), key: key.clone() };
         }
         if self.tls12 {
-            template.min_version = MinVersion::Tls12;
+            settings.min_version = MinVersion::Tls12;
         }
-        if !allow.is_empty() {
-            template.policy = Policy { allow: Policy::from_patterns(allow)?.allow, ..template.policy };
+        if !extra.allow.is_empty() {
+            settings.policy = Policy { allow: Policy::from_patterns(extra.allow)?.allow, ..settings.policy };
         }
-        let options = StoreOptions {
-            name: name.to_string(),
-            reload_interval: reload.reload_interval.map(Duration::from_secs),
-            ..StoreOptions::default()
-        };
-        CredentialStore::new(role, sources, template, options)
+        if let Some(check) = extra.server {
+            if check.server_name.is_some() {
+                settings.server_name = check.server_name.clone();
+            }
+            if check.server_spiffe_id.is_some() {
+                settings.server_spiffe_id = check.server_spiffe_id.clone();
+            }
+        }
+        if sources.trust.is_empty() {
+            return Err(Error::config(match &self.config {
+                Some(p) => format!("no trusted CAs: give --ca FILE, or list them in [trust] ca of {}", p.display()),
+                None => "no trusted CAs: give --ca FILE or --config FILE".to_string(),
+            }));
+        }
+        if role == Use::Server && matches!(sources.identity, IdentitySource::None) {
+            return Err(Error::config(
+                "a server needs its certificate: give --cert FILE --key FILE, or a --config profile with [identity]",
+            ));
+        }
+        Ok((sources, settings))
     }
 
-    fn profile(&self) -> Result<TlsProfile, Error> {
-        let mut profile = match &self.config {
-            Some(path) => TlsProfile::from_file(path)?,
-            None => {
-                if self.ca.is_empty() {
-                    return Err(Error::config("give --ca FILE (trusted CAs) or --config FILE"));
-                }
-                TlsProfile::new(None, TrustBundle::from_paths(&self.ca)?)
-            }
+    /// A credential store for what [`Creds::resolve`] gives: the same loading and checks (CRLs
+    /// included) for a one-off call as for a server.
+    fn store(&self, role: Use, extra: &Extra<'_>, options: StoreOptions) -> Result<CredentialStore, Error> {
+        let (sources, settings) = self.resolve(role, extra)?;
+        CredentialStore::new(role, sources, settings, options)
+    }
+
+    /// The store of a one-off client command: loaded once, never watched.
+    fn client_store(&self, name: &str, server: &ServerCheck) -> Result<CredentialStore, Error> {
+        let options = StoreOptions {
+            name: name.to_string(),
+            watch: false,
+            poll_interval: None,
+            reload_interval: None,
+            ..StoreOptions::default()
         };
-        if self.config.is_some() && !self.ca.is_empty() {
-            profile.trust = TrustBundle::from_paths(&self.ca)?;
-        }
-        match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => profile.identity = Some(Identity::from_files(c, k)?),
-            (None, None) => {}
-            _ => return Err(Error::config("--cert and --key go together")),
-        }
-        if self.tls12 {
-            profile.min_version = MinVersion::Tls12;
-        }
-        Ok(profile)
+        self.store(Use::Client, &Extra { server: Some(server), ..Extra::default() }, options)
     }
 }
 
@@ -246,42 +276,38 @@ where
         Command::Demo => rt.block_on(demo::run()),
         Command::Pki(cmd) => pki(cmd),
         Command::ServeEcho { listen, creds, allow, reload } => rt.block_on(serve_echo(listen, creds, allow, reload)),
-        Command::Call {
-            addr,
-            target,
-            creds,
-            server_name,
-            server_spiffe_id,
-            echo,
-            payload_file,
-            attachment,
-            timeout_ms,
-            log_id,
-        } => rt.block_on(call(CallArgs {
-            addr,
-            target,
-            creds,
-            server_name,
-            server_spiffe_id,
-            echo,
-            payload_file,
-            attachment,
-            timeout: Duration::from_millis(timeout_ms),
-            log_id,
-        })),
+        Command::Call { addr, target, creds, server, echo, payload_file, attachment, timeout_ms, log_id } => rt
+            .block_on(call(CallArgs {
+                addr,
+                target,
+                creds,
+                server,
+                echo,
+                payload_file,
+                attachment,
+                timeout: Duration::from_millis(timeout_ms),
+                log_id,
+            })),
         Command::Proxy { config } => rt.block_on(proxy(config)),
-        Command::Probe { addr, creds, server_name } => rt.block_on(probe(addr, creds, server_name)),
+        Command::Probe { addr, creds, server } => rt.block_on(probe(addr, creds, server)),
         Command::Inspect { file } => inspect(&file),
     };
-    match result {
+    let status = match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("{}", describe_error(&e));
+            note!("{}", describe_error(&e));
             match e {
                 Error::Config { .. } => 2,
                 _ => 1,
             }
         }
+    };
+    match output::stdout_error() {
+        Some(e) if status == 0 => {
+            note!("error: cannot write the output: {e}");
+            1
+        }
+        _ => status,
     }
 }
 
@@ -305,7 +331,7 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
         PkiCommand::Init { dir, trust_domain } => {
             let ca = DevCa::new(&trust_domain)?;
             ca.write(&dir)?;
-            println!("wrote {} and {}", dir.join("ca.pem").display(), dir.join("ca.key").display());
+            say!("wrote {} and {}", dir.join("ca.pem").display(), dir.join("ca.key").display());
         }
         PkiCommand::Issue { dir, name, spiffe_id, dns, ip, days, usage, key_type } => {
             let ca = DevCa::load(&dir)?;
@@ -318,14 +344,19 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
                 return Err(Error::config(format!("--name '{name}' must be a plain file name")));
             }
             let (cert, key) = ca.issue(&req)?.write(&dir, &name)?;
-            println!("wrote {} and {}", cert.display(), key.display());
+            say!("wrote {} and {}", cert.display(), key.display());
         }
     }
     Ok(())
 }
 
 async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: ReloadArgs) -> Result<(), Error> {
-    let store = creds.store(Use::Server, &reload, "serve-echo", &allow)?;
+    let options = StoreOptions {
+        name: "serve-echo".into(),
+        reload_interval: reload.reload_interval.map(Duration::from_secs),
+        ..StoreOptions::default()
+    };
+    let store = creds.store(Use::Server, &Extra { allow: &allow, ..Extra::default() }, options)?;
     let tls = store.server_tls()?;
     if tls.policy().allow.is_empty() {
         tracing::warn!("no allow-list: any peer whose certificate the trust bundle verifies may connect");
@@ -340,21 +371,21 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: Re
     // stop it gracefully, not kill it with the default action.
     let mut signals = Signals::new();
     let running = server.bind(&listen).await?;
-    println!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
+    say!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
     if let Some(m) = &metrics {
-        println!("metrics on http://{}/metrics", m.local_addr());
+        say!("metrics on http://{}/metrics", m.local_addr());
     }
     while let Signal::Reload = signals.next().await {
         match store.reload() {
-            Ok(generation) => eprintln!("SIGHUP: credentials generation {generation} in service"),
-            Err(e) => eprintln!(
+            Ok(generation) => note!("SIGHUP: credentials generation {generation} in service"),
+            Err(e) => note!(
                 "SIGHUP: reload refused, previous generation stays [{}]: {e}",
                 e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())
             ),
         }
     }
     // Progress goes to stderr: stdout may be a pipe whose reader only wanted the address.
-    eprintln!("stopping: finishing calls in flight");
+    note!("stopping: finishing calls in flight");
     running.shutdown().await;
     Ok(())
 }
@@ -368,16 +399,16 @@ async fn proxy(config: PathBuf) -> Result<(), Error> {
     let mut signals = Signals::new();
     let (running, stores): (Vec<_>, Vec<_>) = file.start().await?.into_iter().unzip();
     for r in &running {
-        println!("route {}: listening on {}", r.name(), r.local());
+        say!("route {}: listening on {}", r.name(), r.local());
     }
     if let Some(m) = &metrics {
-        println!("metrics on http://{}/metrics", m.local_addr());
+        say!("metrics on http://{}/metrics", m.local_addr());
     }
     while let Signal::Reload = signals.next().await {
         for store in &stores {
             match store.reload() {
-                Ok(g) => eprintln!("SIGHUP: route {}: credentials generation {g} in service", store.name()),
-                Err(e) => eprintln!(
+                Ok(g) => note!("SIGHUP: route {}: credentials generation {g} in service", store.name()),
+                Err(e) => note!(
                     "SIGHUP: route {}: reload refused, previous generation stays [{}]: {e}",
                     store.name(),
                     e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())
@@ -385,7 +416,7 @@ async fn proxy(config: PathBuf) -> Result<(), Error> {
             }
         }
     }
-    eprintln!("draining: open streams may finish for {}s", file.drain().as_secs());
+    note!("draining: open streams may finish for {}s", file.drain().as_secs());
     let drain = file.drain();
     // All routes drain at once, under one deadline.
     let draining: Vec<_> = running.into_iter().map(|r| tokio::spawn(r.shutdown(drain))).collect();
@@ -450,8 +481,7 @@ struct CallArgs {
     addr: String,
     target: String,
     creds: Creds,
-    server_name: Option<String>,
-    server_spiffe_id: Option<String>,
+    server: ServerCheck,
     echo: Option<String>,
     payload_file: Option<PathBuf>,
     attachment: Option<String>,
@@ -462,19 +492,13 @@ struct CallArgs {
 async fn call(a: CallArgs) -> Result<(), Error> {
     let (service, method) =
         a.target.split_once('/').ok_or_else(|| Error::config(format!("'{}': write SERVICE/METHOD", a.target)))?;
-    let mut profile = a.creds.profile()?;
-    if a.server_name.is_some() {
-        profile.server_name = a.server_name.clone();
-    }
-    if a.server_spiffe_id.is_some() {
-        profile.server_spiffe_id = a.server_spiffe_id.clone();
-    }
+    let store = a.creds.client_store("call", &a.server)?;
     let payload = match (&a.echo, &a.payload_file) {
         (Some(text), _) => crate::echo::encode(text),
         (None, Some(f)) => std::fs::read(f).map_err(|e| Error::config(format!("cannot read {}: {e}", f.display())))?,
         (None, None) => Vec::new(),
     };
-    let client = Client::new(&a.addr, profile.client()?, ClientOptions::default());
+    let client = Client::new(&a.addr, store.client_tls()?, ClientOptions::default());
     let opts = CallOptions {
         timeout: Some(a.timeout),
         attachment: a.attachment.clone().unwrap_or_default().into(),
@@ -484,37 +508,33 @@ async fn call(a: CallArgs) -> Result<(), Error> {
     let resp = client.call(service, method, payload, opts).await?;
     if a.echo.is_some() {
         match crate::echo::decode(&resp.payload) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => say!("{text}"),
             Err(e) => return Err(Error::Protocol { message: format!("response is not an EchoResponse: {e}") }),
         }
     } else {
-        use std::io::Write;
-        let _ = std::io::stdout().write_all(&resp.payload);
+        output::stdout_bytes(&resp.payload);
     }
     if !resp.attachment.is_empty() {
-        eprintln!("attachment: {}", String::from_utf8_lossy(&resp.attachment));
+        note!("attachment: {}", String::from_utf8_lossy(&resp.attachment));
     }
     Ok(())
 }
 
-async fn probe(addr: String, creds: Creds, server_name: Option<String>) -> Result<(), Error> {
+async fn probe(addr: String, creds: Creds, server: ServerCheck) -> Result<(), Error> {
     use tokio::io::AsyncReadExt;
-    let mut profile = creds.profile()?;
-    if server_name.is_some() {
-        profile.server_name = server_name;
-    }
-    let has_identity = profile.identity.is_some();
-    let tls = profile.client()?;
+    let store = creds.client_store("probe", &server)?;
+    let has_identity = store.generation().certificate.is_some();
+    let tls = store.client_tls()?;
     let (mut stream, info) = crate::transport::connect(&tls, &addr, Duration::from_secs(5)).await?;
-    println!("connected to {addr}");
-    println!("  protocol      {}", info.version);
-    println!("  cipher suite  {}", info.cipher_suite);
-    println!("  key exchange  {}", info.kx_group.as_deref().unwrap_or("?"));
-    println!("  server chain:");
+    say!("connected to {addr}");
+    say!("  protocol      {}", info.version);
+    say!("  cipher suite  {}", info.cipher_suite);
+    say!("  key exchange  {}", info.kx_group.as_deref().unwrap_or("?"));
+    say!("  server chain:");
     for (i, der) in info.peer_chain.iter().enumerate() {
         match CertificateInfo::from_der(der) {
             Ok(c) => print_cert(i, &c, "    "),
-            Err(e) => println!("    [{i}] unreadable: {e}"),
+            Err(e) => say!("    [{i}] unreadable: {e}"),
         }
     }
     // In TLS 1.3 the server judges our certificate after our side has finished; its verdict
@@ -523,10 +543,10 @@ async fn probe(addr: String, creds: Creds, server_name: Option<String>) -> Resul
     match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
         Ok(Err(e)) => return Err(crate::transport::stream_error(&e, None)),
         Ok(Ok(0)) if has_identity => {
-            println!("  the server closed the connection after the handshake");
+            say!("  the server closed the connection after the handshake");
         }
-        _ if has_identity => println!("  client certificate: accepted"),
-        _ => println!("  client certificate: none sent (the server will refuse calls)"),
+        _ if has_identity => say!("  client certificate: accepted"),
+        _ => say!("  client certificate: none sent (the server will refuse calls)"),
     }
     Ok(())
 }
@@ -551,19 +571,19 @@ fn print_cert(i: usize, c: &CertificateInfo, indent: &str) {
         let left = id.not_after.duration_since(now).unwrap_or_default().as_secs();
         format!("valid, {}d {}h left", left / 86_400, (left % 86_400) / 3600)
     };
-    println!("{indent}[{i}] {}", id.subject);
-    println!("{indent}    issuer       {}", id.issuer);
+    say!("{indent}[{i}] {}", id.subject);
+    say!("{indent}    issuer       {}", id.issuer);
     if let Some(s) = &id.spiffe_id {
-        println!("{indent}    spiffe id    {s}");
+        say!("{indent}    spiffe id    {s}");
     }
     if !id.names().is_empty() {
-        println!("{indent}    names        {}", id.names().join(", "));
+        say!("{indent}    names        {}", id.names().join(", "));
     }
-    println!("{indent}    validity     {} .. {} ({state})", rfc3339(id.not_before), rfc3339(id.not_after));
-    println!("{indent}    key          {}{}", c.key_type, if c.is_ca { ", CA" } else { "" });
+    say!("{indent}    validity     {} .. {} ({state})", rfc3339(id.not_before), rfc3339(id.not_after));
+    say!("{indent}    key          {}{}", c.key_type, if c.is_ca { ", CA" } else { "" });
     if !c.extended_key_usage.is_empty() {
-        println!("{indent}    usage        {}", c.extended_key_usage.join(", "));
+        say!("{indent}    usage        {}", c.extended_key_usage.join(", "));
     }
-    println!("{indent}    serial       {}", id.serial);
-    println!("{indent}    sha256       {}", id.fingerprint_sha256);
+    say!("{indent}    serial       {}", id.serial);
+    say!("{indent}    sha256       {}", id.fingerprint_sha256);
 }
