@@ -220,6 +220,37 @@ fn demo_runs_and_reports_refusals() {
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("unknown_issuer") && text.contains("peer_not_allowed"), "{text}");
     assert!(!text.contains("FAILED"), "{text}");
+    assert!(text.contains("'rogue', which impersonates") && text.contains("rogue (impersonating frontend"), "{text}");
+
+    // The next steps it ends with work as printed (the server on a free port instead of 8443).
+    let steps: Vec<Vec<String>> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("next: "))
+        .filter_map(|l| l.trim().strip_prefix("trustwire "))
+        .map(|l| l.trim_end_matches(" &").split(' ').map(|w| w.trim_matches('\'').to_string()).collect())
+        .collect();
+    assert_eq!(steps.len(), 6, "{text}");
+    let cwd = tempfile::tempdir().unwrap();
+    let in_cwd = |args: &[String]| {
+        let mut cmd = Command::new(trustwire_bin());
+        cmd.args(args).current_dir(cwd.path());
+        cmd
+    };
+    for step in &steps[..3] {
+        let out = in_cwd(step).output().unwrap();
+        assert!(out.status.success(), "trustwire {step:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let serve: Vec<String> = steps[3].iter().map(|w| w.replace("127.0.0.1:8443", "127.0.0.1:0")).collect();
+    let mut child = in_cwd(&serve).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _server = Kill(child);
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    for step in &steps[4..] {
+        let step: Vec<String> = step.iter().map(|w| w.replace("127.0.0.1:8443", &addr)).collect();
+        let out = in_cwd(&step).output().unwrap();
+        assert!(out.status.success(), "trustwire {step:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 #[test]
