@@ -452,14 +452,17 @@ static void misuse(const tw_dev_ca *ca, const tw_profile *server_profile, const 
     EXPECT(tw_client_call_async(c, SERVICE, "Echo", u8("x"), 1, NULL, on_done, NULL), TW_STOPPED);
     tw_client_free(c);
 
-    /* A port in use. */
+    /* A port in use is the machine's state, not a configuration error; no address at all is. */
     OK(tw_server_new(server_profile, &s));
     tw_server *s2 = NULL;
     OK(tw_server_new(server_profile, &s2));
     OK(tw_server_start(s, "127.0.0.1:0", &port));
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%u", (unsigned)port);
-    EXPECT(tw_server_start(s2, addr, NULL), TW_INVALID_CONFIG);
+    EXPECT(tw_server_start(s2, addr, NULL), TW_TRANSPORT);
+    tw_server_free(s2);
+    OK(tw_server_new(server_profile, &s2));
+    EXPECT(tw_server_start(s2, "not an address", NULL), TW_INVALID_CONFIG);
     tw_server_free(s2);
     tw_server_free(s); /* frees a running server: stops it first */
 
