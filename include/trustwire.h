@@ -619,7 +619,8 @@ tw_result tw_server_set_shutdown_grace_ms(tw_server *server, uint64_t ms);
 
 // Binds `address` ("host:port"; port 0 picks a free port) and starts serving. On TW_OK
 // `*port_out` (may be NULL) is the bound port. TW_ALREADY_USED if started before,
-// TW_STOPPED after stop, TW_INVALID_CONFIG if the address cannot be bound.
+// TW_STOPPED after stop, TW_TRANSPORT if the address is in use or not on this host,
+// TW_INVALID_CONFIG if it is not an address.
 tw_result tw_server_start(tw_server *server, const char *address, uint16_t *port_out);
 
 // The bound port, or 0 when not running.
@@ -627,13 +628,19 @@ uint16_t tw_server_port(const tw_server *server);
 
 // Graceful stop: stops accepting, answers new calls with ELOGOFF, waits for calls in flight
 // (answered responders) up to the shutdown grace, then closes every connection. After it
-// returns no handler of this server is called again. Stopping twice, or a server never
-// started, is TW_OK. Blocks; TW_WOULD_BLOCK from a handler or callback.
+// returns no handler of this server is running or called again. Stopping twice, or a server
+// never started, is TW_OK. Blocks; TW_WOULD_BLOCK from a handler or callback.
 tw_result tw_server_stop(tw_server *server);
 
-// Stops the server if it is running (as `tw_server_stop`, so it may block up to the grace;
-// from a handler or callback it closes connections at once instead) and frees it. NULL does
-// nothing.
+// Stops the server if it is running and frees it. When it returns, no handler of this server
+// is running or will be called again, so their `user_data` may be freed. NULL does nothing.
+//
+// From your own thread it stops as `tw_server_stop` does (it may block up to the grace).
+// From a handler or callback (a trustwire thread) it cannot wait for calls in flight: new
+// calls are refused, it waits only until this server's handlers running on other threads
+// have returned (never for the handler calling it, which may go on to answer its own call),
+// then closes the connections at once. A handler that frees its server must therefore not
+// wait for anything another of the server's handlers holds.
 void tw_server_free(tw_server *server);
 
 // The request's service name, as resolved (NUL-terminated; valid as long as the call).
