@@ -16,6 +16,9 @@
  *   their own.
  * - The first client, server or proxy sets SIGPIPE to ignored if the program left it at the
  *   default, so a peer that closes mid-write gives an error instead of killing the process.
+ * - Logs (why a peer was refused, credentials refused on reload, …) go to stderr, warnings and
+ *   errors unless the environment variable TRUSTWIRE_LOG says otherwise (e.g. "info");
+ *   tw_set_log_callback sends them to the program instead.
  */
 
 #ifndef TRUSTWIRE_H
@@ -129,6 +132,30 @@ enum tw_result
 typedef uint32_t tw_result;
 #endif // __cplusplus
 
+// How much is logged: a level lets through itself and everything more severe.
+enum tw_log_level
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  // Nothing.
+  TW_LOG_OFF = 0,
+  // Failures trustwire could not handle (a listener that died, …).
+  TW_LOG_ERROR = 1,
+  // Refused credentials, a handler that panicked, a peer sending bad frames.
+  TW_LOG_WARN = 2,
+  // Refused handshakes and calls with their verdict and reason, credentials going into
+  // service, connections closed by a trust change.
+  TW_LOG_INFO = 3,
+  // Accepted handshakes, connections closing.
+  TW_LOG_DEBUG = 4,
+  // Everything.
+  TW_LOG_TRACE = 5,
+};
+#ifndef __cplusplus
+typedef uint32_t tw_log_level;
+#endif // __cplusplus
+
 // What an issued certificate may be used for (its extended key usage).
 enum tw_usage
 #ifdef __cplusplus
@@ -216,6 +243,18 @@ typedef struct tw_server tw_server;
 // (`tw_response_error_message`, `tw_response_rpc_code`). The callback may start new
 // asynchronous calls; synchronous ones return TW_WOULD_BLOCK there.
 typedef void (*tw_call_done_fn)(void *user_data, tw_result result, const tw_response *response);
+
+// Receives one log record: `level` (never TW_LOG_OFF), `target` (the module that logged,
+// e.g. "trustwire::rpc::server") and `message` (the text, then its fields as `key=value`),
+// NUL-terminated and valid only until it returns. Called on the thread that logged: a
+// runtime thread, an event thread, or a thread of yours inside a trustwire call. So it must
+// be thread-safe and quick, must not block (hand the text to a queue of yours), and must not
+// wait for a thread that is calling `tw_set_log_callback`. Records logged by trustwire calls
+// made from inside it are dropped.
+typedef void (*tw_log_fn)(void *user_data,
+                          tw_log_level level,
+                          const char *target,
+                          const char *message);
 
 // One credential event, borrowed by the callback: the struct and its strings are valid only
 // until the callback returns.
@@ -363,6 +402,17 @@ int32_t tw_last_error_rpc_code(void);
 
 // Frees a string trustwire returned as `char *` (PEM, metrics text). NULL does nothing.
 void tw_string_free(char *s);
+
+// Sends trustwire's logs at `level` and more severe to `callback` (see `tw_log_fn` for the
+// thread it runs on), with `user_data` passed back unchanged; a NULL `callback` sends them
+// to stderr again. The default, before any call, is stderr at TW_LOG_WARN. When the
+// environment variable TRUSTWIRE_LOG is set (e.g. "info", "trustwire=debug"), it decides the
+// level instead of `level`, so an operator can turn logs up without a rebuild.
+//
+// When it returns, the previous callback is not running and will not be called again (its
+// `user_data` may be freed). Any thread; TW_WOULD_BLOCK from inside a log callback.
+// TW_INVALID_ARGUMENT for a level that is not a tw_log_level.
+tw_result tw_set_log_callback(uint32_t level, tw_log_fn callback, void *user_data);
 
 // A new CA for `trust_domain` (e.g. "example.org"), with a fresh ECDSA P-256 key. On TW_OK
 // `*ca_out` is owned by the caller (`tw_dev_ca_free`).

@@ -53,7 +53,9 @@ fn peer_program() -> Option<&'static Path> {
 }
 
 fn sanitizer_env(cmd: &mut Command) -> &mut Command {
-    cmd.env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=86")
+    // The programs set their own log levels; the caller's TRUSTWIRE_LOG would override them.
+    cmd.env_remove("TRUSTWIRE_LOG")
+        .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=86")
         .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
 }
 
@@ -214,8 +216,9 @@ fn spawn_with_first_line(cmd: &mut Command) -> (Child, BufReader<std::process::C
     (child, stdout, first.trim().to_string())
 }
 
-/// Closes the peer's stdin and checks it exits cleanly after printing "stopped".
-fn finish(mut child: Child, mut stdout: BufReader<std::process::ChildStdout>) {
+/// Closes the peer's stdin, checks it exits cleanly after printing "stopped", and returns what
+/// it wrote to stderr.
+fn finish(mut child: Child, mut stdout: BufReader<std::process::ChildStdout>) -> String {
     drop(child.stdin.take());
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
@@ -224,6 +227,7 @@ fn finish(mut child: Child, mut stdout: BufReader<std::process::ChildStdout>) {
     let status = child.wait().unwrap();
     assert!(status.success(), "status {status:?}\nstdout: {rest}\nstderr: {stderr}");
     assert!(rest.contains("stopped"), "{rest}\n{stderr}");
+    stderr
 }
 
 #[test]
@@ -233,7 +237,13 @@ fn c_server_answers_rust_clients() {
     }
     let pki = Pki::new();
     let server_profile = pki.profile_file("server", &["spiffe://example.org/client"]);
-    let (child, stdout, first) = spawn_peer(&["server".as_ref(), server_profile.as_os_str()]);
+    // An operator turns the C library's logs up with TRUSTWIRE_LOG, without a rebuild.
+    let (child, stdout, first) = spawn_with_first_line(
+        sanitizer_env(&mut Command::new(peer_program().unwrap()))
+            .env("TRUSTWIRE_LOG", "info")
+            .args(["server".as_ref(), server_profile.as_os_str()])
+            .stdin(Stdio::piped()),
+    );
     let port: u16 = first.strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{first}"));
     let addr = format!("127.0.0.1:{port}");
 
@@ -261,7 +271,10 @@ fn c_server_answers_rust_clients() {
     assert!(err.to_string().contains("access_denied"), "{err}");
 
     drop(client);
-    finish(child, stdout);
+    let logged = finish(child, stdout);
+    // The C server's stderr says why it refused the intruder.
+    let refusal = logged.lines().find(|l| l.contains("handshake refused")).unwrap_or_else(|| panic!("{logged}"));
+    assert!(refusal.contains("peer_not_allowed") && refusal.contains("spiffe://example.org/intruder"), "{refusal}");
 }
 
 #[test]
