@@ -500,3 +500,46 @@ fn examples_build_and_talk_to_each_other() {
         assert!(rest.trim_end().ends_with("stopped"), "{rest}");
     }
 }
+
+/// `make examples` builds the examples against the library in the build tree, and they run
+/// from there as they are: no LD_LIBRARY_PATH, no install.
+#[test]
+fn make_examples_run_from_the_build_tree_without_ld_library_path() {
+    if !tool(&cc(), "--version") || !tool(&cxx(), "--version") || !tool("pkg-config", "--version") {
+        return;
+    }
+    let target = lib_dir().parent().unwrap().to_path_buf();
+    let out = Command::new("make")
+        .args(["--no-print-directory", "examples"])
+        .current_dir(root())
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("cannot run make");
+    assert!(out.status.success(), "make examples failed:\n{}", report(&out));
+    let bin = target.join("release/examples-c");
+
+    let pki = Pki::new();
+    let server_profile = pki.profile_file("server", &["spiffe://example.org/client"]);
+    pki.issue("client", "spiffe://example.org/client");
+    let client_profile = pki.profile_file("client", &[]);
+    let (mut child, mut stdout, first) = spawn_with_first_line(
+        Command::new(bin.join("echo_server")).env_remove("LD_LIBRARY_PATH").arg(&server_profile).arg("127.0.0.1:0"),
+    );
+    let port =
+        first.split("port ").nth(1).and_then(|p| p.split_whitespace().next()).unwrap_or_else(|| panic!("{first}"));
+    for client in ["echo_client", "echo_client_cpp"] {
+        let out = Command::new(bin.join(client))
+            .env_remove("LD_LIBRARY_PATH")
+            .arg(&client_profile)
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("from the build tree")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{client}: {}", report(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from the build tree");
+    }
+    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+}
