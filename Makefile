@@ -25,7 +25,10 @@ build:
 demo: build
 	./target/release/trustwire demo
 
+# Formatting and clippy first: the suite keeps them true, not only CI. `--workspace` runs every
+# test target, tests/security (one module per security finding) among them.
 test: deps
+	$(MAKE) --no-print-directory lint
 	$(CARGO) build --release --bin trustwire
 	TRUSTWIRE_REQUIRE_PEERS=1 $(CARGO) test --workspace --release -- --test-threads=2
 	$(CARGO) run --release -p trustwire-fuzz -- --seconds $(FUZZ_SECONDS)
