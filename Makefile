@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 
 PREFIX ?= /usr/local
 
-.PHONY: install test-packaging header all build demo test test-rust test-fuzz test-python python bench bench-python fuzz deps lint clean
+.PHONY: examples install test-packaging header all build demo test test-rust test-fuzz test-python python bench bench-python fuzz deps lint clean
 
 all: build
 
@@ -25,7 +25,10 @@ build:
 demo: build
 	./target/release/trustwire demo
 
+# Formatting and clippy first: the suite keeps them true, not only CI. `--workspace` runs every
+# test target, tests/security (one module per security finding) among them.
 test: deps
+	$(MAKE) --no-print-directory lint
 	$(CARGO) build --release --bin trustwire
 	TRUSTWIRE_REQUIRE_PEERS=1 $(CARGO) test --workspace --release -- --test-threads=2
 	$(CARGO) run --release -p trustwire-fuzz -- --seconds $(FUZZ_SECONDS)
@@ -65,6 +68,12 @@ bench-python: build python
 # A longer decoder fuzzing session (stable Rust; see fuzz/src/main.rs).
 fuzz:
 	$(CARGO) run --release -p trustwire-fuzz -- --seconds 600
+
+# The C and C++ examples built against the library in the build tree, into
+# target/release/examples-c; they run from there without LD_LIBRARY_PATH (rpath), and
+# target/release/pkgconfig/trustwire-uninstalled.pc builds your own programs the same way.
+examples:
+	bash scripts/examples.sh
 
 # The C library, both headers, trustwire.pc and a CMake package under PREFIX.
 install:

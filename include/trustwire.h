@@ -16,6 +16,9 @@
  *   their own.
  * - The first client, server or proxy sets SIGPIPE to ignored if the program left it at the
  *   default, so a peer that closes mid-write gives an error instead of killing the process.
+ * - Logs (why a peer was refused, credentials refused on reload, …) go to stderr, warnings and
+ *   errors unless the environment variable TRUSTWIRE_LOG says otherwise (e.g. "info");
+ *   tw_set_log_callback sends them to the program instead.
  */
 
 #ifndef TRUSTWIRE_H
@@ -129,6 +132,30 @@ enum tw_result
 typedef uint32_t tw_result;
 #endif // __cplusplus
 
+// How much is logged: a level lets through itself and everything more severe.
+enum tw_log_level
+#ifdef __cplusplus
+  : uint32_t
+#endif // __cplusplus
+ {
+  // Nothing.
+  TW_LOG_OFF = 0,
+  // Failures trustwire could not handle (a listener that died, …).
+  TW_LOG_ERROR = 1,
+  // Refused credentials, a handler that panicked, a peer sending bad frames.
+  TW_LOG_WARN = 2,
+  // Refused handshakes and calls with their verdict and reason, credentials going into
+  // service, connections closed by a trust change.
+  TW_LOG_INFO = 3,
+  // Accepted handshakes, connections closing.
+  TW_LOG_DEBUG = 4,
+  // Everything.
+  TW_LOG_TRACE = 5,
+};
+#ifndef __cplusplus
+typedef uint32_t tw_log_level;
+#endif // __cplusplus
+
 // What an issued certificate may be used for (its extended key usage).
 enum tw_usage
 #ifdef __cplusplus
@@ -216,6 +243,18 @@ typedef struct tw_server tw_server;
 // (`tw_response_error_message`, `tw_response_rpc_code`). The callback may start new
 // asynchronous calls; synchronous ones return TW_WOULD_BLOCK there.
 typedef void (*tw_call_done_fn)(void *user_data, tw_result result, const tw_response *response);
+
+// Receives one log record: `level` (never TW_LOG_OFF), `target` (the module that logged,
+// e.g. "trustwire::rpc::server") and `message` (the text, then its fields as `key=value`),
+// NUL-terminated and valid only until it returns. Called on the thread that logged: a
+// runtime thread, an event thread, or a thread of yours inside a trustwire call. So it must
+// be thread-safe and quick, must not block (hand the text to a queue of yours), and must not
+// wait for a thread that is calling `tw_set_log_callback`. Records logged by trustwire calls
+// made from inside it are dropped.
+typedef void (*tw_log_fn)(void *user_data,
+                          tw_log_level level,
+                          const char *target,
+                          const char *message);
 
 // One credential event, borrowed by the callback: the struct and its strings are valid only
 // until the callback returns.
@@ -363,6 +402,17 @@ int32_t tw_last_error_rpc_code(void);
 
 // Frees a string trustwire returned as `char *` (PEM, metrics text). NULL does nothing.
 void tw_string_free(char *s);
+
+// Sends trustwire's logs at `level` and more severe to `callback` (see `tw_log_fn` for the
+// thread it runs on), with `user_data` passed back unchanged; a NULL `callback` sends them
+// to stderr again. The default, before any call, is stderr at TW_LOG_WARN. When the
+// environment variable TRUSTWIRE_LOG is set (e.g. "info", "trustwire=debug"), it decides the
+// level instead of `level`, so an operator can turn logs up without a rebuild.
+//
+// When it returns, the previous callback is not running and will not be called again (its
+// `user_data` may be freed). Any thread; TW_WOULD_BLOCK from inside a log callback.
+// TW_INVALID_ARGUMENT for a level that is not a tw_log_level.
+tw_result tw_set_log_callback(uint32_t level, tw_log_fn callback, void *user_data);
 
 // A new CA for `trust_domain` (e.g. "example.org"), with a fresh ECDSA P-256 key. On TW_OK
 // `*ca_out` is owned by the caller (`tw_dev_ca_free`).
@@ -619,7 +669,8 @@ tw_result tw_server_set_shutdown_grace_ms(tw_server *server, uint64_t ms);
 
 // Binds `address` ("host:port"; port 0 picks a free port) and starts serving. On TW_OK
 // `*port_out` (may be NULL) is the bound port. TW_ALREADY_USED if started before,
-// TW_STOPPED after stop, TW_INVALID_CONFIG if the address cannot be bound.
+// TW_STOPPED after stop, TW_TRANSPORT if the address is in use or not on this host,
+// TW_INVALID_CONFIG if it is not an address.
 tw_result tw_server_start(tw_server *server, const char *address, uint16_t *port_out);
 
 // The bound port, or 0 when not running.
@@ -627,13 +678,19 @@ uint16_t tw_server_port(const tw_server *server);
 
 // Graceful stop: stops accepting, answers new calls with ELOGOFF, waits for calls in flight
 // (answered responders) up to the shutdown grace, then closes every connection. After it
-// returns no handler of this server is called again. Stopping twice, or a server never
-// started, is TW_OK. Blocks; TW_WOULD_BLOCK from a handler or callback.
+// returns no handler of this server is running or called again. Stopping twice, or a server
+// never started, is TW_OK. Blocks; TW_WOULD_BLOCK from a handler or callback.
 tw_result tw_server_stop(tw_server *server);
 
-// Stops the server if it is running (as `tw_server_stop`, so it may block up to the grace;
-// from a handler or callback it closes connections at once instead) and frees it. NULL does
-// nothing.
+// Stops the server if it is running and frees it. When it returns, no handler of this server
+// is running or will be called again, so their `user_data` may be freed. NULL does nothing.
+//
+// From your own thread it stops as `tw_server_stop` does (it may block up to the grace).
+// From a handler or callback (a trustwire thread) it cannot wait for calls in flight: new
+// calls are refused, it waits only until this server's handlers running on other threads
+// have returned (never for the handler calling it, which may go on to answer its own call),
+// then closes the connections at once. A handler that frees its server must therefore not
+// wait for anything another of the server's handlers holds.
 void tw_server_free(tw_server *server);
 
 // The request's service name, as resolved (NUL-terminated; valid as long as the call).

@@ -220,6 +220,37 @@ fn demo_runs_and_reports_refusals() {
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("unknown_issuer") && text.contains("peer_not_allowed"), "{text}");
     assert!(!text.contains("FAILED"), "{text}");
+    assert!(text.contains("'rogue', which impersonates") && text.contains("rogue (impersonating frontend"), "{text}");
+
+    // The next steps it ends with work as printed (the server on a free port instead of 8443).
+    let steps: Vec<Vec<String>> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("next: "))
+        .filter_map(|l| l.trim().strip_prefix("trustwire "))
+        .map(|l| l.trim_end_matches(" &").split(' ').map(|w| w.trim_matches('\'').to_string()).collect())
+        .collect();
+    assert_eq!(steps.len(), 6, "{text}");
+    let cwd = tempfile::tempdir().unwrap();
+    let in_cwd = |args: &[String]| {
+        let mut cmd = Command::new(trustwire_bin());
+        cmd.args(args).current_dir(cwd.path());
+        cmd
+    };
+    for step in &steps[..3] {
+        let out = in_cwd(step).output().unwrap();
+        assert!(out.status.success(), "trustwire {step:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let serve: Vec<String> = steps[3].iter().map(|w| w.replace("127.0.0.1:8443", "127.0.0.1:0")).collect();
+    let mut child = in_cwd(&serve).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _server = Kill(child);
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    for step in &steps[4..] {
+        let step: Vec<String> = step.iter().map(|w| w.replace("127.0.0.1:8443", &addr)).collect();
+        let out = in_cwd(&step).output().unwrap();
+        assert!(out.status.success(), "trustwire {step:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 #[test]
@@ -416,4 +447,172 @@ fn flags_complete_a_profile_and_override_one_setting() {
     let out = probe("spiffe://example.org/ns/prod/other");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("[peer_not_allowed]"), "{err}");
+}
+
+/// Every flag and argument of every command says what it is for in `-h`.
+#[test]
+fn every_flag_has_help_text() {
+    let commands: &[&[&str]] = &[
+        &["demo"],
+        &["pki", "init"],
+        &["pki", "issue"],
+        &["serve-echo"],
+        &["proxy"],
+        &["call"],
+        &["probe"],
+        &["inspect"],
+    ];
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("-h");
+        let text = ok(&args);
+        for line in text.lines().filter(|l| l.starts_with("  ")) {
+            let entry = line.trim_start();
+            if !(entry.starts_with('-') || entry.starts_with('<')) {
+                continue;
+            }
+            let help = entry.split_once("  ").map(|(_, h)| h.trim()).unwrap_or("");
+            assert!(!help.is_empty(), "trustwire {}: `{entry}` has no help text:\n{text}", command.join(" "));
+        }
+    }
+}
+
+#[test]
+fn listen_without_a_host_means_all_addresses() {
+    let dir = pki_dir();
+    let d = dir.path();
+    let mut child = Command::new(trustwire_bin())
+        .args(["serve-echo", "--listen", ":0", "--cert", &p(d, "echo.pem"), "--key", &p(d, "echo.key")])
+        .args(["--ca", &p(d, "ca.pem")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _server = Kill(child);
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let out = ok(&[
+        "call",
+        &format!("127.0.0.1:{port}"),
+        "example.EchoService/Echo",
+        "--echo",
+        "any address",
+        "--cert",
+        &p(d, "web.pem"),
+        "--key",
+        &p(d, "web.key"),
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
+    assert_eq!(out.trim(), "any address", "{line}");
+}
+
+#[test]
+fn pki_init_does_not_overwrite_a_ca_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    ok(&["pki", "init", "--dir", &d]);
+    let before = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let out = run(&["pki", "init", "--dir", &d]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("already holds a CA") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), before, "the CA was replaced");
+    ok(&["pki", "init", "--dir", &d, "--force"]);
+    assert_ne!(std::fs::read(dir.path().join("ca.pem")).unwrap(), before, "--force did not replace the CA");
+}
+
+#[test]
+fn pki_issue_names_certificates_in_the_cas_trust_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    ok(&["pki", "init", "--dir", &d, "--trust-domain", "corp.example"]);
+    let out = run(&["pki", "issue", "--dir", &d, "--name", "web"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = ok(&["inspect", &p(dir.path(), "web.pem")]);
+    assert!(shown.contains("spiffe id    spiffe://corp.example/ns/default/web"), "{shown}");
+
+    let out = run(&["pki", "issue", "--dir", &d, "--name", "partner", "--spiffe-id", "spiffe://partner.org/x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning") && err.contains("outside the CA's trust domain corp.example"), "{err}");
+
+    let out = run(&["pki", "issue", "--dir", &d, "--name", "brief", "--days", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--days"));
+    assert!(!dir.path().join("brief.pem").exists());
+}
+
+/// Messages for people and log collectors: no colour codes when stderr is not a terminal, no
+/// Rust debug formatting, and the verdict said once.
+#[test]
+fn messages_are_plain_and_say_the_verdict_once() {
+    let dir = pki_dir();
+    let d = dir.path();
+    let mut child = Command::new(trustwire_bin())
+        .args(["serve-echo", "--listen", "127.0.0.1:0", "--allow", "spiffe://example.org/ns/prod/*"])
+        .args(["--cert", &p(d, "echo.pem"), "--key", &p(d, "echo.key"), "--ca", &p(d, "ca.pem")])
+        .env_remove("TRUSTWIRE_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut server_err = BufReader::new(child.stderr.take().unwrap());
+    let _server = Kill(child);
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+
+    let refused = run(&[
+        "call",
+        &addr,
+        "example.EchoService/Echo",
+        "--echo",
+        "x",
+        "--cert",
+        &p(d, "batch.pem"),
+        "--key",
+        &p(d, "batch.key"),
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.starts_with("error [peer_alert] (the peer refused us, alert access_denied): "), "{err}");
+    assert!(!err.contains("handshake failed"), "{err}");
+
+    let mut logged = String::new();
+    while !logged.contains("handshake refused") {
+        line.clear();
+        assert!(server_err.read_line(&mut line).unwrap() > 0, "serve-echo ended; stderr: {logged}");
+        logged.push_str(&line);
+    }
+    assert!(!logged.contains('\u{1b}'), "colour codes in a log that is not a terminal: {logged:?}");
+    assert!(!logged.contains("Some("), "{logged}");
+    assert!(logged.contains("verdict=\"peer_not_allowed\"") && logged.contains("side=\"local\""), "{logged}");
+}
+
+#[test]
+fn address_in_use_is_not_a_configuration_error() {
+    let dir = pki_dir();
+    let d = dir.path();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&[
+        "serve-echo",
+        "--listen",
+        &addr,
+        "--cert",
+        &p(d, "echo.pem"),
+        "--key",
+        &p(d, "echo.key"),
+        "--ca",
+        &p(d, "ca.pem"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("error (transport): cannot listen on") && err.contains("in use"), "{err}");
+    assert!(!err.contains("invalid configuration"), "{err}");
 }

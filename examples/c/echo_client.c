@@ -2,6 +2,8 @@
  * trustwire one.
  *
  *   cc -std=c11 echo_client.c $(pkg-config --cflags --libs trustwire) -o echo_client
+ *   (from a checkout, `make examples` builds it into target/release/examples-c, runnable
+ *   there without LD_LIBRARY_PATH)
  *   ./echo_client client.toml localhost:8443 "hello"
  *
  * client.toml is a profile file: identity, trust, and under [client] server_name when the

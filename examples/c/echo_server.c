@@ -2,6 +2,8 @@
  * clients (with ssl_options and a client certificate) and trustwire clients can call it.
  *
  *   cc -std=c11 echo_server.c $(pkg-config --cflags --libs trustwire) -o echo_server
+ *   (from a checkout, `make examples` builds it into target/release/examples-c, runnable
+ *   there without LD_LIBRARY_PATH)
  *   ./echo_server server.toml 127.0.0.1:8443        # Ctrl-C stops it gracefully
  *
  * server.toml is a profile file ("Profile file" in the README): identity, trust, allow-list. */

@@ -1,6 +1,7 @@
 // Calls example.EchoService/Echo over mTLS with the C++ wrapper (trustwire.hpp).
 //
 //   c++ -std=c++17 -I ../c echo_client.cpp $(pkg-config --cflags --libs trustwire) -o echo_client
+//   (from a checkout, `make examples` builds it as target/release/examples-c/echo_client_cpp)
 //   ./echo_client client.toml localhost:8443 "hello"
 #include <cstring>
 #include <iostream>

@@ -1,6 +1,7 @@
 // A brpc-compatible example.EchoService over mTLS with the C++ wrapper (trustwire.hpp).
 //
 //   c++ -std=c++17 -I ../c echo_server.cpp $(pkg-config --cflags --libs trustwire) -o echo_server
+//   (from a checkout, `make examples` builds it as target/release/examples-c/echo_server_cpp)
 //   ./echo_server server.toml 127.0.0.1:8443        # Ctrl-C stops it gracefully
 #include <csignal>
 #include <iostream>

@@ -42,7 +42,8 @@ pub(super) async fn run() -> Result<(), Error> {
     let trust = TrustBundle::from_pem(ca.cert_pem().as_bytes())?;
     say!("trustwire demo, working in {}", dir.0.display());
     say!("  dev PKI: a CA for {TRUST_DOMAIN}, certificates for the echo server, 'frontend',");
-    say!("           'intruder' (same CA, outside the allow-list) and 'rogue' (another CA)");
+    say!("           'intruder' (same CA, outside the allow-list) and 'rogue', which impersonates");
+    say!("           frontend: the same SPIFFE ID, from a CA the server does not trust");
 
     let mut profile = TlsProfile::new(Some(server_id), trust.clone());
     profile.policy = Policy::from_patterns(&[ALLOW])?;
@@ -89,7 +90,7 @@ pub(super) async fn run() -> Result<(), Error> {
 
     // 2 and 3. Callers the server must refuse at the handshake.
     for (who, id, expected) in [
-        ("rogue (other CA)", rogue, Verdict::UnknownIssuer),
+        ("rogue (impersonating frontend, other CA)", rogue, Verdict::UnknownIssuer),
         ("intruder (not allowed)", intruder, Verdict::PeerNotAllowed),
     ] {
         let seen = refusals.lock().unwrap_or_else(|p| p.into_inner()).len();
@@ -114,7 +115,11 @@ pub(super) async fn run() -> Result<(), Error> {
                 ok &= verdict == Some(expected);
             }
             _ => {
-                say!("[FAILED]  {who} was not refused as expected: client {result:?}");
+                let client = match &result {
+                    Ok(_) => "the call was answered".to_string(),
+                    Err(e) => super::describe_error(e),
+                };
+                say!("[FAILED]  {who} was not refused as expected: {client}");
                 ok = false;
             }
         }
@@ -123,9 +128,31 @@ pub(super) async fn run() -> Result<(), Error> {
     say!("");
     if ok {
         say!("demo finished: 1 call served, 2 peers refused with their verdicts");
+        say!("");
+        next_steps();
         Ok(())
     } else {
         Err(Error::Protocol { message: "the demo did not go as expected".into() })
+    }
+}
+
+/// The same server and allowed caller with the `trustwire` command, to try next.
+fn next_steps() {
+    let server = "127.0.0.1:8443";
+    let creds = |name: &str| format!("--cert pki/{name}.pem --key pki/{name}.key --ca pki/ca.pem");
+    say!("next: the same with the trustwire command, in a directory of your own");
+    for line in [
+        format!("trustwire pki init --dir pki --trust-domain {TRUST_DOMAIN}"),
+        "trustwire pki issue --dir pki --name echo --spiffe-id spiffe://example.org/ns/demo/echo --dns localhost \
+         --ip 127.0.0.1"
+            .to_string(),
+        "trustwire pki issue --dir pki --name frontend --spiffe-id spiffe://example.org/ns/demo/frontend --usage client"
+            .to_string(),
+        format!("trustwire serve-echo --listen {server} {} --allow '{ALLOW}' &", creds("echo")),
+        format!("trustwire call {server} example.EchoService/Echo --echo hello {}", creds("frontend")),
+        format!("trustwire probe {server} {}", creds("frontend")),
+    ] {
+        say!("  {line}");
     }
 }
 

@@ -36,13 +36,16 @@ enum Command {
     Pki(PkiCommand),
     /// Serve brpc's example.EchoService/Echo over mTLS.
     ServeEcho {
-        #[arg(long)]
+        /// Address to listen on: HOST:PORT, or :PORT for all addresses (port 0 picks a free
+        /// one; the address in use is printed).
+        #[arg(long, value_name = "ADDR")]
         listen: String,
         #[command(flatten)]
         creds: Creds,
         /// Allow-list pattern (repeatable): spiffe://td/path, spiffe://td/prefix/*, dns:NAME,
-        /// cn:NAME or *. Without any, every peer the CA vouches for is accepted.
-        #[arg(long = "allow")]
+        /// cn:NAME or *. Replaces the profile's allow-list (its method rules stay). Without
+        /// any, every peer the CA vouches for is accepted.
+        #[arg(long = "allow", value_name = "PATTERN")]
         allow: Vec<String>,
         #[command(flatten)]
         reload: ReloadArgs,
@@ -50,12 +53,13 @@ enum Command {
     /// Run mTLS proxy routes from a config file (see the README): server side (mTLS in,
     /// plaintext to a local upstream) and client side (plaintext in on loopback, mTLS out).
     Proxy {
-        #[arg(long)]
+        /// The proxy config (TOML): [[route]] tables, each naming its own profile file.
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
     /// Make one call and print the response or the error's verdict.
     Call {
-        /// host:port
+        /// The server, HOST:PORT.
         addr: String,
         /// SERVICE/METHOD, e.g. example.EchoService/Echo
         target: String,
@@ -63,22 +67,25 @@ enum Command {
         creds: Creds,
         #[command(flatten)]
         server: ServerCheck,
-        /// Send an EchoRequest with this message and decode the EchoResponse.
-        #[arg(long, conflicts_with = "payload_file")]
+        /// Send an EchoRequest with this message and print the EchoResponse's message.
+        #[arg(long, value_name = "TEXT", conflicts_with = "payload_file")]
         echo: Option<String>,
-        /// Send this file's bytes as the payload.
-        #[arg(long)]
+        /// Send this file's bytes as the payload and write the response payload to stdout.
+        #[arg(long, value_name = "FILE")]
         payload_file: Option<PathBuf>,
-        #[arg(long)]
+        /// Send TEXT as the request's attachment (the response's goes to stderr).
+        #[arg(long, value_name = "TEXT")]
         attachment: Option<String>,
-        #[arg(long, default_value_t = 5000)]
+        /// Give up on the call after this many milliseconds (connecting included).
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
         timeout_ms: u64,
-        #[arg(long)]
+        /// Send this log_id in the request meta (brpc logs it with the call).
+        #[arg(long, value_name = "N")]
         log_id: Option<i64>,
     },
     /// Handshake only: show what was negotiated and who the server is, or the verdict.
     Probe {
-        /// host:port
+        /// The server, HOST:PORT.
         addr: String,
         #[command(flatten)]
         creds: Creds,
@@ -86,37 +93,52 @@ enum Command {
         server: ServerCheck,
     },
     /// Show the identities, validity, key type and fingerprint of each certificate in a file.
-    Inspect { file: PathBuf },
+    Inspect {
+        /// A PEM file of one or more certificates.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum PkiCommand {
     /// Create a CA: writes DIR/ca.pem and DIR/ca.key.
     Init {
-        #[arg(long)]
+        /// Directory to write the CA into (created if missing).
+        #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        #[arg(long, default_value = "example.org")]
+        /// The SPIFFE trust domain the CA is for; `pki issue` names certificates inside it.
+        #[arg(long, value_name = "DOMAIN", default_value = "example.org")]
         trust_domain: String,
+        /// Replace a CA already in DIR. Every certificate it issued stops being trusted by
+        /// whoever trusts the new one.
+        #[arg(long)]
+        force: bool,
     },
     /// Issue a certificate: writes DIR/NAME.pem and DIR/NAME.key.
     Issue {
-        #[arg(long)]
+        /// Directory holding the CA (from `pki init`); the certificate is written there.
+        #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        #[arg(long)]
+        /// The certificate's name: its subject CN and the file names NAME.pem and NAME.key.
+        #[arg(long, value_name = "NAME")]
         name: String,
-        #[arg(long)]
+        /// The certificate's SPIFFE ID (default: spiffe://<the CA's trust domain>/ns/default/NAME).
+        #[arg(long, value_name = "ID")]
         spiffe_id: Option<String>,
-        #[arg(long)]
+        /// Add a DNS name SAN (repeatable), e.g. for a server dialled by name.
+        #[arg(long, value_name = "NAME")]
         dns: Vec<String>,
-        #[arg(long)]
+        /// Add an IP address SAN (repeatable), e.g. 127.0.0.1.
+        #[arg(long, value_name = "ADDRESS")]
         ip: Vec<IpAddr>,
-        #[arg(long, default_value_t = 30)]
+        /// Days the certificate is valid for (at least 1).
+        #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
-        /// both (default), server or client.
-        #[arg(long, default_value = "both")]
+        /// What the certificate may be used for: both, server or client.
+        #[arg(long, value_name = "USE", default_value = "both")]
         usage: String,
-        /// p256 (default), p384, ed25519 or rsa2048.
-        #[arg(long, default_value = "p256")]
+        /// Key algorithm: p256, p384, ed25519 or rsa2048.
+        #[arg(long, value_name = "TYPE", default_value = "p256")]
         key_type: String,
     },
 }
@@ -312,42 +334,142 @@ where
 }
 
 fn init_logging(default_level: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("TRUSTWIRE_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("trustwire={default_level},warn")));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colour codes only for a person at a terminal: in a file or a log collector they are noise.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
-/// `error [verdict] (side): message`, the one shape every failure is printed in.
+/// `error [verdict] (who decided): message` or `error (kind): message`, the one shape every
+/// failure is printed in. The error's own prefix ("handshake failed [x]") is left out: the
+/// verdict and kind are already in front.
 pub(crate) fn describe_error(e: &Error) -> String {
+    let (context, message) = parts(e);
     match e.verdict() {
-        Some(v) => format!("error [{v}]: {e}"),
-        None => format!("error ({}): {e}", e.kind_name()),
+        Some(v) => format!("error [{v}] ({context}): {message}"),
+        None => format!("error ({context}): {message}"),
     }
+}
+
+/// What kind of failure, or who decided, and the message without the kind's prefix.
+fn parts(e: &Error) -> (String, String) {
+    match e {
+        Error::Handshake { side, alert, message, .. } => {
+            let alert = alert.map(|a| format!(", alert {a}")).unwrap_or_default();
+            (format!("{side}{alert}"), message.clone())
+        }
+        Error::Rpc { .. } => ("rpc".into(), e.to_string()),
+        Error::Timeout { after, message } => (format!("timed out after {}ms", after.as_millis()), message.clone()),
+        Error::Transport { message } => ("transport".into(), message.clone()),
+        Error::Protocol { message } => ("protocol".into(), message.clone()),
+        Error::Credentials { message, .. } => ("credentials rejected".into(), message.clone()),
+        Error::Config { message } => ("invalid configuration".into(), message.clone()),
+        Error::Shutdown { message } => ("shut down".into(), message.clone()),
+    }
+}
+
+/// `[verdict]: message` for a one-line report after a prefix of the caller's.
+fn short_error(e: &Error) -> String {
+    let (context, message) = parts(e);
+    format!("[{}] {message}", e.verdict().map(|v| v.name().to_string()).unwrap_or(context))
 }
 
 fn pki(cmd: PkiCommand) -> Result<(), Error> {
     match cmd {
-        PkiCommand::Init { dir, trust_domain } => {
+        PkiCommand::Init { dir, trust_domain, force } => {
+            if !valid_trust_domain(&trust_domain) {
+                return Err(Error::config(format!(
+                    "--trust-domain '{trust_domain}': a trust domain is lowercase letters, digits, '.', '-' and '_' \
+                     (e.g. example.org)"
+                )));
+            }
+            let existing: Vec<PathBuf> =
+                ["ca.pem", "ca.key"].iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect();
+            if !existing.is_empty() && !force {
+                // A new CA orphans every certificate the old one issued.
+                return Err(Error::config(format!(
+                    "{} already holds a CA ({}); pass --force to replace it (certificates it issued will no \
+                     longer be trusted by whoever trusts the new one)",
+                    dir.display(),
+                    existing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            }
             let ca = DevCa::new(&trust_domain)?;
             ca.write(&dir)?;
             say!("wrote {} and {}", dir.join("ca.pem").display(), dir.join("ca.key").display());
         }
         PkiCommand::Issue { dir, name, spiffe_id, dns, ip, days, usage, key_type } => {
+            if name.contains('/') || name.contains("..") || name.is_empty() || name == "." {
+                return Err(Error::config(format!("--name '{name}' must be a plain file name")));
+            }
             let ca = DevCa::load(&dir)?;
+            let trust_domain = ca_trust_domain(&ca);
+            let spiffe_id = match (spiffe_id, &trust_domain) {
+                (Some(id), Some(td)) => {
+                    if spiffe_trust_domain(&id).is_some_and(|t| !t.eq_ignore_ascii_case(td)) {
+                        note!(
+                            "warning: {id} is outside the CA's trust domain {td}; peers that verify SPIFFE trust \
+                             domains will refuse it"
+                        );
+                    }
+                    id
+                }
+                (Some(id), None) => id,
+                (None, Some(td)) if valid_path_segment(&name) => format!("spiffe://{td}/ns/default/{name}"),
+                (None, Some(_)) => {
+                    return Err(Error::config(format!(
+                        "--name '{name}' cannot be a SPIFFE ID path segment (letters, digits, '.', '-', '_'); \
+                         give --spiffe-id"
+                    )))
+                }
+                (None, None) => {
+                    return Err(Error::config(format!(
+                        "the CA in {} does not say its trust domain; give --spiffe-id",
+                        dir.display()
+                    )))
+                }
+            };
             let mut req = IssueRequest::new(&name).usage(Usage::parse(&usage)?).key_type(KeyType::parse(&key_type)?);
-            req.spiffe_id = spiffe_id;
+            req.spiffe_id = Some(spiffe_id.clone());
             req.dns = dns;
             req.ips = ip;
             req.days = days;
-            if name.contains('/') || name.contains("..") || name.is_empty() {
-                return Err(Error::config(format!("--name '{name}' must be a plain file name")));
-            }
             let (cert, key) = ca.issue(&req)?.write(&dir, &name)?;
-            say!("wrote {} and {}", cert.display(), key.display());
+            say!("wrote {} and {} for {spiffe_id}", cert.display(), key.display());
         }
     }
     Ok(())
+}
+
+/// SPIFFE: a trust domain is lowercase letters, digits, dots, dashes and underscores.
+fn valid_trust_domain(td: &str) -> bool {
+    !td.is_empty() && td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// SPIFFE: a path segment is letters, digits, dots, dashes and underscores, and not `.` or `..`.
+fn valid_path_segment(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn spiffe_trust_domain(id: &str) -> Option<&str> {
+    let rest = id.get(..9).filter(|p| p.eq_ignore_ascii_case("spiffe://")).map(|_| &id[9..])?;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
+/// The trust domain a CA is for: its own SPIFFE ID when it has one, else the one `pki init`
+/// writes into its name ("trustwire dev CA <domain> <id>").
+fn ca_trust_domain(ca: &DevCa) -> Option<String> {
+    let der = crate::tls::parse_certs(ca.cert_pem().as_bytes(), "ca.pem").ok()?.into_iter().next()?;
+    let id = CertificateInfo::from_der(&der).ok()?.identity;
+    if let Some(td) = id.spiffe_id.as_deref().and_then(spiffe_trust_domain) {
+        return Some(td.to_ascii_lowercase());
+    }
+    let cn = id.common_name?;
+    let mut words = cn.strip_prefix("trustwire dev CA ")?.split(' ');
+    words.next().filter(|td| valid_trust_domain(td)).map(str::to_string)
 }
 
 async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: ReloadArgs) -> Result<(), Error> {
@@ -370,7 +492,7 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: Re
     // Listen for signals before announcing the server: a SIGTERM sent as soon as it is up must
     // stop it gracefully, not kill it with the default action.
     let mut signals = Signals::new();
-    let running = server.bind(&listen).await?;
+    let running = server.bind(&listen_address(&listen)).await?;
     say!("serving example.EchoService/Echo with mTLS on {}", running.local_addr());
     if let Some(m) = &metrics {
         say!("metrics on http://{}/metrics", m.local_addr());
@@ -378,16 +500,23 @@ async fn serve_echo(listen: String, creds: Creds, allow: Vec<String>, reload: Re
     while let Signal::Reload = signals.next().await {
         match store.reload() {
             Ok(generation) => note!("SIGHUP: credentials generation {generation} in service"),
-            Err(e) => note!(
-                "SIGHUP: reload refused, previous generation stays [{}]: {e}",
-                e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())
-            ),
+            Err(e) => note!("SIGHUP: reload refused, previous generation stays: {}", short_error(&e)),
         }
     }
     // Progress goes to stderr: stdout may be a pipe whose reader only wanted the address.
     note!("stopping: finishing calls in flight");
     running.shutdown().await;
     Ok(())
+}
+
+/// `:PORT` means every address of the host: IPv6 and, dual-stack, IPv4 (`[::]`), or IPv4 alone
+/// where the host has no IPv6.
+fn listen_address(listen: &str) -> String {
+    match listen.strip_prefix(':') {
+        Some(port) if std::net::TcpListener::bind("[::]:0").is_ok() => format!("[::]:{port}"),
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => listen.to_string(),
+    }
 }
 
 async fn proxy(config: PathBuf) -> Result<(), Error> {
@@ -409,9 +538,9 @@ async fn proxy(config: PathBuf) -> Result<(), Error> {
             match store.reload() {
                 Ok(g) => note!("SIGHUP: route {}: credentials generation {g} in service", store.name()),
                 Err(e) => note!(
-                    "SIGHUP: route {}: reload refused, previous generation stays [{}]: {e}",
+                    "SIGHUP: route {}: reload refused, previous generation stays: {}",
                     store.name(),
-                    e.verdict().map(|v| v.name()).unwrap_or(e.kind_name())
+                    short_error(&e)
                 ),
             }
         }

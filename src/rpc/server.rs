@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::{response_frame, CatchUnwind, Handler, HandlerFuture, Request};
 use crate::authz::truncate;
-use crate::error::{codes, Error, Verdict};
+use crate::error::{codes, Error, Side, Verdict};
 use crate::limits::{Admission, ConnectionLimits, Established};
 use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
@@ -195,8 +195,15 @@ impl Server {
 
     /// Binds `addr` (port 0 for any) and starts serving on the shared runtime's tasks.
     pub async fn bind(self, addr: &str) -> Result<RunningServer, Error> {
-        let listener =
-            TcpListener::bind(addr).await.map_err(|e| Error::config(format!("cannot listen on {addr}: {e}")))?;
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            // Only an address that does not parse is a configuration error; one in use or not
+            // on this host is the machine's state, and retrying later may work.
+            let message = format!("cannot listen on {addr}: {e}");
+            match e.kind() {
+                std::io::ErrorKind::InvalidInput => Error::config(message),
+                _ => Error::transport(message),
+            }
+        })?;
         let local_addr = listener.local_addr().map_err(|e| Error::config(format!("cannot read bound address: {e}")))?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let policy = self.tls.as_ref().map(|t| t.policy.clone()).unwrap_or_default();
@@ -351,7 +358,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<
                         Err(e) => {
                             drop(slot);
                             let verdict = e.verdict().unwrap_or(Verdict::Io);
-                            info!(%remote, verdict = verdict.name(), side = ?e.side(), "handshake refused: {e}");
+                            info!(%remote, verdict = verdict.name(), side = e.side().map(Side::name).unwrap_or("-"), "handshake refused: {e}");
                             if let Some(hook) = &shared.options.on_handshake_error {
                                 hook(remote, &e);
                             }

@@ -56,6 +56,39 @@ static void sleep_ms(long ms) {
     nanosleep(&ts, NULL);
 }
 
+/* ---- logs ---- */
+
+static struct {
+    pthread_mutex_t lock;
+    int refusals;    /* "handshake refused ... peer_not_allowed" records seen */
+    int too_verbose; /* records above the level asked for */
+    int tried_nested;
+    tw_result nested; /* what tw_set_log_callback returned from inside the callback */
+    char refusal[1024];
+} logs = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, TW_OK, ""};
+
+static void on_log(void *user_data, tw_log_level level, const char *target, const char *message) {
+    CHECK(user_data == &logs && target != NULL && message != NULL);
+    pthread_mutex_lock(&logs.lock);
+    if (level == TW_LOG_OFF || level > TW_LOG_INFO) logs.too_verbose++;
+    if (!logs.tried_nested) {
+        logs.tried_nested = 1;
+        logs.nested = tw_set_log_callback(TW_LOG_WARN, NULL, NULL);
+    }
+    if (strstr(message, "handshake refused") != NULL && strstr(message, "peer_not_allowed") != NULL) {
+        logs.refusals++;
+        snprintf(logs.refusal, sizeof logs.refusal, "%s: %s", target, message);
+    }
+    pthread_mutex_unlock(&logs.lock);
+}
+
+static int log_refusals(void) {
+    pthread_mutex_lock(&logs.lock);
+    int n = logs.refusals;
+    pthread_mutex_unlock(&logs.lock);
+    return n;
+}
+
 /* ---- handlers ---- */
 
 static void echo(void *user_data, const tw_call *call, tw_responder *responder) {
@@ -452,14 +485,17 @@ static void misuse(const tw_dev_ca *ca, const tw_profile *server_profile, const 
     EXPECT(tw_client_call_async(c, SERVICE, "Echo", u8("x"), 1, NULL, on_done, NULL), TW_STOPPED);
     tw_client_free(c);
 
-    /* A port in use. */
+    /* A port in use is the machine's state, not a configuration error; no address at all is. */
     OK(tw_server_new(server_profile, &s));
     tw_server *s2 = NULL;
     OK(tw_server_new(server_profile, &s2));
     OK(tw_server_start(s, "127.0.0.1:0", &port));
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%u", (unsigned)port);
-    EXPECT(tw_server_start(s2, addr, NULL), TW_INVALID_CONFIG);
+    EXPECT(tw_server_start(s2, addr, NULL), TW_TRANSPORT);
+    tw_server_free(s2);
+    OK(tw_server_new(server_profile, &s2));
+    EXPECT(tw_server_start(s2, "not an address", NULL), TW_INVALID_CONFIG);
     tw_server_free(s2);
     tw_server_free(s); /* frees a running server: stops it first */
 
@@ -559,7 +595,9 @@ int main(int argc, char **argv) {
     expect_refusal(client, "Drop", TW_RPC_ERROR, 2001);
     expect_refusal(client, "Admin", TW_METHOD_NOT_ALLOWED, 1004);
 
-    /* Handshake refusals, each with its verdict. */
+    /* Handshake refusals, each with its verdict. The server's reason reaches the program's
+     * log callback. */
+    OK(tw_set_log_callback(TW_LOG_INFO, on_log, &logs));
     tw_profile *intruder = build(builder(ca, &intruder_cred));
     tw_client *c = client_for(intruder, port);
     /* The server decides peer_not_allowed and says so with an access_denied alert: the client
@@ -570,6 +608,14 @@ int main(int argc, char **argv) {
     OK(tw_metrics_text(&metrics));
     CHECK(strstr(metrics, "verdict=\"peer_not_allowed\"") != NULL);
     tw_string_free(metrics);
+    for (int i = 0; i < 5000 && log_refusals() == 0; i++) sleep_ms(1);
+    CHECK(log_refusals() > 0);
+    OK(tw_set_log_callback(TW_LOG_WARN, NULL, NULL));
+    /* The callback is not running any more: no lock needed to read what it wrote. */
+    CHECK(strstr(logs.refusal, "spiffe://example.org/intruder") != NULL);
+    CHECK(logs.tried_nested && logs.nested == TW_WOULD_BLOCK);
+    CHECK(logs.too_verbose == 0);
+    EXPECT(tw_set_log_callback(99, NULL, NULL), TW_INVALID_ARGUMENT);
     tw_client_free(c);
     tw_profile_free(intruder);
 

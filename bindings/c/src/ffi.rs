@@ -125,6 +125,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Runs `f` inside the panic boundary; a failure is recorded as this thread's last error.
 pub fn guard(f: impl FnOnce() -> Result<(), Failure>) -> tw_result {
+    crate::log::init();
     let failure = match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => return tw_result::TW_OK,
         Ok(Err(f)) => f,
@@ -140,6 +141,7 @@ pub fn guard(f: impl FnOnce() -> Result<(), Failure>) -> tw_result {
 /// Like `guard`, for functions that return a value instead of a result: a panic or failure
 /// gives `fallback` (and sets the last error).
 pub fn guard_value<T>(fallback: T, f: impl FnOnce() -> Result<T, Failure>) -> T {
+    crate::log::init();
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => v,
         Ok(Err(failure)) => {

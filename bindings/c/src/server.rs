@@ -1,8 +1,8 @@
 //! Servers whose handlers are C callbacks, answering inline or later through a responder.
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_void, CString};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -92,8 +92,71 @@ pub struct tw_server {
     state: Mutex<State>,
     port: Mutex<u16>,
     grace: Mutex<Option<Duration>>,
-    /// Set at stop: a call that still arrives is answered without calling C.
-    closed: Arc<AtomicBool>,
+    handlers: Arc<Handlers>,
+}
+
+/// The C handlers of one server that are running now. Stop and free close it and wait until
+/// none runs, so that no handler uses `user_data` after they return: the runtime has several
+/// threads, and a call can be past the "stopping?" check on one of them while another stops
+/// the server.
+#[derive(Default)]
+struct Handlers {
+    state: Mutex<HandlersState>,
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct HandlersState {
+    closed: bool,
+    running: usize,
+}
+
+thread_local! {
+    /// The `Handlers` whose C handler this thread is running (its address), so that a handler
+    /// freeing its own server does not wait for itself.
+    static RUNNING_HANDLER_OF: Cell<usize> = const { Cell::new(0) };
+}
+
+/// One C handler call in progress; dropping it ends the call.
+struct Running<'a> {
+    handlers: &'a Handlers,
+    outer: usize,
+}
+
+impl Handlers {
+    /// Registers a handler call about to start, or None once the server is closed.
+    fn enter(&self) -> Option<Running<'_>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.closed {
+            return None;
+        }
+        state.running += 1;
+        let outer = RUNNING_HANDLER_OF.with(|c| c.replace(self as *const Handlers as usize));
+        Some(Running { handlers: self, outer })
+    }
+
+    /// No handler call starts after this; returns once none is running, except the one this
+    /// thread is in (when a handler closes its own server).
+    fn close_and_wait(&self) {
+        let mine = usize::from(RUNNING_HANDLER_OF.with(Cell::get) == self as *const Handlers as usize);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.closed = true;
+        while state.running > mine {
+            state = self.idle.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        RUNNING_HANDLER_OF.with(|c| c.set(self.outer));
+        let mut state = self.handlers.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.running -= 1;
+        // A waiter may be a handler of this server, waiting for all but itself.
+        if state.closed {
+            self.handlers.idle.notify_all();
+        }
+    }
 }
 
 /// A new server using `profile`'s certificate, trust and policy (clients must present a
@@ -110,7 +173,7 @@ pub unsafe extern "C" fn tw_server_new(profile: *const tw_profile, server_out: *
             state: Mutex::new(State::Configuring(Vec::new())),
             port: Mutex::new(0),
             grace: Mutex::new(None),
-            closed: Arc::new(AtomicBool::new(false)),
+            handlers: Arc::default(),
         };
         unsafe { out_box(server_out, s) }
     })
@@ -156,10 +219,10 @@ pub unsafe extern "C" fn tw_server_set_shutdown_grace_ms(server: *mut tw_server,
     })
 }
 
-fn dispatch(reg: &Registered, closed: &AtomicBool, request: Request) -> tw::rpc::HandlerFuture {
-    if closed.load(Ordering::Acquire) {
+fn dispatch(reg: &Registered, handlers: &Handlers, request: Request) -> tw::rpc::HandlerFuture {
+    let Some(running) = handlers.enter() else {
         return Box::pin(async { Err(Status::new(tw::error::codes::ELOGOFF, "server is stopping")) });
-    }
+    };
     let (tx, rx) = oneshot::channel();
     let responder = Box::into_raw(Box::new(tw_responder {
         call: tw_call { request, service: OnceLock::new(), method: OnceLock::new(), peer: OnceLock::new() },
@@ -167,6 +230,7 @@ fn dispatch(reg: &Registered, closed: &AtomicBool, request: Request) -> tw::rpc:
     }));
     let call: *const tw_call = unsafe { &(*responder).call };
     unsafe { (reg.handler)(reg.user_data.0, call, responder) };
+    drop(running);
     Box::pin(async move {
         rx.await.unwrap_or_else(|_| Err(Status::internal("the handler released the call without answering")))
     })
@@ -174,7 +238,8 @@ fn dispatch(reg: &Registered, closed: &AtomicBool, request: Request) -> tw::rpc:
 
 /// Binds `address` ("host:port"; port 0 picks a free port) and starts serving. On TW_OK
 /// `*port_out` (may be NULL) is the bound port. TW_ALREADY_USED if started before,
-/// TW_STOPPED after stop, TW_INVALID_CONFIG if the address cannot be bound.
+/// TW_STOPPED after stop, TW_TRANSPORT if the address is in use or not on this host,
+/// TW_INVALID_CONFIG if it is not an address.
 #[no_mangle]
 pub unsafe extern "C" fn tw_server_start(
     server: *mut tw_server,
@@ -201,8 +266,8 @@ pub unsafe extern "C" fn tw_server_start(
         }
         for reg in handlers {
             let (service, method) = (reg.service.clone(), reg.method.clone());
-            let closed = s.closed.clone();
-            core.register(&service, &method, move |req: Request| dispatch(&reg, &closed, req));
+            let handlers = s.handlers.clone();
+            core.register(&service, &method, move |req: Request| dispatch(&reg, &handlers, req));
         }
         let running = tw::runtime::runtime().block_on(core.bind(&address)).map_err(|e| {
             // Failing to bind leaves nothing to serve; the server cannot be started again.
@@ -240,8 +305,8 @@ pub unsafe extern "C" fn tw_server_port(server: *const tw_server) -> u16 {
 
 /// Graceful stop: stops accepting, answers new calls with ELOGOFF, waits for calls in flight
 /// (answered responders) up to the shutdown grace, then closes every connection. After it
-/// returns no handler of this server is called again. Stopping twice, or a server never
-/// started, is TW_OK. Blocks; TW_WOULD_BLOCK from a handler or callback.
+/// returns no handler of this server is running or called again. Stopping twice, or a server
+/// never started, is TW_OK. Blocks; TW_WOULD_BLOCK from a handler or callback.
 #[no_mangle]
 pub unsafe extern "C" fn tw_server_stop(server: *mut tw_server) -> tw_result {
     guard(|| {
@@ -258,13 +323,20 @@ fn stop(s: &tw_server) -> Result<(), Failure> {
     if let State::Running(r) = previous {
         tw::runtime::runtime().block_on(r.shutdown());
     }
-    s.closed.store(true, Ordering::Release);
+    // The grace may have passed with a handler still inside C.
+    s.handlers.close_and_wait();
     Ok(())
 }
 
-/// Stops the server if it is running (as `tw_server_stop`, so it may block up to the grace;
-/// from a handler or callback it closes connections at once instead) and frees it. NULL does
-/// nothing.
+/// Stops the server if it is running and frees it. When it returns, no handler of this server
+/// is running or will be called again, so their `user_data` may be freed. NULL does nothing.
+///
+/// From your own thread it stops as `tw_server_stop` does (it may block up to the grace).
+/// From a handler or callback (a trustwire thread) it cannot wait for calls in flight: new
+/// calls are refused, it waits only until this server's handlers running on other threads
+/// have returned (never for the handler calling it, which may go on to answer its own call),
+/// then closes the connections at once. A handler that frees its server must therefore not
+/// wait for anything another of the server's handlers holds.
 #[no_mangle]
 pub unsafe extern "C" fn tw_server_free(server: *mut tw_server) {
     if server.is_null() {
@@ -272,11 +344,12 @@ pub unsafe extern "C" fn tw_server_free(server: *mut tw_server) {
     }
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let s = unsafe { Box::from_raw(server) };
-        s.closed.store(true, Ordering::Release);
-        if !ffi::on_runtime_thread() {
+        if ffi::on_runtime_thread() {
+            s.handlers.close_and_wait();
+        } else {
             let _ = stop(&s);
         }
-        // Otherwise dropping a running server stops accepting and closes its connections.
+        // Dropping a running server stops accepting and closes its connections.
         drop(s);
     }));
 }

@@ -53,7 +53,9 @@ fn peer_program() -> Option<&'static Path> {
 }
 
 fn sanitizer_env(cmd: &mut Command) -> &mut Command {
-    cmd.env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=86")
+    // The programs set their own log levels; the caller's TRUSTWIRE_LOG would override them.
+    cmd.env_remove("TRUSTWIRE_LOG")
+        .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=86")
         .env("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
 }
 
@@ -214,8 +216,9 @@ fn spawn_with_first_line(cmd: &mut Command) -> (Child, BufReader<std::process::C
     (child, stdout, first.trim().to_string())
 }
 
-/// Closes the peer's stdin and checks it exits cleanly after printing "stopped".
-fn finish(mut child: Child, mut stdout: BufReader<std::process::ChildStdout>) {
+/// Closes the peer's stdin, checks it exits cleanly after printing "stopped", and returns what
+/// it wrote to stderr.
+fn finish(mut child: Child, mut stdout: BufReader<std::process::ChildStdout>) -> String {
     drop(child.stdin.take());
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
@@ -224,6 +227,7 @@ fn finish(mut child: Child, mut stdout: BufReader<std::process::ChildStdout>) {
     let status = child.wait().unwrap();
     assert!(status.success(), "status {status:?}\nstdout: {rest}\nstderr: {stderr}");
     assert!(rest.contains("stopped"), "{rest}\n{stderr}");
+    stderr
 }
 
 #[test]
@@ -233,7 +237,13 @@ fn c_server_answers_rust_clients() {
     }
     let pki = Pki::new();
     let server_profile = pki.profile_file("server", &["spiffe://example.org/client"]);
-    let (child, stdout, first) = spawn_peer(&["server".as_ref(), server_profile.as_os_str()]);
+    // An operator turns the C library's logs up with TRUSTWIRE_LOG, without a rebuild.
+    let (child, stdout, first) = spawn_with_first_line(
+        sanitizer_env(&mut Command::new(peer_program().unwrap()))
+            .env("TRUSTWIRE_LOG", "info")
+            .args(["server".as_ref(), server_profile.as_os_str()])
+            .stdin(Stdio::piped()),
+    );
     let port: u16 = first.strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{first}"));
     let addr = format!("127.0.0.1:{port}");
 
@@ -261,7 +271,10 @@ fn c_server_answers_rust_clients() {
     assert!(err.to_string().contains("access_denied"), "{err}");
 
     drop(client);
-    finish(child, stdout);
+    let logged = finish(child, stdout);
+    // The C server's stderr says why it refused the intruder.
+    let refusal = logged.lines().find(|l| l.contains("handshake refused")).unwrap_or_else(|| panic!("{logged}"));
+    assert!(refusal.contains("peer_not_allowed") && refusal.contains("spiffe://example.org/intruder"), "{refusal}");
 }
 
 #[test]
@@ -486,4 +499,47 @@ fn examples_build_and_talk_to_each_other() {
         assert!(rest.contains("spiffe://example.org/client says hello example"), "{rest}");
         assert!(rest.trim_end().ends_with("stopped"), "{rest}");
     }
+}
+
+/// `make examples` builds the examples against the library in the build tree, and they run
+/// from there as they are: no LD_LIBRARY_PATH, no install.
+#[test]
+fn make_examples_run_from_the_build_tree_without_ld_library_path() {
+    if !tool(&cc(), "--version") || !tool(&cxx(), "--version") || !tool("pkg-config", "--version") {
+        return;
+    }
+    let target = lib_dir().parent().unwrap().to_path_buf();
+    let out = Command::new("make")
+        .args(["--no-print-directory", "examples"])
+        .current_dir(root())
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("cannot run make");
+    assert!(out.status.success(), "make examples failed:\n{}", report(&out));
+    let bin = target.join("release/examples-c");
+
+    let pki = Pki::new();
+    let server_profile = pki.profile_file("server", &["spiffe://example.org/client"]);
+    pki.issue("client", "spiffe://example.org/client");
+    let client_profile = pki.profile_file("client", &[]);
+    let (mut child, mut stdout, first) = spawn_with_first_line(
+        Command::new(bin.join("echo_server")).env_remove("LD_LIBRARY_PATH").arg(&server_profile).arg("127.0.0.1:0"),
+    );
+    let port =
+        first.split("port ").nth(1).and_then(|p| p.split_whitespace().next()).unwrap_or_else(|| panic!("{first}"));
+    for client in ["echo_client", "echo_client_cpp"] {
+        let out = Command::new(bin.join(client))
+            .env_remove("LD_LIBRARY_PATH")
+            .arg(&client_profile)
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("from the build tree")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{client}: {}", report(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from the build tree");
+    }
+    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
 }
