@@ -514,6 +514,8 @@ fn invalid_argument_is_not_retried_and_permission_denied_is() {
     let (reason, message, retry_in) = &failures[0];
     assert_eq!((*reason, *retry_in), ("refused", None), "the standard says not to retry InvalidArgument");
     assert!(message.contains("refused the request as invalid") && message.contains("refused on command"), "{message}");
+    let e = block_on(w.source.first(WAIT)).unwrap_err().to_string();
+    assert!(e.contains("stopped retrying") && e.contains("refused the request as invalid"), "{e}");
     let e =
         block_on(WorkloadApiSource::fetch_once(&agent.address(), &WorkloadApiOptions::default(), WAIT)).unwrap_err();
     assert_eq!(e.kind_name(), "transport", "{e}");
