@@ -47,6 +47,15 @@ test-python: python
 	$(PY) -m mypy.stubtest trustwire._native
 	$(PY) -m mypy --strict python/trustwire $(wildcard examples/python/*.py)
 
+# A real SPIRE server and agent (Go module github.com/spiffe/spire, built with cgo into
+# target/spire-bin) serving this process an SVID through the Workload API client, and rotating it.
+# Not part of `make test`: the first build downloads and compiles SPIRE.
+.PHONY: test-spire
+SPIRE_VERSION ?= v1.13.3
+test-spire: deps
+	bash tests/spire/build.sh $(SPIRE_VERSION)
+	TRUSTWIRE_SPIRE_BIN=$(CARGO_TARGET_DIR)/spire-bin $(CARGO) test --release --test workload_api real_spire -- --ignored --test-threads=1
+
 # Throughput and handshake benchmarks; prints a table and JSON with ratios against baselines
 # measured in the same run. Not a test: numbers depend on the machine.
 bench: deps

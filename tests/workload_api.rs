@@ -514,6 +514,8 @@ fn invalid_argument_is_not_retried_and_permission_denied_is() {
     let (reason, message, retry_in) = &failures[0];
     assert_eq!((*reason, *retry_in), ("refused", None), "the standard says not to retry InvalidArgument");
     assert!(message.contains("refused the request as invalid") && message.contains("refused on command"), "{message}");
+    let e = block_on(w.source.first(WAIT)).unwrap_err().to_string();
+    assert!(e.contains("stopped retrying") && e.contains("refused the request as invalid"), "{e}");
     let e =
         block_on(WorkloadApiSource::fetch_once(&agent.address(), &WorkloadApiOptions::default(), WAIT)).unwrap_err();
     assert_eq!(e.kind_name(), "transport", "{e}");
@@ -638,4 +640,127 @@ fn env_takes_the_address_from_spiffe_endpoint_socket() {
         let e = parse_env_in_child(unset);
         assert!(e.contains("SPIFFE_ENDPOINT_SOCKET, which is not set"), "{e}");
     }
+}
+
+/// A real SPIRE server and agent (built by `make test-spire`, which runs this): the agent
+/// attests this process by its uid and serves the registered SVID, then rotates it.
+#[test]
+#[ignore = "needs spire-server and spire-agent: make test-spire"]
+fn real_spire_serves_and_rotates_the_workload_svid() {
+    let bin = PathBuf::from(std::env::var_os("TRUSTWIRE_SPIRE_BIN").expect("TRUSTWIRE_SPIRE_BIN: the SPIRE build"));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server_socket = d.join("server.sock");
+    let agent_socket = d.join("agent.sock");
+    std::fs::write(
+        d.join("server.conf"),
+        format!(
+            r#"server {{
+    bind_address = "127.0.0.1"
+    bind_port = "{port}"
+    socket_path = "{server}"
+    trust_domain = "example.org"
+    data_dir = "{d}/server-data"
+    log_level = "INFO"
+    ca_ttl = "1h"
+    default_x509_svid_ttl = "1m"
+}}
+plugins {{
+    DataStore "sql" {{ plugin_data {{ database_type = "sqlite3" connection_string = "{d}/server-data/datastore.sqlite3" }} }}
+    KeyManager "memory" {{ plugin_data {{}} }}
+    NodeAttestor "join_token" {{ plugin_data {{}} }}
+}}
+"#,
+            server = server_socket.display(),
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("agent.conf"),
+        format!(
+            r#"agent {{
+    data_dir = "{d}/agent-data"
+    log_level = "INFO"
+    server_address = "127.0.0.1"
+    server_port = "{port}"
+    socket_path = "{agent}"
+    trust_domain = "example.org"
+    insecure_bootstrap = true
+}}
+plugins {{
+    KeyManager "memory" {{ plugin_data {{}} }}
+    NodeAttestor "join_token" {{ plugin_data {{}} }}
+    WorkloadAttestor "unix" {{ plugin_data {{}} }}
+}}
+"#,
+            agent = agent_socket.display(),
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let spire = |args: &[&str]| {
+        let out = Command::new(bin.join("spire-server")).args(args).output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let socket_arg = server_socket.to_str().unwrap();
+    let _server =
+        Proc::spawn(Command::new(bin.join("spire-server")).arg("run").arg("-config").arg(d.join("server.conf")));
+    wait_until("the SPIRE server", || spire(&["healthcheck", "-socketPath", socket_arg]).0);
+    let (ok, out) = spire(&["token", "generate", "-socketPath", socket_arg, "-spiffeID", "spiffe://example.org/agent"]);
+    assert!(ok, "{out}");
+    let token = out.split_whitespace().last().unwrap().to_string();
+    let uid = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap().trim().to_string();
+    let selector = format!("unix:uid:{uid}");
+    let (ok, out) = spire(&[
+        "entry",
+        "create",
+        "-socketPath",
+        socket_arg,
+        "-parentID",
+        "spiffe://example.org/agent",
+        "-spiffeID",
+        ID,
+        "-selector",
+        &selector,
+        "-x509SVIDTTL",
+        "30",
+    ]);
+    assert!(ok, "{out}");
+    let _agent = Proc::spawn(
+        Command::new(bin.join("spire-agent"))
+            .arg("run")
+            .arg("-config")
+            .arg(d.join("agent.conf"))
+            .args(["-joinToken", &token]),
+    );
+
+    let address = WorkloadApiAddress::parse(&format!("unix://{}", agent_socket.display())).unwrap();
+    let w = Watched::start(address, options("wl-spire"));
+    // Registration entries reach the agent on its next sync (every few seconds).
+    let first = block_on(w.source.first(Duration::from_secs(120))).unwrap();
+    assert_eq!(first.svid().spiffe_id(), ID);
+    assert_eq!(first.trust_domain(), "example.org");
+    // Until the agent is up and has the entry, attempts fail (unreachable, then no identity).
+    let failed_before = w.failures();
+    assert!(
+        failed_before.iter().all(|f| matches!(f.0, "unreachable" | "refused") && f.2.is_some()),
+        "{failed_before:?}"
+    );
+    let profile = trustwire::TlsProfile::new(
+        Some(first.svid().identity()),
+        trustwire::tls::TrustBundle { roots: first.bundle().to_vec(), ..Default::default() },
+    );
+    profile.server().expect("SPIRE's SVID works as a server identity");
+    // A 30 s SVID is renewed at about half its life.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while w.serials().iter().collect::<std::collections::BTreeSet<_>>().len() < 2 {
+        assert!(Instant::now() < deadline, "no rotation from SPIRE: {:?}", w.source.status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(w.failures().len(), failed_before.len(), "the rotation came on the open stream");
 }

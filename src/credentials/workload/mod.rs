@@ -321,17 +321,26 @@ impl WorkloadApiSource {
         self.shared.current.borrow().clone()
     }
 
-    /// Waits for the first accepted context (returns at once when there is one). On timeout the
-    /// error says what the stream last reported.
+    /// Waits for the first accepted context (returns at once when there is one). On timeout, or
+    /// once the source has stopped retrying ([`StreamState::Failed`]), the error says what the
+    /// stream last reported.
     pub async fn first(&self, timeout: Duration) -> Result<Arc<X509Context>, Error> {
         let mut rx = self.shared.current.subscribe();
-        let found = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+        let failed = || self.status().state == StreamState::Failed;
+        let found = tokio::time::timeout(timeout, rx.wait_for(|c| c.is_some() || failed())).await;
         if let Ok(Ok(context)) = found {
             if let Some(context) = context.as_ref() {
                 return Ok(context.clone());
             }
         }
         let status = self.status();
+        if status.state == StreamState::Failed {
+            return Err(Error::transport(format!(
+                "the Workload API source for {} stopped retrying: {}",
+                self.address,
+                status.last_error.unwrap_or_default()
+            )));
+        }
         Err(Error::Timeout {
             after: timeout,
             message: format!(
@@ -387,7 +396,11 @@ async fn run(
         });
         match retry_in {
             Some(d) => tokio::time::sleep(d).await,
-            None => return,
+            None => {
+                // Wakes those waiting in `first`: no context will come.
+                shared.current.send_modify(|_| {});
+                return;
+            }
         }
     }
 }
