@@ -89,6 +89,8 @@ enum tw_result
   TW_KEY_MISMATCH = 19,
   // Credential material is not valid PEM, or is empty or cut short.
   TW_BAD_PEM = 20,
+  // A reload would change our own SPIFFE ID; refused unless allow_identity_change is set.
+  TW_IDENTITY_CHANGED = 21,
   // A required pointer argument was NULL.
   TW_NULL_ARGUMENT = 1000,
   // An argument is out of range or not valid UTF-8.
@@ -185,6 +187,9 @@ enum tw_event_kind
   TW_EVENT_EXPIRING = 3,
   // An established connection was closed because new trust material refuses its peer.
   TW_EVENT_CONNECTION_CLOSED = 4,
+  // Our private key's file can be read by users other than its owner; `message` names the
+  // file and its mode.
+  TW_EVENT_INSECURE_KEY_FILE = 5,
 };
 #ifndef __cplusplus
 typedef uint32_t tw_event_kind;
