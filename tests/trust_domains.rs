@@ -43,16 +43,6 @@ fn server_profile_toml(trust: &str) -> String {
     )
 }
 
-async fn call_as(
-    addr: std::net::SocketAddr,
-    pki: &Pki,
-    cred: &trustwire::pki::Credential,
-) -> trustwire::Result<String> {
-    let mut cp = pki.client_profile();
-    cp.identity = Some(identity(cred));
-    echo(&client(addr, &cp), "hi").await
-}
-
 fn gauge(name: &str, store: &str, td: &str) -> Option<String> {
     let prefix = format!("{name}{{store=\"{store}\",trust_domain=\"{td}\"}} ");
     trustwire::telemetry::metrics_text().lines().find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
@@ -70,9 +60,9 @@ async fn a_federated_spiffe_bundle_vouches_for_its_trust_domain_only() {
     );
     let (server, seen) = recording_server(&trustwire::tls::TlsProfile::from_file(&toml).unwrap()).await;
     let ok = partner.issue(&IssueRequest::new("p").spiffe_id("spiffe://partner.example/billing")).unwrap();
-    assert_eq!(call_as(server.local_addr(), &pki, &ok).await.unwrap(), "hi");
+    assert_eq!(echo_as(server.local_addr(), &pki, &ok).await.unwrap(), "hi");
     let forged = partner.issue(&IssueRequest::new("f").spiffe_id(CLIENT_ID)).unwrap();
-    call_as(server.local_addr(), &pki, &forged).await.unwrap_err();
+    echo_as(server.local_addr(), &pki, &forged).await.unwrap_err();
     assert_eq!(server_verdict(&seen).await, Verdict::UnknownIssuer);
 }
 
@@ -94,7 +84,7 @@ async fn a_bundle_map_added_then_removed_admits_then_refuses_and_closes_the_part
     let addr = running.local_addr();
 
     let cred = partner.issue(&IssueRequest::new("p").spiffe_id("spiffe://partner.example/billing")).unwrap();
-    call_as(addr, &pki, &cred).await.expect_err("partner.example has no bundle yet");
+    echo_as(addr, &pki, &cred).await.expect_err("partner.example has no bundle yet");
 
     write(dir, "bundles.json", &with_partner.to_string());
     store.reload().unwrap();
@@ -174,7 +164,7 @@ async fn a_dot_dot_path_cannot_reach_a_prefix_it_climbs_out_of() {
     sp.policy = trustwire::tls::Policy::from_patterns(&["spiffe://example.org/ns/prod/*"]).unwrap();
     let (server, seen) = recording_server(&sp).await;
     let sneaky = pki.issue(IssueRequest::new("sneaky").spiffe_id("spiffe://example.org/ns/prod/x/../../admin"));
-    call_as(server.local_addr(), &pki, &sneaky).await.unwrap_err();
+    echo_as(server.local_addr(), &pki, &sneaky).await.unwrap_err();
     assert_eq!(server_verdict(&seen).await, Verdict::UnsupportedCertificate);
 }
 
@@ -183,7 +173,7 @@ async fn a_certificate_with_two_uri_sans_is_not_an_svid() {
     let pki = Pki::new();
     let (server, seen) = recording_server(&pki.server_profile()).await;
     let cred = pki.ca.issue(&IssueRequest::new("two").spiffe_id(CLIENT_ID).uri("https://example.org/other")).unwrap();
-    call_as(server.local_addr(), &pki, &cred).await.unwrap_err();
+    echo_as(server.local_addr(), &pki, &cred).await.unwrap_err();
     assert_eq!(server_verdict(&seen).await, Verdict::UnsupportedCertificate);
     let refusal = seen.lock().unwrap()[0].to_string();
     assert!(refusal.contains("2 URI SANs"), "{refusal}");

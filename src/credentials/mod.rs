@@ -207,9 +207,11 @@ impl CredentialStore {
         let mut template = template;
         template.identity = None;
         template.trust = TrustBundle { require_fresh_crls: template.trust.require_fresh_crls, ..Default::default() };
-        let loaded = load(&sources, &template, role, &options.name).inspect_err(|e| {
-            telemetry::reload_rejected(&options.name, e.verdict());
-        })?;
+        let loaded = read_material(&sources)
+            .and_then(|m| load(&m, &sources, &template, role, &options.name))
+            .inspect_err(|e| {
+                telemetry::reload_rejected(&options.name, e.verdict());
+            })?;
         let profile = with_material(&template, loaded.identity.as_ref(), &loaded.trust);
         let server = if role.server() { Some(profile.server_tls_from(profile.server_generation(1)?)) } else { None };
         let client = if role.client() { Some(profile.client_tls_from(profile.client_generation(1)?)?) } else { None };
@@ -309,10 +311,12 @@ impl CredentialStore {
         let mut last_rejected = inner.load_lock.lock().unwrap_or_else(|p| p.into_inner());
         let sources = inner.sources.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let current = inner.info.load_full();
-        let digest = match read_material(&sources).map(|m| m.digests().0) {
-            Ok(d) => d,
+        // Read once: the digest decides whether anything changed, and the same bytes are loaded.
+        let material = match read_material(&sources) {
+            Ok(m) => m,
             Err(e) => return Err(self.rejected(e, None, &mut last_rejected, report)),
         };
+        let digest = material.digests().0;
         if digest == current.material_digest {
             *last_rejected = None;
             return Ok(current.number);
@@ -321,7 +325,7 @@ impl CredentialStore {
             // Same bad material as last time: already reported.
             return Err(Error::credentials(None, "the sources still hold the material rejected before"));
         }
-        let loaded = match load(&sources, &inner.template, inner.role, &inner.options.name)
+        let loaded = match load(&material, &sources, &inner.template, inner.role, &inner.options.name)
             .and_then(|l| check_identity_change(&current, &l, &inner.options).map(|()| l))
         {
             Ok(l) => l,
@@ -523,9 +527,8 @@ fn info_of(loaded: &Loaded, number: u64) -> GenerationInfo {
 }
 
 /// Reads, parses and validates; nothing is published here.
-fn load(sources: &Sources, template: &TlsProfile, role: Use, store: &str) -> Result<Loaded, Error> {
-    let m = read_material(sources)?;
-    let loaded = validate(&m, sources, template)?;
+fn load(m: &Material, sources: &Sources, template: &TlsProfile, role: Use, store: &str) -> Result<Loaded, Error> {
+    let loaded = validate(m, sources, template)?;
     if let Some(id) = &loaded.identity {
         if role.server() {
             preflight::server(id, &loaded.trust, template)?;
@@ -592,8 +595,7 @@ fn validate(m: &Material, sources: &Sources, template: &TlsProfile) -> Result<Lo
     }
     let probe = with_material(template, identity.as_ref(), &trust);
     let resolved = trust.resolve(probe.local_trust_domain().as_ref())?;
-    let earliest_ca_expiry =
-        trust.all_cas().filter_map(|ca| CertificateInfo::from_der(ca).ok()).map(|i| i.identity.not_after).min();
+    let earliest_ca_expiry = resolved.earliest_ca_expiry();
     let all_cas: Vec<CertificateDer<'static>> = trust.all_cas().cloned().collect();
     let mut crls = Vec::new();
     for (what, pem) in &m.crls {

@@ -15,7 +15,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::error::Error;
 use crate::tls::policy::Policy;
-use crate::tls::verify::{take_diagnosis, verdict_for_tls_error, ClientVerifier, ServerVerifier};
+use crate::tls::verify::{
+    take_diagnosis, tls12_signature, tls13_signature, verdict_for_tls_error, verify_schemes, ClientVerifier,
+    ServerVerifier,
+};
 use crate::tls::{provider, trust, Identity, TlsProfile, TrustBundle};
 
 /// The verifier a client of ours would use on our server certificate, except for the name: the
@@ -99,7 +102,7 @@ impl ServerCertVerifier for PinnedServer {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &provider().signature_verification_algorithms)
+        tls12_signature(m, c, d)
     }
     fn verify_tls13_signature(
         &self,
@@ -107,10 +110,10 @@ impl ServerCertVerifier for PinnedServer {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &provider().signature_verification_algorithms)
+        tls13_signature(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        verify_schemes()
     }
 }
 

@@ -185,6 +185,11 @@ pub(crate) struct ResolvedTrust {
 }
 
 impl ResolvedTrust {
+    /// The earliest not-after among every CA in service.
+    pub fn earliest_ca_expiry(&self) -> Option<SystemTime> {
+        self.domains.values().flatten().chain(&self.without_domain).map(|c| c.info.identity.not_after).min()
+    }
+
     /// Per trust domain: CA count and earliest CA expiry (for gauges).
     pub fn domain_summaries(&self) -> Vec<(String, usize, Option<SystemTime>)> {
         self.domains
@@ -278,59 +283,19 @@ impl<V: ?Sized> VerifierSet<V> {
     }
 }
 
-fn revocation<B>(b: B, crls: &[CertificateRevocationListDer<'static>], fresh: bool) -> B
-where
-    B: RevocationOptions,
-{
-    let b = b.crls(crls.to_vec()).allow_unknown();
-    if fresh {
-        b.enforce_expiration()
-    } else {
-        b
-    }
-}
-
-/// The two webpki builders share these revocation settings.
-trait RevocationOptions: Sized {
-    fn crls(self, crls: Vec<CertificateRevocationListDer<'static>>) -> Self;
-    fn allow_unknown(self) -> Self;
-    fn enforce_expiration(self) -> Self;
-}
-
-impl RevocationOptions for rustls::server::ClientCertVerifierBuilder {
-    fn crls(self, crls: Vec<CertificateRevocationListDer<'static>>) -> Self {
-        self.with_crls(crls)
-    }
-    fn allow_unknown(self) -> Self {
-        self.allow_unknown_revocation_status()
-    }
-    fn enforce_expiration(self) -> Self {
-        self.enforce_revocation_expiration()
-    }
-}
-
-impl RevocationOptions for rustls::client::ServerCertVerifierBuilder {
-    fn crls(self, crls: Vec<CertificateRevocationListDer<'static>>) -> Self {
-        self.with_crls(crls)
-    }
-    fn allow_unknown(self) -> Self {
-        self.allow_unknown_revocation_status()
-    }
-    fn enforce_expiration(self) -> Self {
-        self.enforce_revocation_expiration()
-    }
-}
-
 /// Client-certificate verifiers (server side), one per CA set.
 pub(crate) fn client_verifiers(
     resolved: &ResolvedTrust,
     bundle: &TrustBundle,
 ) -> Result<VerifierSet<dyn ClientCertVerifier>, Error> {
     VerifierSet::build(resolved, |roots| {
-        let b = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider()));
-        let v = revocation(b, &bundle.crls, bundle.require_fresh_crls)
-            .build()
-            .map_err(|e| Error::credentials(None, format!("cannot build the client verifier: {e}")))?;
+        let mut b = WebPkiClientVerifier::builder_with_provider(roots, Arc::new(provider()))
+            .with_crls(bundle.crls.clone())
+            .allow_unknown_revocation_status();
+        if bundle.require_fresh_crls {
+            b = b.enforce_revocation_expiration();
+        }
+        let v = b.build().map_err(|e| Error::credentials(None, format!("cannot build the client verifier: {e}")))?;
         Ok(v as Arc<dyn ClientCertVerifier>)
     })
 }
@@ -341,10 +306,13 @@ pub(crate) fn server_verifiers(
     bundle: &TrustBundle,
 ) -> Result<VerifierSet<dyn ServerCertVerifier>, Error> {
     VerifierSet::build(resolved, |roots| {
-        let b = WebPkiServerVerifier::builder_with_provider(roots, Arc::new(provider()));
-        let v = revocation(b, &bundle.crls, bundle.require_fresh_crls)
-            .build()
-            .map_err(|e| Error::credentials(None, format!("cannot build the server verifier: {e}")))?;
+        let mut b = WebPkiServerVerifier::builder_with_provider(roots, Arc::new(provider()))
+            .with_crls(bundle.crls.clone())
+            .allow_unknown_revocation_status();
+        if bundle.require_fresh_crls {
+            b = b.enforce_revocation_expiration();
+        }
+        let v = b.build().map_err(|e| Error::credentials(None, format!("cannot build the server verifier: {e}")))?;
         Ok(v as Arc<dyn ServerCertVerifier>)
     })
 }

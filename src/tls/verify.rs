@@ -203,25 +203,31 @@ impl std::fmt::Display for InvalidSvid {
 
 impl std::error::Error for InvalidSvid {}
 
+/// The provider's signature algorithms, built once: they are consulted on every handshake.
+fn signature_algorithms() -> &'static rustls::crypto::WebPkiSupportedAlgorithms {
+    static ALGORITHMS: std::sync::OnceLock<rustls::crypto::WebPkiSupportedAlgorithms> = std::sync::OnceLock::new();
+    ALGORITHMS.get_or_init(|| crate::tls::provider().signature_verification_algorithms)
+}
+
 /// Handshake signatures do not depend on the CA set: every set uses the same provider.
-fn tls12_signature(
+pub(crate) fn tls12_signature(
     m: &[u8],
     c: &CertificateDer<'_>,
     d: &DigitallySignedStruct,
 ) -> Result<HandshakeSignatureValid, TlsError> {
-    rustls::crypto::verify_tls12_signature(m, c, d, &crate::tls::provider().signature_verification_algorithms)
+    rustls::crypto::verify_tls12_signature(m, c, d, signature_algorithms())
 }
 
-fn tls13_signature(
+pub(crate) fn tls13_signature(
     m: &[u8],
     c: &CertificateDer<'_>,
     d: &DigitallySignedStruct,
 ) -> Result<HandshakeSignatureValid, TlsError> {
-    rustls::crypto::verify_tls13_signature(m, c, d, &crate::tls::provider().signature_verification_algorithms)
+    rustls::crypto::verify_tls13_signature(m, c, d, signature_algorithms())
 }
 
-fn verify_schemes() -> Vec<SignatureScheme> {
-    crate::tls::provider().signature_verification_algorithms.supported_schemes()
+pub(crate) fn verify_schemes() -> Vec<SignatureScheme> {
+    signature_algorithms().supported_schemes()
 }
 
 /// Server side: requires a client certificate, verifies it against the CAs of its trust

@@ -118,6 +118,13 @@ pub async fn echo(client: &Client, text: &str) -> trustwire::Result<String> {
     Ok(trustwire::echo::decode(&r.payload).unwrap())
 }
 
+/// One echo call to `addr` as the holder of `cred` (trusting the PKI's CA).
+pub async fn echo_as(addr: std::net::SocketAddr, pki: &Pki, cred: &Credential) -> trustwire::Result<String> {
+    let mut cp = pki.client_profile();
+    cp.identity = Some(identity(cred));
+    echo(&client(addr, &cp), "hi").await
+}
+
 /// The `trustwire` binary cargo built for this test run.
 pub fn trustwire_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_trustwire"))

@@ -48,16 +48,6 @@ allow = ["spiffe://example.org/ns/prod/*", "spiffe://partner.example/*"]
     TlsProfile::from_file(toml).unwrap()
 }
 
-async fn call_as(
-    addr: std::net::SocketAddr,
-    pki: &Pki,
-    cred: &trustwire::pki::Credential,
-) -> trustwire::Result<String> {
-    let mut cp = pki.client_profile();
-    cp.identity = Some(identity(cred));
-    echo(&client(addr, &cp), "hi").await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_federated_partner_ca_cannot_vouch_for_our_trust_domain() {
     let pki = Pki::new();
@@ -66,7 +56,7 @@ async fn a_federated_partner_ca_cannot_vouch_for_our_trust_domain() {
     let addr = server.local_addr();
 
     let forged = partner.issue(&IssueRequest::new("forged").spiffe_id(FORGED_ADMIN)).unwrap();
-    call_as(addr, &pki, &forged).await.expect_err("a partner CA minted our admin identity");
+    echo_as(addr, &pki, &forged).await.expect_err("a partner CA minted our admin identity");
     assert_eq!(server_verdict(&seen).await, Verdict::UnknownIssuer);
     let refusal = seen.lock().unwrap()[0].clone();
     let Error::Handshake { message, .. } = &refusal else { panic!("{refusal:?}") };
@@ -74,10 +64,10 @@ async fn a_federated_partner_ca_cannot_vouch_for_our_trust_domain() {
 
     // The same CA is trusted for its own trust domain.
     let partner_peer = partner.issue(&IssueRequest::new("p").spiffe_id("spiffe://partner.example/billing")).unwrap();
-    assert_eq!(call_as(addr, &pki, &partner_peer).await.unwrap(), "hi");
+    assert_eq!(echo_as(addr, &pki, &partner_peer).await.unwrap(), "hi");
     // And our CA still vouches for ours.
     let ours = pki.issue(IssueRequest::new("web").spiffe_id("spiffe://example.org/ns/prod/web"));
-    assert_eq!(call_as(addr, &pki, &ours).await.unwrap(), "hi");
+    assert_eq!(echo_as(addr, &pki, &ours).await.unwrap(), "hi");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +84,7 @@ async fn a_partner_ca_in_our_own_ca_list_still_vouches_only_for_its_trust_domain
     let (server, seen) = recording_server(&sp).await;
 
     let forged = partner.issue(&IssueRequest::new("forged").spiffe_id(FORGED_ADMIN)).unwrap();
-    call_as(server.local_addr(), &pki, &forged).await.expect_err("a partner CA minted our admin identity");
+    echo_as(server.local_addr(), &pki, &forged).await.expect_err("a partner CA minted our admin identity");
     assert_eq!(server_verdict(&seen).await, Verdict::UnknownIssuer);
 }
 
@@ -105,7 +95,7 @@ async fn our_own_ca_cannot_mint_another_trust_domains_identity() {
     let pki = Pki::new();
     let (server, seen) = recording_server(&pki.server_profile()).await;
     let other = pki.issue(IssueRequest::new("other").spiffe_id("spiffe://partner.example/billing"));
-    call_as(server.local_addr(), &pki, &other).await.expect_err("our CA vouched for another trust domain");
+    echo_as(server.local_addr(), &pki, &other).await.expect_err("our CA vouched for another trust domain");
     assert_eq!(server_verdict(&seen).await, Verdict::UnknownIssuer);
     let refusal = seen.lock().unwrap()[0].clone();
     let Error::Handshake { message, .. } = &refusal else { panic!("{refusal:?}") };
