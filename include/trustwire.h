@@ -40,6 +40,11 @@
 // Library patch version.
 #define TW_VERSION_PATCH 0
 
+// A sensible `max_age_seconds` for `tw_identity_token_verify_for`: the age a proxy route
+// assumes its verifiers allow unless `identity_token_max_age_seconds` says otherwise (it
+// re-issues a connection's token at a fifth of that age).
+#define TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS 300
+
 // Result of every fallible call. Numbers are stable and never reused: 1–999 are the failure
 // catalogue's verdicts (the same names as the Python exceptions and the metric labels),
 // 1000 and up are API and call errors. `tw_result_name()` gives the stable name.
@@ -129,6 +134,17 @@ enum tw_result
   TW_TOKEN_BAD_MAC = 1202,
   // Identity token: the caller's certificate has expired.
   TW_TOKEN_EXPIRED = 1203,
+  // Identity token: issued for another proxy route (its audience is not the one expected).
+  TW_TOKEN_WRONG_AUDIENCE = 1204,
+  // Identity token: issued longer ago than the maximum age.
+  TW_TOKEN_TOO_OLD = 1205,
+  // Identity token: a trustwire token of a format version this library does not read (`tw1`).
+  TW_TOKEN_UNSUPPORTED_VERSION = 1206,
+  // Identity token: issued in the future (beyond the allowed clock skew).
+  TW_TOKEN_ISSUED_IN_FUTURE = 1207,
+  // Identity token: `tw_identity_token_verify` was called, which cannot check a token's
+  // audience and age and so accepts none; use `tw_identity_token_verify_for`.
+  TW_TOKEN_AUDIENCE_NOT_CHECKED = 1208,
 };
 #ifndef __cplusplus
 typedef uint32_t tw_result;
@@ -637,21 +653,43 @@ void tw_proxy_free(tw_proxy *proxy);
 
 // Verifies an identity token that a trustwire server-side proxy wrote into a baidu_std
 // request's `authentication_data` (brpc hands it to the service's Authenticator), with the
-// route's key: `key_id` and `secret_len` bytes of `secret`. On TW_OK the caller's SPIFFE ID
-// is copied NUL-terminated into `spiffe_id_out` ("" when its certificate has none; the buffer
-// may be NULL when `spiffe_id_cap` is 0 and the ID is not wanted), and `*not_after_out` (may
-// be NULL) is its certificate's not-after in Unix seconds. A refusal names its reason:
-// TW_TOKEN_BAD_FORMAT, TW_TOKEN_UNKNOWN_KEY, TW_TOKEN_BAD_MAC (wrong key or tampered) or
-// TW_TOKEN_EXPIRED; TW_BUFFER_TOO_SMALL when the ID does not fit. Token format: "Proxy mode" in the README.
-// Any thread; does not block.
+// route's key (`key_id` and `secret_len` bytes of `secret`), for `audience` (the name of the
+// proxy route in front of this service) and no older than `max_age_seconds` (> 0;
+// TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS is a sensible value). On TW_OK the caller's SPIFFE
+// ID is copied NUL-terminated into `spiffe_id_out` ("" when its certificate has none; the
+// buffer may be NULL when `spiffe_id_cap` is 0 and the ID is not wanted), and
+// `*not_after_out` (may be NULL) is its certificate's not-after in Unix seconds. A refusal
+// names its reason: TW_TOKEN_BAD_FORMAT, TW_TOKEN_UNSUPPORTED_VERSION (a `tw1` token, from a
+// proxy older than this library), TW_TOKEN_UNKNOWN_KEY, TW_TOKEN_BAD_MAC (wrong key or
+// tampered), TW_TOKEN_WRONG_AUDIENCE (issued for another route), TW_TOKEN_EXPIRED (the caller's
+// certificate), TW_TOKEN_TOO_OLD or TW_TOKEN_ISSUED_IN_FUTURE (more than 60 s ahead of this
+// clock); TW_BUFFER_TOO_SMALL when the ID does not fit; TW_INVALID_ARGUMENT for an empty
+// audience or a zero max age. Token format: "Proxy mode" in the README. Any thread; does not
+// block.
+tw_result tw_identity_token_verify_for(const uint8_t *token,
+                                       size_t token_len,
+                                       const char *key_id,
+                                       const uint8_t *secret,
+                                       size_t secret_len,
+                                       const char *audience,
+                                       uint64_t max_age_seconds,
+                                       char *spiffe_id_out,
+                                       size_t spiffe_id_cap,
+                                       uint64_t *not_after_out);
+
+// Superseded by `tw_identity_token_verify_for`. This function is not told which proxy route
+// the token must come from or how old it may be, so since token format tw2 it accepts no
+// token: it returns TW_TOKEN_AUDIENCE_NOT_CHECKED for every token (TW_NULL_ARGUMENT for a NULL
+// pointer), and a service still calling it refuses every caller, never one meant for another
+// service. Any thread; does not block.
 tw_result tw_identity_token_verify(const uint8_t *token,
                                    size_t token_len,
                                    const char *key_id,
                                    const uint8_t *secret,
                                    size_t secret_len,
-                                   char *spiffe_id_out,
-                                   size_t spiffe_id_cap,
-                                   uint64_t *not_after_out);
+                                   char *_spiffe_id_out,
+                                   size_t _spiffe_id_cap,
+                                   uint64_t *_not_after_out);
 
 // A new server using `profile`'s certificate, trust and policy (clients must present a
 // certificate the trust verifies and the allow-list admits). The server keeps its own

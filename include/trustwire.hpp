@@ -503,13 +503,18 @@ struct TokenIdentity {
     uint64_t not_after;     // the caller's certificate not-after, Unix seconds
 };
 
-// Verifies a token a server-side trustwire proxy wrote into authentication_data; throws Error
-// (verdict() "token_bad_mac", "token_unknown_key", "token_expired", "token_bad_format").
-inline TokenIdentity verify_identity_token(std::string_view token, const std::string& key_id, std::string_view secret) {
+// Verifies a token a server-side trustwire proxy wrote into authentication_data, for `audience`
+// (the name of the proxy route in front of this service) and no older than `max_age_seconds`;
+// throws Error (verdict() "token_bad_mac", "token_unknown_key", "token_wrong_audience",
+// "token_too_old", "token_expired", "token_unsupported_version", "token_bad_format", …).
+inline TokenIdentity verify_identity_token(std::string_view token, const std::string& key_id, std::string_view secret,
+                                           const std::string& audience,
+                                           uint64_t max_age_seconds = TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS) {
     char id[2048];
     uint64_t not_after = 0;
-    detail::check(tw_identity_token_verify(detail::bytes(token), token.size(), key_id.c_str(), detail::bytes(secret),
-                                           secret.size(), id, sizeof id, &not_after));
+    detail::check(tw_identity_token_verify_for(detail::bytes(token), token.size(), key_id.c_str(),
+                                               detail::bytes(secret), secret.size(), audience.c_str(),
+                                               max_age_seconds, id, sizeof id, &not_after));
     return TokenIdentity{id, not_after};
 }
 

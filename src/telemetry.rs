@@ -193,7 +193,7 @@ fn metrics() -> &'static Metrics {
         );
         registry.register(
             "proxy_streams",
-            "Proxied streams by route and outcome (completed, handshake_refused, refused, upstream_error, protocol, io)",
+            "Proxied streams by route and outcome (completed, handshake_refused, refused, upstream_error, proxy_header, protocol, io)",
             m.proxy.clone(),
         );
         registry.register("credential_generation", "Generation number in service", m.generation.clone());

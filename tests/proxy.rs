@@ -77,15 +77,21 @@ fn server_route(pki: &Pki, upstream: &str, protocol: Protocol, allow: &[&str]) -
     let mut profile = pki.server_profile();
     profile.policy = Policy::from_patterns(allow).unwrap();
     Route {
-        name: "in".into(),
-        listen: Endpoint::Tcp("127.0.0.1:0".into()),
-        upstream: Endpoint::parse(upstream),
-        tls: RouteTls::Server(profile.server().unwrap()),
         protocol,
         token_key: (protocol == Protocol::BaiduStd).then(|| ("k1".to_string(), KEY.to_vec())),
-        proxy_protocol: false,
         connect_timeout: Duration::from_secs(2),
+        ..Route::new(
+            "in",
+            Endpoint::Tcp("127.0.0.1:0".into()),
+            Endpoint::parse(upstream),
+            RouteTls::Server(profile.server().unwrap()),
+        )
     }
+}
+
+/// Verifies a token the route "in" issued, with the default maximum age.
+fn verify(token: &[u8], keys: &[(&str, &[u8])]) -> Result<token::TokenIdentity, TokenError> {
+    token::verify(token, keys, "in", token::DEFAULT_MAX_AGE)
 }
 
 fn addr_of(p: &RunningProxy) -> String {
@@ -198,8 +204,9 @@ async fn baidu_std_route_replaces_authentication_data_with_a_verifiable_token() 
     assert_eq!(seen.len(), 2);
     for auth in &seen {
         let auth = auth.as_ref().expect("every request carries the token");
-        assert!(auth.starts_with(b"tw1;kid=k1;spiffe=spiffe://example.org/ns/test/client;fp="), "{auth:?}");
-        let id = token::verify(auth, &[("k1", KEY)]).unwrap();
+        assert!(auth.starts_with(b"tw2;kid=k1;aud=in;spiffe=spiffe://example.org/ns/test/client;fp="), "{auth:?}");
+        let id = verify(auth, &[("k1", KEY)]).unwrap();
+        assert_eq!(id.audience, "in");
         assert_eq!(id.spiffe_id.as_deref(), Some(CLIENT_ID));
         let want_fp = trustwire::tls::identity::PeerIdentity::from_der(&identity(&pki.client).chain[0]).unwrap();
         assert_eq!(id.fingerprint_sha256, want_fp.fingerprint_sha256);
@@ -217,26 +224,36 @@ async fn baidu_std_route_replaces_authentication_data_with_a_verifiable_token() 
 fn identity_tokens_refuse_wrong_keys_formats_and_tampering() {
     let pki = Pki::new();
     let peer = trustwire::tls::identity::PeerIdentity::from_der(&identity(&pki.client).chain[0]).unwrap();
-    let t = token::issue(&peer, "k1", KEY);
-    assert!(token::verify(t.as_bytes(), &[("k1", KEY)]).is_ok());
+    let t = token::issue(&peer, "k1", KEY, "in");
+    assert!(verify(t.as_bytes(), &[("k1", KEY)]).is_ok());
     let name = |r: Result<_, TokenError>| r.unwrap_err().name();
-    assert_eq!(name(token::verify(t.as_bytes(), &[("k1", b"another secret, same key id....")])), "bad_mac");
-    assert_eq!(name(token::verify(t.as_bytes(), &[("k2", KEY)])), "unknown_key");
+    assert_eq!(name(verify(t.as_bytes(), &[("k1", b"another secret, same key id....")])), "bad_mac");
+    assert_eq!(name(verify(t.as_bytes(), &[("k2", KEY)])), "unknown_key");
     let tampered = t.replace("ns/test/client", "ns/test/admin1");
-    assert_eq!(name(token::verify(tampered.as_bytes(), &[("k1", KEY)])), "bad_mac");
-    for bad in ["", "tw1", "tw2;kid=k1;mac=00", "tw1;kid=k1;spiffe=;fp=;na=x;iat=1;mac=00", "\u{ff}\u{fe}"] {
-        assert_eq!(name(token::verify(bad.as_bytes(), &[("k1", KEY)])), "bad_format", "{bad:?}");
+    assert_eq!(name(verify(tampered.as_bytes(), &[("k1", KEY)])), "bad_mac");
+    let retargeted = t.replace(";aud=in;", ";aud=xx;");
+    assert_eq!(name(verify(retargeted.as_bytes(), &[("k1", KEY)])), "bad_mac", "the audience is under the MAC");
+    for bad in
+        ["", "tw2", "tw2;kid=k1;mac=00", "tw2;kid=k1;aud=in;spiffe=;fp=;na=x;iat=1;mac=00", "\u{ff}\u{fe}", "twx;a"]
+    {
+        assert_eq!(name(verify(bad.as_bytes(), &[("k1", KEY)])), "bad_format", "{bad:?}");
     }
     // A field value cannot smuggle in another field.
     let mut evil = peer.clone();
     evil.spiffe_id = Some("x;na=99999999999".into());
-    let t = token::issue(&evil, "k1", KEY);
-    assert_eq!(token::verify(t.as_bytes(), &[("k1", KEY)]).unwrap().spiffe_id.as_deref(), Some("x;na=99999999999"));
+    let t = token::issue(&evil, "k1", KEY, "in");
+    assert_eq!(verify(t.as_bytes(), &[("k1", KEY)]).unwrap().spiffe_id.as_deref(), Some("x;na=99999999999"));
+    let t = token::issue(&peer, "k1", KEY, "in;aud=other");
+    assert_eq!(
+        token::verify(t.as_bytes(), &[("k1", KEY)], "in;aud=other", token::DEFAULT_MAX_AGE).unwrap().audience,
+        "in;aud=other"
+    );
+    assert_eq!(name(verify(t.as_bytes(), &[("k1", KEY)])), "wrong_audience");
     // An expired caller certificate.
     let mut old = peer.clone();
     old.not_after = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
-    let t = token::issue(&old, "k1", KEY);
-    assert_eq!(name(token::verify(t.as_bytes(), &[("k1", KEY)])), "expired");
+    let t = token::issue(&old, "k1", KEY, "in");
+    assert_eq!(name(verify(t.as_bytes(), &[("k1", KEY)])), "expired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,6 +322,96 @@ async fn allow_list_refuses_and_a_dead_upstream_closes_cleanly() {
     assert!(back.is_empty());
     let metrics = trustwire::telemetry::metrics_text();
     assert!(metrics.contains("trustwire_proxy_streams_total{route=\"in\",outcome=\"upstream_error\"}"), "{metrics}");
+}
+
+/// Sends `frames` through a baidu_std route as the test client and reads one response for each.
+async fn brpc_calls(addr: &str, pki: &Pki, frames: Vec<Frame>) -> Vec<Frame> {
+    let tls = pki.client_profile().client().unwrap();
+    let (stream, _) = trustwire::transport::connect(&tls, addr, Duration::from_secs(5)).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let n = frames.len();
+    // Written while the answers are read, so large frames cannot deadlock the two directions.
+    let writer = tokio::spawn(async move {
+        for f in frames {
+            w.write_all(&f.to_bytes().unwrap()).await.unwrap();
+        }
+        w
+    });
+    let (mut buf, mut dec, mut out) = (BytesMut::new(), Decoder::default(), Vec::new());
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while out.len() < n {
+            while let Some(f) = dec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+            if out.len() < n {
+                assert!(r.read_buf(&mut buf).await.unwrap() > 0, "closed after {} responses", out.len());
+            }
+        }
+    })
+    .await
+    .expect("no hang");
+    drop(writer.await.unwrap());
+    out
+}
+
+fn echo_request(id: i64, payload: Vec<u8>) -> Frame {
+    Frame {
+        meta: RpcMeta {
+            request: Some(RpcRequestMeta {
+                service_name: Some("example.EchoService".into()),
+                method_name: Some("Echo".into()),
+                ..Default::default()
+            }),
+            correlation_id: Some(id),
+            ..Default::default()
+        },
+        payload: payload.into(),
+        attachment: Bytes::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baidu_std_route_carries_large_and_small_frames_intact_both_ways() {
+    let pki = Pki::new();
+    let (upstream, seen) = brpc_upstream().await;
+    let proxy = trustwire::proxy::start(server_route(&pki, &upstream, Protocol::BaiduStd, &[])).await.unwrap();
+    // 8 MiB, 1 byte, 100 KiB and 0 bytes, pipelined: the large bodies go through without a copy,
+    // the small ones are gathered; every answer comes back whole and in order.
+    let sizes = [8 << 20, 1, 100 << 10, 0, 3 << 20];
+    let frames: Vec<_> =
+        sizes.iter().enumerate().map(|(i, n)| echo_request(i as i64, pseudo_random(*n, i as u64))).collect();
+    let answers = brpc_calls(&addr_of(&proxy), &pki, frames.clone()).await;
+    for (sent, got) in frames.iter().zip(&answers) {
+        assert_eq!(got.meta.correlation_id, sent.meta.correlation_id);
+        assert_eq!(digest(&got.payload), digest(&sent.payload));
+    }
+    assert_eq!(seen.lock().unwrap().len(), sizes.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baidu_std_route_answers_efailedsocket_when_its_upstream_is_down() {
+    let pki = Pki::new();
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let route = Route { name: "brpc-dead".into(), ..server_route(&pki, &dead, Protocol::BaiduStd, &[]) };
+    let proxy = trustwire::proxy::start(route).await.unwrap();
+    let addr = addr_of(&proxy);
+    let answers = brpc_calls(&addr, &pki, vec![echo_request(9, b"hi".to_vec())]).await;
+    let response = answers[0].meta.response.clone().unwrap();
+    assert_eq!(answers[0].meta.correlation_id, Some(9));
+    assert_eq!(response.error_code, Some(1009), "EFAILEDSOCKET: {response:?}");
+    let text = response.error_text.unwrap();
+    assert!(text.starts_with(&format!("[{addr}][E1009]")), "{text}");
+    assert!(text.contains(&format!("route brpc-dead: upstream {dead} unreachable")), "{text}");
+    // The stream is counted once the route has finished with it, just after the answer left.
+    let counted = "trustwire_proxy_streams_total{route=\"brpc-dead\",outcome=\"upstream_error\"} 1";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !trustwire::telemetry::metrics_text().contains(counted) {
+        assert!(std::time::Instant::now() < deadline, "{}", trustwire::telemetry::metrics_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,5 +536,5 @@ async fn go_client_through_a_baidu_std_route() {
     let frame = Decoder::default().decode(&mut BytesMut::from(&out[..])).unwrap().expect("a response frame");
     assert_eq!(frame.meta.correlation_id, Some(4294967298));
     let auth = seen.lock().unwrap()[0].clone().expect("token");
-    assert_eq!(token::verify(&auth, &[("k1", KEY)]).unwrap().spiffe_id.as_deref(), Some(CLIENT_ID));
+    assert_eq!(verify(&auth, &[("k1", KEY)]).unwrap().spiffe_id.as_deref(), Some(CLIENT_ID));
 }

@@ -8,9 +8,11 @@
 //   g++ -std=c++17 -c trustwire_authenticator.cc $(pkg-config --cflags trustwire)
 //   # link the service with: -lbrpc $(pkg-config --libs trustwire) -lgflags -lprotobuf -lssl -lcrypto
 //
-// Use it in a brpc server that only listens on loopback behind `trustwire proxy`:
+// Use it in a brpc server that only listens on loopback behind `trustwire proxy`, with the key
+// of the route in front of it and the route's name (the token's audience: a token the proxy
+// minted for another route, say for another service sharing the key, is refused):
 //
-//   static TrustwireAuthenticator auth("k1", secret_bytes);
+//   static TrustwireAuthenticator auth("k1", secret_bytes, "echo-in");
 //   brpc::ServerOptions options;
 //   options.auth = &auth;
 //   server.Start("127.0.0.1:8000", &options);
@@ -19,13 +21,20 @@
 #pragma once
 
 #include <brpc/authenticator.h>
+#include <trustwire.h>
 
+#include <cstdint>
 #include <string>
 
 class TrustwireAuthenticator : public brpc::Authenticator {
 public:
-    TrustwireAuthenticator(std::string key_id, std::string secret)
-        : key_id_(std::move(key_id)), secret_(std::move(secret)) {}
+    // `max_age_seconds` must match the route's identity_token_max_age_seconds (300 by default).
+    TrustwireAuthenticator(std::string key_id, std::string secret, std::string route,
+                           uint64_t max_age_seconds = TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS)
+        : key_id_(std::move(key_id)),
+          secret_(std::move(secret)),
+          route_(std::move(route)),
+          max_age_seconds_(max_age_seconds) {}
 
     // Servers never generate credentials; the proxy does.
     int GenerateCredential(std::string* /*auth_str*/) const override { return -1; }
@@ -38,4 +47,6 @@ public:
 private:
     std::string key_id_;
     std::string secret_;
+    std::string route_;
+    uint64_t max_age_seconds_;
 };

@@ -60,28 +60,87 @@ class IdentityToken:
     fingerprint_sha256: str
     not_after: int
     issued_at: int
+    #: The proxy route that issued the token.
+    audience: str = ""
 
 
 class IdentityTokenError(TrustwireError):
-    """A token that does not verify; ``reason`` is ``bad_format``, ``unknown_key``, ``bad_mac``
-    or ``expired``."""
+    """A token that does not verify. ``reason`` is its stable name; each reason has its own
+    subclass (``TokenBadMac`` for ``bad_mac``, …), so a handler can catch just one."""
+
+    reason = "identity_token"
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
 
 
-def verify_identity_token(token: bytes, keys: _Mapping[str, bytes]) -> IdentityToken:
+class TokenBadFormat(IdentityTokenError):
+    """Not a trustwire identity token."""
+
+
+class TokenUnsupportedVersion(IdentityTokenError):
+    """A trustwire token of another format version (``tw1`` tokens carry no audience)."""
+
+
+class TokenUnknownKey(IdentityTokenError):
+    """Signed with a key id this verifier was not given."""
+
+
+class TokenBadMac(IdentityTokenError):
+    """The MAC does not verify: the wrong secret, or a tampered token."""
+
+
+class TokenWrongAudience(IdentityTokenError):
+    """Issued by another proxy route than the one in front of this service."""
+
+
+class TokenExpired(IdentityTokenError):
+    """The caller's certificate has expired."""
+
+
+class TokenTooOld(IdentityTokenError):
+    """Issued longer ago than ``max_age``."""
+
+
+class TokenIssuedInFuture(IdentityTokenError):
+    """Issued more than a minute ahead of this clock."""
+
+
+_TOKEN_ERRORS: dict[str, type[IdentityTokenError]] = {
+    "bad_format": TokenBadFormat,
+    "unsupported_version": TokenUnsupportedVersion,
+    "unknown_key": TokenUnknownKey,
+    "bad_mac": TokenBadMac,
+    "wrong_audience": TokenWrongAudience,
+    "expired": TokenExpired,
+    "too_old": TokenTooOld,
+    "issued_in_future": TokenIssuedInFuture,
+}
+
+#: A sensible ``max_age`` (seconds), and the one a proxy route assumes unless configured.
+DEFAULT_TOKEN_MAX_AGE = 300.0
+
+
+def verify_identity_token(
+    token: bytes, keys: _Mapping[str, bytes], *, audience: str, max_age: float = DEFAULT_TOKEN_MAX_AGE
+) -> IdentityToken:
     """Verifies the ``authentication_data`` a trustwire proxy put into a baidu_std request.
 
-    ``keys`` maps key ids to secrets. Raises :class:`IdentityTokenError` naming the reason.
+    ``keys`` maps key ids to secrets; ``audience`` is the name of the proxy route in front of
+    this service (a token minted for another route is refused); ``max_age`` is how many seconds
+    old a token may be. Raises the :class:`IdentityTokenError` subclass naming the reason.
     """
-    reason, message, key_id, spiffe_id, fingerprint, not_after, issued_at = _verify_identity_token(
-        bytes(token), dict(keys)
+    if not audience:
+        raise ValueError("audience must be the proxy route's name")
+    if not max_age > 0 or max_age == float("inf"):
+        raise ValueError(f"max_age must be a positive number of seconds, not {max_age!r}")
+    reason, message, key_id, aud, spiffe_id, fingerprint, not_after, issued_at = _verify_identity_token(
+        bytes(token), dict(keys), audience, float(max_age)
     )
     if reason is not None:
-        raise IdentityTokenError(reason, message)
-    return IdentityToken(key_id, spiffe_id, fingerprint, not_after, issued_at)
+        raise _TOKEN_ERRORS.get(reason, IdentityTokenError)(reason, message)
+    return IdentityToken(key_id, spiffe_id, fingerprint, not_after, issued_at, aud)
 
 __all__ = [
     "__version__",
@@ -99,6 +158,15 @@ __all__ = [
     "Proxy",
     "IdentityToken",
     "IdentityTokenError",
+    "TokenBadFormat",
+    "TokenUnsupportedVersion",
+    "TokenUnknownKey",
+    "TokenBadMac",
+    "TokenWrongAudience",
+    "TokenExpired",
+    "TokenTooOld",
+    "TokenIssuedInFuture",
+    "DEFAULT_TOKEN_MAX_AGE",
     "verify_identity_token",
     # errors
     "TrustwireError",

@@ -262,8 +262,8 @@ class DevCa:
 
 def metrics_text() -> str: ...
 def verify_identity_token(
-    token: bytes, keys: Mapping[str, bytes]
-) -> tuple[str | None, str, str, str | None, str, int, int]: ...
+    token: bytes, keys: Mapping[str, bytes], audience: str, max_age: float
+) -> tuple[str | None, str, str, str, str | None, str, int, int]: ...
 
 @final
 class Proxy:

@@ -14,17 +14,21 @@
 //! protocol = "baidu_std"          # or "tcp" (default)
 //! identity_key_id = "k1"          # baidu_std: sign identity tokens with this key …
 //! identity_key_file = "token.key" # … whose secret is this file's bytes
+//! identity_token_max_age_seconds = 300 # the max age the upstream's verifier checks; the
+//!                                 # token of a long-lived connection is re-issued at a fifth of it
 //! proxy_protocol = false          # true: PROXY v2 header with identity TLVs first
 //!
 //! [[route]]
 //! name = "echo-out"
 //! mode = "client"                 # plaintext in (loopback/unix only), mTLS to upstream
-//! listen = "127.0.0.1:9000"
+//! listen = "unix:/run/echo-out.sock" # or loopback "127.0.0.1:9000"
+//! listen_mode = "0660"            # unix: listen paths: who may connect (default owner+group)
 //! upstream = "echo.example.org:8443"
 //! profile = "client.toml"
 //! ```
 //!
-//! Relative paths are relative to the file. Unknown keys are errors.
+//! Relative paths are relative to the file. Unknown keys are errors. A server-side `tcp` route
+//! whose profile has `[[policy.rules]]` is refused (it cannot read calls to enforce them).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -65,6 +69,11 @@ pub struct RouteSection {
     pub proxy_protocol: bool,
     #[serde(default)]
     pub connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub identity_token_max_age_seconds: Option<u64>,
+    /// Octal permission bits of a `unix:` listen socket, e.g. "0660".
+    #[serde(default)]
+    pub listen_mode: Option<String>,
 }
 
 impl ProxyFile {
@@ -132,22 +141,41 @@ impl ProxyFile {
             if protocol == Protocol::BaiduStd && use_ == Use::Server && token_key.is_none() {
                 return Err(err("a server-side baidu_std route needs identity_key_id and identity_key_file".into()));
             }
+            let listen = Endpoint::parse(&r.listen);
+            let listen_mode = match (&r.listen_mode, &listen) {
+                (None, _) => super::DEFAULT_LISTEN_MODE,
+                (Some(m), Endpoint::Unix(_)) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| m & !0o777 == 0)
+                    .ok_or_else(|| err(format!("listen_mode = \"{m}\": use octal permission bits such as \"0660\"")))?,
+                (Some(_), Endpoint::Tcp(_)) => {
+                    return Err(err("listen_mode applies to unix: listen paths only".into()));
+                }
+            };
+            let token_max_age = match r.identity_token_max_age_seconds {
+                None => super::token::DEFAULT_MAX_AGE,
+                Some(s) if s >= 5 => Duration::from_secs(s),
+                Some(s) => return Err(err(format!("identity_token_max_age_seconds = {s}: use at least 5"))),
+            };
             let options = StoreOptions { name: r.name.clone(), ..StoreOptions::default() };
-            let store = CredentialStore::from_file(self.path(&r.profile), use_, options)?;
+            let named = |e: Error| super::in_route_name(&r.name, e);
+            let store = CredentialStore::from_file(self.path(&r.profile), use_, options).map_err(named)?;
             let tls = match use_ {
-                Use::Server => RouteTls::Server(store.server_tls()?),
-                _ => RouteTls::Client(store.client_tls()?),
+                Use::Server => RouteTls::Server(store.server_tls().map_err(named)?),
+                _ => RouteTls::Client(store.client_tls().map_err(named)?),
             };
             out.push((
                 Route {
                     name: r.name.clone(),
-                    listen: Endpoint::parse(&r.listen),
+                    listen,
                     upstream: Endpoint::parse(&r.upstream),
                     tls,
                     protocol,
                     token_key,
                     proxy_protocol: r.proxy_protocol,
                     connect_timeout: Duration::from_millis(r.connect_timeout_ms.unwrap_or(5000)),
+                    token_max_age,
+                    listen_mode,
                 },
                 store,
             ));

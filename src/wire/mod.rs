@@ -184,6 +184,16 @@ impl Frame {
     /// Appends the encoded frame to `out`. The meta is written as given (only the fields that
     /// are set), so the caller decides which optional fields appear on the wire.
     pub fn encode(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
+        out.reserve(self.encoded_len());
+        self.encode_head(out)?;
+        out.put_slice(&self.payload);
+        out.put_slice(&self.attachment);
+        Ok(())
+    }
+
+    /// Appends the 12-byte header and the meta only: the payload and the attachment are to
+    /// follow on the wire as they are, so a relay can pass a large body on without copying it.
+    pub fn encode_head(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
         let declared = i64::from(self.meta.attachment_size.unwrap_or(0));
         if declared != self.attachment.len() as i64 {
             return Err(EncodeError::AttachmentSizeMismatch { declared, actual: self.attachment.len() });
@@ -193,13 +203,11 @@ impl Frame {
         if body > u32::MAX as usize {
             return Err(EncodeError::TooLarge(body));
         }
-        out.reserve(HEADER_LEN + body);
+        out.reserve(HEADER_LEN + meta_len);
         out.put_slice(&MAGIC);
         out.put_u32(body as u32);
         out.put_u32(meta_len as u32);
         self.meta.encode(out).expect("BytesMut grows on demand, so prost cannot run out of room");
-        out.put_slice(&self.payload);
-        out.put_slice(&self.attachment);
         Ok(())
     }
 

@@ -414,6 +414,8 @@ static void misuse(const tw_dev_ca *ca, const tw_profile *server_profile, const 
     EXPECT(tw_dev_ca_new(NULL, NULL), TW_NULL_ARGUMENT);
     EXPECT(tw_metrics_text(NULL), TW_NULL_ARGUMENT);
     EXPECT(tw_identity_token_verify(NULL, 3, "k", u8("s"), 1, NULL, 0, NULL), TW_NULL_ARGUMENT);
+    EXPECT(tw_identity_token_verify_for(NULL, 3, "k", u8("s"), 1, "in", 300, NULL, 0, NULL), TW_NULL_ARGUMENT);
+    EXPECT(tw_identity_token_verify_for(u8("t"), 1, "k", u8("s"), 1, NULL, 300, NULL, 0, NULL), TW_NULL_ARGUMENT);
     EXPECT(tw_proxy_start(NULL, NULL), TW_NULL_ARGUMENT);
     CHECK(tw_profile_generation(NULL) == 0);
     CHECK(tw_call_peer(NULL) == NULL);
@@ -501,7 +503,17 @@ static void misuse(const tw_dev_ca *ca, const tw_profile *server_profile, const 
 
     /* Identity tokens that are not valid are refused with a named reason. */
     char id[8];
-    EXPECT(tw_identity_token_verify(u8("hello"), 5, "k1", u8("secret"), 6, id, sizeof id, NULL), TW_TOKEN_BAD_FORMAT);
+    EXPECT(tw_identity_token_verify_for(u8("hello"), 5, "k1", u8("secret"), 6, "in", TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS,
+                                        id, sizeof id, NULL),
+           TW_TOKEN_BAD_FORMAT);
+    EXPECT(tw_identity_token_verify_for(u8("hello"), 5, "k1", u8("secret"), 6, "", 300, id, sizeof id, NULL),
+           TW_INVALID_ARGUMENT);
+    EXPECT(tw_identity_token_verify_for(u8("hello"), 5, "k1", u8("secret"), 6, "in", 0, id, sizeof id, NULL),
+           TW_INVALID_ARGUMENT);
+    /* The verifier without an audience accepts no token. */
+    EXPECT(tw_identity_token_verify(u8("hello"), 5, "k1", u8("secret"), 6, id, sizeof id, NULL),
+           TW_TOKEN_AUDIENCE_NOT_CHECKED);
+    CHECK_STR(tw_result_name(TW_TOKEN_WRONG_AUDIENCE), "token_wrong_audience");
 
     char *text = NULL;
     OK(tw_metrics_text(&text));

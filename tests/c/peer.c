@@ -5,7 +5,8 @@
  *   peer server PROFILE                   serves Echo (inline), Peer (the caller's SPIFFE ID)
  *                                         and Later (answered from another thread); prints
  *                                         "port N", stops when stdin closes
- *   peer token TOKEN KEY_ID SECRET        verifies an identity token; prints "NAME SPIFFE_ID
+ *   peer token TOKEN KEY_ID SECRET AUDIENCE MAX_AGE
+ *                                         verifies an identity token; prints "NAME SPIFFE_ID
  *                                         NOT_AFTER"
  *   peer proxy CONFIG                     runs the proxy in this process; prints "route NAME
  *                                         ADDRESS" per route, drains when stdin closes
@@ -15,6 +16,7 @@
 
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdlib.h>
 
 #include "check.h"
 
@@ -107,11 +109,11 @@ static int server(const char *profile_path) {
     return 0;
 }
 
-static int token(const char *token, const char *key_id, const char *secret) {
+static int token(const char *token, const char *key_id, const char *secret, const char *audience, const char *max_age) {
     char spiffe_id[256];
     uint64_t not_after = 0;
-    tw_result r = tw_identity_token_verify(u8(token), strlen(token), key_id, u8(secret), strlen(secret), spiffe_id,
-                                           sizeof spiffe_id, &not_after);
+    tw_result r = tw_identity_token_verify_for(u8(token), strlen(token), key_id, u8(secret), strlen(secret), audience,
+                                               strtoull(max_age, NULL, 10), spiffe_id, sizeof spiffe_id, &not_after);
     printf("%s %s %" PRIu64 "\n", tw_result_name(r), r == TW_OK ? spiffe_id : "-", not_after);
     return 0;
 }
@@ -135,8 +137,8 @@ static int proxy(const char *config) {
 int main(int argc, char **argv) {
     if (argc == 5 && strcmp(argv[1], "client") == 0) return client(argv[2], argv[3], argv[4]);
     if (argc == 3 && strcmp(argv[1], "server") == 0) return server(argv[2]);
-    if (argc == 5 && strcmp(argv[1], "token") == 0) return token(argv[2], argv[3], argv[4]);
+    if (argc == 7 && strcmp(argv[1], "token") == 0) return token(argv[2], argv[3], argv[4], argv[5], argv[6]);
     if (argc == 3 && strcmp(argv[1], "proxy") == 0) return proxy(argv[2]);
-    fprintf(stderr, "usage: peer client PROFILE ADDRESS MESSAGE | server PROFILE | token TOKEN KEY_ID SECRET | proxy CONFIG\n");
+    fprintf(stderr, "usage: peer client PROFILE ADDRESS MESSAGE | server PROFILE | token TOKEN KEY_ID SECRET AUDIENCE MAX_AGE | proxy CONFIG\n");
     return 2;
 }

@@ -165,7 +165,7 @@ int main() {
     CHECK(moved_profile.generation() == 2);
 
     // Identity tokens: a malformed one is refused by name.
-    expect_error([] { trustwire::verify_identity_token("garbage", "k1", "secret"); }, "token_bad_format");
+    expect_error([] { trustwire::verify_identity_token("garbage", "k1", "secret", "echo-in"); }, "token_bad_format");
     CHECK(trustwire::metrics_text().find("trustwire_") != std::string::npos);
 
     server.stop();

@@ -82,20 +82,48 @@ def test_in_process_proxy_injects_a_token_python_can_verify(tmp_path: Path) -> N
         proxy.stop()
     assert seen, "the upstream got the request"
     frame = seen[0]
-    start = frame.find(b"tw1;kid=k1;")
+    start = frame.find(b"tw2;kid=k1;aud=in;")
     assert start > 0
     end = frame.find(b"\x0a\x02hi")
     token = frame[start : start + frame[start:].find(b";mac=") + 5 + 64]
-    ident = trustwire.verify_identity_token(token, {"k1": KEY})
+    ident = trustwire.verify_identity_token(token, {"k1": KEY}, audience="in")
     assert ident.spiffe_id == "spiffe://example.org/ns/test/caller"
+    assert ident.audience == "in"
     assert end > start
 
-    with pytest.raises(trustwire.IdentityTokenError) as bad:
-        trustwire.verify_identity_token(token, {"k1": b"another secret of 32 bytes......"})
+    with pytest.raises(trustwire.TokenBadMac) as bad:
+        trustwire.verify_identity_token(token, {"k1": b"another secret of 32 bytes......"}, audience="in")
     assert bad.value.reason == "bad_mac"
-    with pytest.raises(trustwire.IdentityTokenError) as unknown:
-        trustwire.verify_identity_token(token, {"k2": KEY})
+    with pytest.raises(trustwire.TokenUnknownKey) as unknown:
+        trustwire.verify_identity_token(token, {"k2": KEY}, audience="in")
     assert unknown.value.reason == "unknown_key"
-    with pytest.raises(trustwire.IdentityTokenError) as garbled:
-        trustwire.verify_identity_token(b"tw1;garbage", {"k1": KEY})
+    with pytest.raises(trustwire.TokenBadFormat) as garbled:
+        trustwire.verify_identity_token(b"tw2;garbage", {"k1": KEY}, audience="in")
     assert garbled.value.reason == "bad_format"
+    with pytest.raises(trustwire.TokenWrongAudience) as elsewhere:
+        trustwire.verify_identity_token(token, {"k1": KEY}, audience="billing-in")
+    assert "'in'" in str(elsewhere.value) and "'billing-in'" in str(elsewhere.value)
+    with pytest.raises(trustwire.TokenUnsupportedVersion) as old:
+        trustwire.verify_identity_token(b"tw1;kid=k1;spiffe=;fp=;na=1;iat=1;mac=00", {"k1": KEY}, audience="in")
+    assert isinstance(old.value, trustwire.IdentityTokenError)
+    with pytest.raises(TypeError):
+        trustwire.verify_identity_token(token, {"k1": KEY})  # type: ignore[call-arg]
+    with pytest.raises(ValueError):
+        trustwire.verify_identity_token(token, {"k1": KEY}, audience="in", max_age=0)
+
+
+def test_a_token_older_than_max_age_is_refused() -> None:
+    # A valid tw2 token issued ten minutes ago, MAC'd here the way the proxy does.
+    import hashlib
+    import hmac
+    import time
+
+    now = int(time.time())
+    body = f"tw2;kid=k1;aud=in;spiffe=spiffe://example.org/web;fp={'ab' * 32};na={now + 3600};iat={now - 600}"
+    token = f"{body};mac={hmac.new(KEY, body.encode(), hashlib.sha256).hexdigest()}".encode()
+    with pytest.raises(trustwire.TokenTooOld) as old:
+        trustwire.verify_identity_token(token, {"k1": KEY}, audience="in")
+    assert old.value.reason == "too_old"
+    assert trustwire.verify_identity_token(token, {"k1": KEY}, audience="in", max_age=3600).spiffe_id == (
+        "spiffe://example.org/web"
+    )

@@ -83,6 +83,10 @@ impl From<tw::proxy::token::TokenError> for Failure {
             UnknownKey(_) => tw_result::TW_TOKEN_UNKNOWN_KEY,
             BadMac => tw_result::TW_TOKEN_BAD_MAC,
             Expired(_) => tw_result::TW_TOKEN_EXPIRED,
+            WrongAudience { .. } => tw_result::TW_TOKEN_WRONG_AUDIENCE,
+            TooOld { .. } => tw_result::TW_TOKEN_TOO_OLD,
+            UnsupportedVersion(_) => tw_result::TW_TOKEN_UNSUPPORTED_VERSION,
+            IssuedInFuture { .. } => tw_result::TW_TOKEN_ISSUED_IN_FUTURE,
         };
         Failure::new(code, e.to_string())
     }
@@ -310,6 +314,11 @@ pub fn result_cname(r: tw_result) -> &'static CStr {
         TW_TOKEN_UNKNOWN_KEY => c"token_unknown_key",
         TW_TOKEN_BAD_MAC => c"token_bad_mac",
         TW_TOKEN_EXPIRED => c"token_expired",
+        TW_TOKEN_WRONG_AUDIENCE => c"token_wrong_audience",
+        TW_TOKEN_TOO_OLD => c"token_too_old",
+        TW_TOKEN_UNSUPPORTED_VERSION => c"token_unsupported_version",
+        TW_TOKEN_ISSUED_IN_FUTURE => c"token_issued_in_future",
+        TW_TOKEN_AUDIENCE_NOT_CHECKED => c"token_audience_not_checked",
     }
 }
 
@@ -324,7 +333,7 @@ pub extern "C" fn tw_result_name(result: u32) -> *const c_char {
     known.map(result_cname).unwrap_or(c"unknown").as_ptr()
 }
 
-const KNOWN: [tw_result; 40] = {
+const KNOWN: [tw_result; 45] = {
     use tw_result::*;
     [
         TW_OK,
@@ -367,6 +376,11 @@ const KNOWN: [tw_result; 40] = {
         TW_TOKEN_UNKNOWN_KEY,
         TW_TOKEN_BAD_MAC,
         TW_TOKEN_EXPIRED,
+        TW_TOKEN_WRONG_AUDIENCE,
+        TW_TOKEN_TOO_OLD,
+        TW_TOKEN_UNSUPPORTED_VERSION,
+        TW_TOKEN_ISSUED_IN_FUTURE,
+        TW_TOKEN_AUDIENCE_NOT_CHECKED,
     ]
 };
 

@@ -130,7 +130,23 @@ pub enum tw_result {
     TW_TOKEN_BAD_MAC = 1202,
     /// Identity token: the caller's certificate has expired.
     TW_TOKEN_EXPIRED = 1203,
+    /// Identity token: issued for another proxy route (its audience is not the one expected).
+    TW_TOKEN_WRONG_AUDIENCE = 1204,
+    /// Identity token: issued longer ago than the maximum age.
+    TW_TOKEN_TOO_OLD = 1205,
+    /// Identity token: a trustwire token of a format version this library does not read (`tw1`).
+    TW_TOKEN_UNSUPPORTED_VERSION = 1206,
+    /// Identity token: issued in the future (beyond the allowed clock skew).
+    TW_TOKEN_ISSUED_IN_FUTURE = 1207,
+    /// Identity token: `tw_identity_token_verify` was called, which cannot check a token's
+    /// audience and age and so accepts none; use `tw_identity_token_verify_for`.
+    TW_TOKEN_AUDIENCE_NOT_CHECKED = 1208,
 }
+
+/// A sensible `max_age_seconds` for `tw_identity_token_verify_for`: the age a proxy route
+/// assumes its verifiers allow unless `identity_token_max_age_seconds` says otherwise (it
+/// re-issues a connection's token at a fifth of that age).
+pub const TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS: u64 = 300;
 
 /// The version of the loaded library, "MAJOR.MINOR.PATCH". Static storage; never free it.
 /// Any thread.
@@ -162,6 +178,7 @@ mod tests {
     fn version_macros_match_the_crate() {
         assert_eq!(TW_VERSION_STRING, env!("CARGO_PKG_VERSION"));
         assert_eq!(TW_VERSION_MAJOR.to_string(), env!("CARGO_PKG_VERSION_MAJOR"));
+        assert_eq!(TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS, tw::proxy::token::DEFAULT_MAX_AGE.as_secs());
         assert_eq!(TW_VERSION_MINOR.to_string(), env!("CARGO_PKG_VERSION_MINOR"));
         assert_eq!(TW_VERSION_PATCH.to_string(), env!("CARGO_PKG_VERSION_PATCH"));
         let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cbindgen.toml")).unwrap();

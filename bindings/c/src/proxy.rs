@@ -110,20 +110,28 @@ pub unsafe extern "C" fn tw_proxy_free(proxy: *mut tw_proxy) {
 
 /// Verifies an identity token that a trustwire server-side proxy wrote into a baidu_std
 /// request's `authentication_data` (brpc hands it to the service's Authenticator), with the
-/// route's key: `key_id` and `secret_len` bytes of `secret`. On TW_OK the caller's SPIFFE ID
-/// is copied NUL-terminated into `spiffe_id_out` ("" when its certificate has none; the buffer
-/// may be NULL when `spiffe_id_cap` is 0 and the ID is not wanted), and `*not_after_out` (may
-/// be NULL) is its certificate's not-after in Unix seconds. A refusal names its reason:
-/// TW_TOKEN_BAD_FORMAT, TW_TOKEN_UNKNOWN_KEY, TW_TOKEN_BAD_MAC (wrong key or tampered) or
-/// TW_TOKEN_EXPIRED; TW_BUFFER_TOO_SMALL when the ID does not fit. Token format: "Proxy mode" in the README.
-/// Any thread; does not block.
+/// route's key (`key_id` and `secret_len` bytes of `secret`), for `audience` (the name of the
+/// proxy route in front of this service) and no older than `max_age_seconds` (> 0;
+/// TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS is a sensible value). On TW_OK the caller's SPIFFE
+/// ID is copied NUL-terminated into `spiffe_id_out` ("" when its certificate has none; the
+/// buffer may be NULL when `spiffe_id_cap` is 0 and the ID is not wanted), and
+/// `*not_after_out` (may be NULL) is its certificate's not-after in Unix seconds. A refusal
+/// names its reason: TW_TOKEN_BAD_FORMAT, TW_TOKEN_UNSUPPORTED_VERSION (a `tw1` token, from a
+/// proxy older than this library), TW_TOKEN_UNKNOWN_KEY, TW_TOKEN_BAD_MAC (wrong key or
+/// tampered), TW_TOKEN_WRONG_AUDIENCE (issued for another route), TW_TOKEN_EXPIRED (the caller's
+/// certificate), TW_TOKEN_TOO_OLD or TW_TOKEN_ISSUED_IN_FUTURE (more than 60 s ahead of this
+/// clock); TW_BUFFER_TOO_SMALL when the ID does not fit; TW_INVALID_ARGUMENT for an empty
+/// audience or a zero max age. Token format: "Proxy mode" in the README. Any thread; does not
+/// block.
 #[no_mangle]
-pub unsafe extern "C" fn tw_identity_token_verify(
+pub unsafe extern "C" fn tw_identity_token_verify_for(
     token: *const u8,
     token_len: usize,
     key_id: *const c_char,
     secret: *const u8,
     secret_len: usize,
+    audience: *const c_char,
+    max_age_seconds: u64,
     spiffe_id_out: *mut c_char,
     spiffe_id_cap: usize,
     not_after_out: *mut u64,
@@ -132,7 +140,18 @@ pub unsafe extern "C" fn tw_identity_token_verify(
         let token = unsafe { bytes_arg(token, token_len, "token") }?;
         let key_id = unsafe { str_arg(key_id, "key_id") }?;
         let secret = unsafe { bytes_arg(secret, secret_len, "secret") }?;
-        let id = tw::proxy::token::verify(token, &[(key_id, secret)]).map_err(Failure::from)?;
+        let audience = unsafe { str_arg(audience, "audience") }?;
+        if audience.is_empty() {
+            return Err(Failure::new(tw_result::TW_INVALID_ARGUMENT, "audience is empty: pass the proxy route's name"));
+        }
+        if max_age_seconds == 0 {
+            return Err(Failure::new(
+                tw_result::TW_INVALID_ARGUMENT,
+                "max_age_seconds is 0: pass TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS or another positive age",
+            ));
+        }
+        let max_age = Duration::from_secs(max_age_seconds);
+        let id = tw::proxy::token::verify(token, &[(key_id, secret)], audience, max_age).map_err(Failure::from)?;
         let spiffe = id.spiffe_id.unwrap_or_default();
         if spiffe_id_cap > 0 || !spiffe_id_out.is_null() {
             if spiffe_id_out.is_null() {
@@ -156,5 +175,33 @@ pub unsafe extern "C" fn tw_identity_token_verify(
             unsafe { not_after_out.write(id.not_after) };
         }
         Ok(())
+    })
+}
+
+/// Superseded by `tw_identity_token_verify_for`. This function is not told which proxy route
+/// the token must come from or how old it may be, so since token format tw2 it accepts no
+/// token: it returns TW_TOKEN_AUDIENCE_NOT_CHECKED for every token (TW_NULL_ARGUMENT for a NULL
+/// pointer), and a service still calling it refuses every caller, never one meant for another
+/// service. Any thread; does not block.
+#[no_mangle]
+pub unsafe extern "C" fn tw_identity_token_verify(
+    token: *const u8,
+    token_len: usize,
+    key_id: *const c_char,
+    secret: *const u8,
+    secret_len: usize,
+    _spiffe_id_out: *mut c_char,
+    _spiffe_id_cap: usize,
+    _not_after_out: *mut u64,
+) -> tw_result {
+    guard(|| {
+        unsafe { bytes_arg(token, token_len, "token") }?;
+        unsafe { str_arg(key_id, "key_id") }?;
+        unsafe { bytes_arg(secret, secret_len, "secret") }?;
+        Err(Failure::new(
+            tw_result::TW_TOKEN_AUDIENCE_NOT_CHECKED,
+            "tw_identity_token_verify cannot check a token's audience and age, so it accepts no token; call \
+             tw_identity_token_verify_for with the proxy route's name and a maximum age",
+        ))
     })
 }

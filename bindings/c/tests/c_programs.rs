@@ -287,17 +287,31 @@ fn c_verifier_accepts_proxy_tokens_and_names_each_refusal() {
     let peer =
         Identity::from_pem(cred.cert_pem.as_bytes(), cred.key_pem.as_bytes()).unwrap().leaf_info().unwrap().identity;
     let secret = "0123456789abcdef-secret";
-    let token = tw::proxy::token::issue(&peer, "k1", secret.as_bytes());
-    let verify = |token: &str, kid: &str, secret: &str| {
-        run_peer(&["token".as_ref(), token.as_ref(), kid.as_ref(), secret.as_ref()])
+    let token = tw::proxy::token::issue(&peer, "k1", secret.as_bytes(), "echo-in");
+    let verify_for = |token: &str, kid: &str, secret: &str, audience: &str, max_age: &str| {
+        run_peer(&[
+            "token".as_ref(),
+            token.as_ref(),
+            kid.as_ref(),
+            secret.as_ref(),
+            audience.as_ref(),
+            max_age.as_ref(),
+        ])
     };
+    let verify = |token: &str, kid: &str, secret: &str| verify_for(token, kid, secret, "echo-in", "300");
 
     assert_eq!(verify(&token, "k1", secret), format!("ok spiffe://example.org/web {}", peer.not_after_unix()));
     assert!(verify(&token, "k1", "another secret").starts_with("token_bad_mac "));
     assert!(verify(&token, "k2", secret).starts_with("token_unknown_key "));
     let tampered = token.replace("spiffe://example.org/web", "spiffe://example.org/admin");
     assert!(verify(&tampered, "k1", secret).starts_with("token_bad_mac "));
-    assert!(verify("tw1;kid=k1;mac=00", "k1", secret).starts_with("token_bad_format "));
+    assert!(verify("tw2;kid=k1;mac=00", "k1", secret).starts_with("token_bad_format "));
+    assert!(verify("tw1;kid=k1;mac=00", "k1", secret).starts_with("token_unsupported_version "));
+    assert!(verify_for(&token, "k1", secret, "billing-in", "300").starts_with("token_wrong_audience "));
+    let issued = std::time::SystemTime::now() - Duration::from_secs(600);
+    let old_token = tw::proxy::token::issue_at(&peer, "k1", secret.as_bytes(), "echo-in", issued);
+    assert!(verify(&old_token, "k1", secret).starts_with("token_too_old "));
+    assert!(verify_for(&old_token, "k1", secret, "echo-in", "3600").starts_with("ok "));
 
     let now = std::time::SystemTime::now();
     let expired_cert = pki
@@ -313,7 +327,7 @@ fn c_verifier_accepts_proxy_tokens_and_names_each_refusal() {
         .leaf_info()
         .unwrap()
         .identity;
-    let expired = tw::proxy::token::issue(&old, "k1", secret.as_bytes());
+    let expired = tw::proxy::token::issue(&old, "k1", secret.as_bytes(), "echo-in");
     assert!(verify(&expired, "k1", secret).starts_with("token_expired "));
 }
 

@@ -98,20 +98,35 @@ fn metrics_text() -> String {
     trustwire::telemetry::metrics_text()
 }
 
-/// Verifies an identity token written by a trustwire server-side proxy. Returns
-/// `(reason, message, key_id, spiffe_id, fingerprint_sha256, not_after, issued_at)`: `reason`
-/// is None for a valid token, else the refusal's stable name (the Python layer raises).
+/// Verifies an identity token written by a trustwire server-side proxy, for `audience` (the
+/// route's name) and no older than `max_age` seconds. Returns `(reason, message, key_id,
+/// audience, spiffe_id, fingerprint_sha256, not_after, issued_at)`: `reason` is None for a valid
+/// token, else the refusal's stable name (the Python layer raises). The caller checks that
+/// `audience` is not empty and `max_age` is positive and finite.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
 fn verify_identity_token(
     token: &[u8],
     keys: std::collections::HashMap<String, Vec<u8>>,
-) -> (Option<&'static str>, String, String, Option<String>, String, u64, u64) {
+    audience: &str,
+    max_age: f64,
+) -> PyResult<(Option<&'static str>, String, String, String, Option<String>, String, u64, u64)> {
+    let max_age = std::time::Duration::try_from_secs_f64(max_age)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("max_age: {e}")))?;
     let keys: Vec<(&str, &[u8])> = keys.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-    match trustwire::proxy::token::verify(token, &keys) {
-        Ok(id) => (None, String::new(), id.key_id, id.spiffe_id, id.fingerprint_sha256, id.not_after, id.issued_at),
-        Err(e) => (Some(e.name()), e.to_string(), String::new(), None, String::new(), 0, 0),
-    }
+    Ok(match trustwire::proxy::token::verify(token, &keys, audience, max_age) {
+        Ok(id) => (
+            None,
+            String::new(),
+            id.key_id,
+            id.audience,
+            id.spiffe_id,
+            id.fingerprint_sha256,
+            id.not_after,
+            id.issued_at,
+        ),
+        Err(e) => (Some(e.name()), e.to_string(), String::new(), String::new(), None, String::new(), 0, 0),
+    })
 }
 
 /// Proxy routes from a `trustwire proxy` config file, running in this process.
