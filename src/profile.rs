@@ -6,6 +6,10 @@
 //! cert = "certs/svc.pem"        # chain, leaf first
 //! key = "certs/svc.key"
 //! # or: combined = "svc.pem"    # key and chain in one file
+//! # or: workload_api = "unix:///run/spire/sockets/agent.sock"  # SVID, bundles and CRLs from a
+//! #     SPIRE agent (also "tcp://IP:PORT", or "env": $SPIFFE_ENDPOINT_SOCKET); rotates as pushed
+//! # svid = "spiffe://example.org/ns/prod/echo"  # which SVID, when the agent returns several
+//! # svid_hint = "internal"       # or choose it by the hint SPIRE gives it
 //! allow_identity_change = false # true: a reload may change our SPIFFE ID (refused by default)
 //!
 //! [trust]
@@ -45,7 +49,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::credentials::{CredentialStore, FederatedSource, IdentitySource, PemSource, Sources, StoreOptions, Use};
+use crate::credentials::workload::{SvidSelector, WorkloadApiAddress};
+use crate::credentials::{
+    CredentialStore, FederatedSource, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec,
+};
 use crate::error::Error;
 use crate::tls::policy::Policy;
 use crate::tls::{MinVersion, SpiffeId, TlsProfile, TrustBundle, TrustDomain};
@@ -73,6 +80,12 @@ pub struct IdentitySection {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub combined: Option<PathBuf>,
+    /// The SPIFFE Workload API address (`unix:///…`, `tcp://IP:PORT`, or `env`).
+    pub workload_api: Option<String>,
+    /// With `workload_api`: use the SVID with this SPIFFE ID.
+    pub svid: Option<String>,
+    /// With `workload_api`: use the SVID with this hint.
+    pub svid_hint: Option<String>,
     /// Let a reload change our SPIFFE ID (refused by default).
     #[serde(default)]
     pub allow_identity_change: bool,
@@ -208,16 +221,24 @@ impl ProfileFile {
 
     /// The files the profile names, as credential sources (paths resolved).
     pub fn sources(&self) -> Result<Sources, Error> {
-        let identity = match &self.identity {
-            None => IdentitySource::None,
-            Some(IdentitySection { combined: Some(c), cert: None, key: None, .. }) => {
-                IdentitySource::Combined(self.path(c))
-            }
-            Some(IdentitySection { cert: Some(c), key: Some(k), combined: None, .. }) => {
-                IdentitySource::Files { chain: self.path(c), key: self.path(k) }
-            }
-            Some(_) => return Err(Error::config("[identity] needs either cert and key, or combined (not both)")),
-        };
+        let workload_api = self.workload_api()?;
+        let identity =
+            match &self.identity {
+                None => IdentitySource::None,
+                Some(IdentitySection { workload_api: Some(_), cert: None, key: None, combined: None, .. }) => {
+                    IdentitySource::None
+                }
+                Some(IdentitySection { workload_api: Some(_), .. }) => return Err(Error::config(
+                    "[identity] workload_api gives our SVID and key: remove cert, key and combined, or workload_api",
+                )),
+                Some(IdentitySection { combined: Some(c), cert: None, key: None, .. }) => {
+                    IdentitySource::Combined(self.path(c))
+                }
+                Some(IdentitySection { cert: Some(c), key: Some(k), combined: None, .. }) => {
+                    IdentitySource::Files { chain: self.path(c), key: self.path(k) }
+                }
+                Some(_) => return Err(Error::config("[identity] needs either cert and key, or combined (not both)")),
+            };
         let paths = |ps: &Paths| ps.as_slice().iter().map(|p| PemSource::Path(self.path(p))).collect::<Vec<_>>();
         let mut federation = BTreeMap::new();
         for (name, f) in &self.trust.federation {
@@ -229,6 +250,7 @@ impl ProfileFile {
         }
         Ok(Sources {
             identity,
+            workload_api,
             trust: paths(&self.trust.ca),
             crls: paths(&self.trust.crl),
             trust_domain: self.trust_domain()?,
@@ -236,6 +258,31 @@ impl ProfileFile {
             federation,
             bundle_maps: paths(&self.trust.bundle_map),
         })
+    }
+
+    fn workload_api(&self) -> Result<Option<WorkloadApiSpec>, Error> {
+        let Some(id) = &self.identity else { return Ok(None) };
+        let Some(address) = &id.workload_api else {
+            if id.svid.is_some() || id.svid_hint.is_some() {
+                return Err(Error::config(
+                    "[identity] svid and svid_hint choose among the Workload API's SVIDs: set workload_api",
+                ));
+            }
+            return Ok(None);
+        };
+        let address =
+            WorkloadApiAddress::parse(address).map_err(|e| Error::config(format!("[identity] workload_api: {e}")))?;
+        let mut spec = WorkloadApiSpec::new(address);
+        spec.select = match (&id.svid, &id.svid_hint) {
+            (None, None) => SvidSelector::First,
+            (Some(svid), None) => {
+                SpiffeId::parse(svid).map_err(|e| Error::config(format!("[identity] svid: {e}")))?;
+                SvidSelector::SpiffeId(svid.clone())
+            }
+            (None, Some(hint)) => SvidSelector::Hint(hint.clone()),
+            (Some(_), Some(_)) => return Err(Error::config("[identity]: give svid or svid_hint, not both")),
+        };
+        Ok(Some(spec))
     }
 
     fn trust_domain(&self) -> Result<Option<TrustDomain>, Error> {

@@ -764,3 +764,307 @@ plugins {{
     }
     assert_eq!(w.failures().len(), failed_before.len(), "the rotation came on the open stream");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A credential store fed by the Workload API: what a server or client built on it does while the
+// agent pushes rotations, federated bundles and CRLs, and while the agent is away.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use trustwire::credentials::{CredentialStore, Event, Sources, StoreOptions, Use, WorkloadApiSpec};
+use trustwire::rpc::{Request, Response, RunningServer, Server, Status};
+use trustwire::tls::{Policy, TlsProfile, TrustBundle};
+
+const CLIENT: &str = "spiffe://example.org/ns/test/client";
+const PARTNER_CLIENT: &str = "spiffe://partner.example/ns/test/client";
+
+/// The store's sources: everything from the agent at `agent`.
+fn workload_sources(agent: &Agent) -> Sources {
+    Sources { workload_api: Some(WorkloadApiSpec::new(agent.address())), ..Default::default() }
+}
+
+fn store_options(name: &str) -> StoreOptions {
+    StoreOptions { name: name.into(), watch: false, poll_interval: None, ..Default::default() }
+}
+
+/// A server SVID a client can also check by name (localhost and 127.0.0.1 as well).
+fn issue_server(m: &Material) -> Credential {
+    let c =
+        m.ca.issue(&IssueRequest::new("server").spiffe_id(ID).dns("localhost").ip("127.0.0.1".parse().unwrap()))
+            .unwrap();
+    m.svid("0", ID, &c, None);
+    c
+}
+
+/// A server on `store` whose `test.Peer/Serial` answers with the caller's certificate serial.
+fn server_on(store: &CredentialStore) -> RunningServer {
+    let mut server = Server::new(store.server_tls().unwrap());
+    trustwire::echo::register(&mut server);
+    server.register("test.Peer", "Serial", |req: Request| async move {
+        Ok::<_, Status>(Response::new(req.peer.serial.clone().into_bytes()))
+    });
+    block_on(server.bind("127.0.0.1:0")).unwrap()
+}
+
+/// A client profile holding `cred` and trusting `ca_pem`.
+fn client_profile(cred: &Credential, ca_pem: &str) -> TlsProfile {
+    let identity = trustwire::tls::Identity::from_pem(cred.cert_pem.as_bytes(), cred.key_pem.as_bytes()).unwrap();
+    TlsProfile::new(Some(identity), TrustBundle { roots: vec![der(ca_pem)], ..Default::default() })
+}
+
+fn echo(client: &trustwire::rpc::Client, text: &str) -> trustwire::Result<String> {
+    let opts = trustwire::rpc::CallOptions { timeout: Some(Duration::from_secs(5)), ..Default::default() };
+    let r = block_on(client.call("example.EchoService", "Echo", trustwire::echo::encode(text), opts))?;
+    Ok(trustwire::echo::decode(&r.payload).unwrap())
+}
+
+fn client_for(server: &RunningServer, profile: &TlsProfile) -> trustwire::rpc::Client {
+    trustwire::rpc::Client::new(server.local_addr().to_string(), profile.client().unwrap(), Default::default())
+}
+
+fn events(store: &CredentialStore) -> Arc<Mutex<Vec<Event>>> {
+    let seen: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let s = seen.clone();
+    store.subscribe(move |e| s.lock().unwrap().push(e.clone()));
+    seen
+}
+
+/// Callers on a pooled connection and on a fresh connection per call, counting failures.
+struct Calls {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Calls {
+    fn start(server: &RunningServer, profile: &TlsProfile) -> Calls {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let pooled = client_for(server, profile);
+        let mut threads = Vec::new();
+        for fresh in [false, true] {
+            let (stop, ok, failures, pooled) = (stop.clone(), ok.clone(), failures.clone(), pooled.clone());
+            let (addr, tls) = (server.local_addr().to_string(), profile.client().unwrap());
+            threads.push(std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let c = match fresh {
+                        true => trustwire::rpc::Client::new(addr.clone(), tls.clone(), Default::default()),
+                        false => pooled.clone(),
+                    };
+                    match echo(&c, &format!("call {i}")) {
+                        Ok(t) if t == format!("call {i}") => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(t) => failures.lock().unwrap().push(format!("wrong answer {t}")),
+                        Err(e) => failures.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            }));
+        }
+        Calls { stop, ok, failures, threads }
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let failures = self.failures.lock().unwrap();
+        assert!(failures.is_empty(), "{} failed calls, first: {:?}", failures.len(), failures.first());
+        self.ok.load(Ordering::Relaxed)
+    }
+}
+
+fn serial_in_service(store: &CredentialStore) -> Option<String> {
+    store.generation().certificate.as_ref().map(|c| c.identity.serial.clone())
+}
+
+#[test]
+fn a_server_store_follows_twenty_rotations_pushed_on_the_stream_without_a_failed_call() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    let first = issue_server(&m);
+    let mut agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let store = CredentialStore::new(
+        Use::Server,
+        workload_sources(&agent),
+        TlsProfile::new(None, Default::default()),
+        store_options("wl-store-rotation"),
+    )
+    .unwrap();
+    assert_eq!(serial_in_service(&store), Some(serial(&first)), "the store starts with the agent's SVID");
+    let server = server_on(&store);
+    let cred = m.ca.issue(&IssueRequest::new("client").spiffe_id(CLIENT)).unwrap();
+    let profile = client_profile(&cred, m.ca.cert_pem());
+    let calls = Calls::start(&server, &profile);
+
+    for round in 0..20 {
+        let next = issue_server(&m);
+        agent.push();
+        wait_until(&format!("round {round}: the pushed SVID in service"), || {
+            serial_in_service(&store) == Some(serial(&next))
+        });
+        let fresh = client_for(&server, &profile);
+        let seen = block_on(fresh.server_identity()).unwrap().unwrap();
+        assert_eq!(seen.serial, serial(&next), "round {round}: a new connection sees the new SVID");
+        assert_eq!(seen.spiffe_id.as_deref(), Some(ID));
+    }
+    let ok = calls.finish();
+    assert!(ok > 0, "calls were made during the rotations");
+    assert_eq!(store.generation().number, 21, "one generation per pushed response");
+    assert_eq!(agent.count("stream 0 opened"), 1, "one stream carried every rotation");
+    // A call on a connection opened before the last rotation still works.
+    assert_eq!(echo(&client_for(&server, &profile), "after").unwrap(), "after");
+}
+
+#[test]
+fn a_federated_bundle_pushed_then_withdrawn_admits_then_refuses_the_partner_and_closes_its_connection() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    issue_server(&m);
+    let partner = DevCa::new(PARTNER_TD).unwrap();
+    let partner_cred = partner.issue(&IssueRequest::new("partner").spiffe_id(PARTNER_CLIENT)).unwrap();
+    let mut agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let mut template = TlsProfile::new(None, Default::default());
+    template.policy = Policy::from_patterns(&["spiffe://example.org/*", "spiffe://partner.example/*"]).unwrap();
+    let store =
+        CredentialStore::new(Use::Server, workload_sources(&agent), template, store_options("wl-store-federation"))
+            .unwrap();
+    let seen = events(&store);
+    let server = server_on(&store);
+    // The partner trusts our CA, so only our side decides.
+    let partner_profile = client_profile(&partner_cred, m.ca.cert_pem());
+    let domains = |store: &CredentialStore| -> Vec<String> {
+        store.generation().trust_domains.iter().map(|d| d.name.clone()).collect()
+    };
+
+    // The client is told by alert; the server refused it as unknown_issuer.
+    let refused = |e: trustwire::Error, alert: &str| {
+        assert_eq!(e.verdict().map(|v| v.name()), Some("peer_alert"), "{e}");
+        assert!(e.to_string().contains(alert), "{e}");
+    };
+    refused(echo(&client_for(&server, &partner_profile), "before").unwrap_err(), "unknown_ca");
+    assert_eq!(domains(&store), vec!["example.org"]);
+
+    m.write(&format!("federated/{PARTNER_TD}.pem"), partner.cert_pem().as_bytes());
+    agent.push();
+    wait_until("the federated bundle in service", || domains(&store).contains(&PARTNER_TD.to_string()));
+    let live = client_for(&server, &partner_profile);
+    assert_eq!(echo(&live, "federated").unwrap(), "federated");
+
+    m.remove(&format!("federated/{PARTNER_TD}.pem"));
+    agent.push();
+    wait_until("the federated bundle withdrawn", || !domains(&store).contains(&PARTNER_TD.to_string()));
+    wait_until("the partner's live connection closed", || {
+        seen.lock().unwrap().iter().any(|e| {
+            matches!(e, Event::ConnectionClosed { peer, verdict, .. }
+                if peer == PARTNER_CLIENT && verdict.name() == "unknown_issuer")
+        })
+    });
+    refused(echo(&client_for(&server, &partner_profile), "after").unwrap_err(), "unknown_ca");
+}
+
+#[test]
+fn a_crl_pushed_on_the_stream_revokes_a_peer_and_closes_its_connection() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    issue_server(&m);
+    let mut agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let store = CredentialStore::new(
+        Use::Server,
+        workload_sources(&agent),
+        TlsProfile::new(None, Default::default()),
+        store_options("wl-store-crl"),
+    )
+    .unwrap();
+    let seen = events(&store);
+    let server = server_on(&store);
+    let revoked = m.ca.issue(&IssueRequest::new("client").spiffe_id(CLIENT)).unwrap();
+    let kept = m.ca.issue(&IssueRequest::new("kept").spiffe_id(OTHER_ID)).unwrap();
+    let live = client_for(&server, &client_profile(&revoked, m.ca.cert_pem()));
+    assert_eq!(echo(&live, "before").unwrap(), "before");
+
+    let crl = m.ca.crl_pem(&[&serial(&revoked)], SystemTime::now() + Duration::from_secs(3600)).unwrap();
+    m.write("crls/example.pem", crl.as_bytes());
+    agent.push();
+    wait_until("the pushed CRL in service", || store.generation().crls.len() == 1);
+    wait_until("the revoked peer's connection closed", || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::ConnectionClosed { verdict, .. } if verdict.name() == "revoked"))
+    });
+    let e = echo(&client_for(&server, &client_profile(&revoked, m.ca.cert_pem())), "again").unwrap_err();
+    assert_eq!(e.verdict().map(|v| v.name()), Some("peer_alert"), "{e}");
+    assert!(e.to_string().contains("certificate_revoked"), "the server refused it as revoked: {e}");
+    let other = client_for(&server, &client_profile(&kept, m.ca.cert_pem()));
+    assert_eq!(echo(&other, "kept").unwrap(), "kept", "a peer the CRL does not name is still admitted");
+}
+
+#[test]
+fn live_connections_lose_no_call_while_the_agent_is_away_and_the_store_resumes_when_it_returns() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    let socket = m.path("agent.sock");
+    let first = issue_server(&m);
+    let agent = Agent::start(&bin, &m, &socket, false);
+    let store = CredentialStore::new(
+        Use::Server,
+        workload_sources(&agent),
+        TlsProfile::new(None, Default::default()),
+        store_options("wl-store-agent-loss"),
+    )
+    .unwrap();
+    let seen = events(&store);
+    let server = server_on(&store);
+    let cred = m.ca.issue(&IssueRequest::new("client").spiffe_id(CLIENT)).unwrap();
+    let profile = client_profile(&cred, m.ca.cert_pem());
+    let calls = Calls::start(&server, &profile);
+
+    drop(agent);
+    wait_until("the stream to notice", || {
+        metric_line("trustwire_workload_api_stream_failures_total", "source=\"wl-store-agent-loss\",reason=\"broken\"")
+            .is_some()
+    });
+    let during = calls.ok.load(Ordering::Relaxed);
+    wait_until("calls while the agent is away", || calls.ok.load(Ordering::Relaxed) > during + 50);
+    assert_eq!(serial_in_service(&store), Some(serial(&first)), "the last SVID keeps serving");
+    assert!(
+        !seen.lock().unwrap().iter().any(|e| matches!(e, Event::Rejected { .. })),
+        "losing the agent is not a rejected load"
+    );
+
+    let next = issue_server(&m);
+    let _agent = Agent::start(&bin, &m, &socket, false);
+    wait_until("the returning agent's SVID in service", || serial_in_service(&store) == Some(serial(&next)));
+    assert!(calls.finish() > 0);
+}
+
+#[test]
+fn a_workload_api_profile_is_refused_with_a_file_identity_and_waits_for_its_first_svid_within_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("p.toml");
+    std::fs::write(
+        &profile,
+        "[identity]\nworkload_api = \"unix:///nonexistent/agent.sock\"\ncert = \"a.pem\"\nkey = \"a.key\"\n",
+    )
+    .unwrap();
+    let e = CredentialStore::from_file(&profile, Use::Server, store_options("wl-both")).unwrap_err();
+    assert!(e.to_string().contains("remove cert, key and combined, or workload_api"), "{e}");
+
+    let address = WorkloadApiAddress::parse(&format!("unix://{}", dir.path().join("nobody.sock").display())).unwrap();
+    let spec = WorkloadApiSpec { first_timeout: Duration::from_millis(500), ..WorkloadApiSpec::new(address) };
+    let sources = Sources { workload_api: Some(spec), ..Default::default() };
+    let e =
+        CredentialStore::new(Use::Server, sources, TlsProfile::new(None, Default::default()), store_options("wl-none"))
+            .unwrap_err();
+    let text = e.to_string();
+    assert_eq!(e.kind_name(), "timeout", "{text}");
+    assert!(
+        text.contains("no X509-SVID from the Workload API at unix://") && text.contains("cannot connect"),
+        "{text}"
+    );
+}

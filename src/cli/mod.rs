@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::credentials::{CredentialStore, IdentitySource, PemSource, Sources, StoreOptions, Use};
+use crate::credentials::workload::WorkloadApiAddress;
+use crate::credentials::{CredentialStore, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec};
 use crate::error::Error;
 use crate::pki::{DevCa, IssueRequest, KeyType, Usage};
 use crate::rpc::{CallOptions, Client, ClientOptions, Server};
@@ -56,6 +57,10 @@ enum Command {
         /// The proxy config (TOML): [[route]] tables, each naming its own profile file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Every route takes its SVID, bundles and CRLs from the SPIFFE Workload API at ADDR
+        /// (unix:///path, tcp://IP:PORT or env) instead of its profile's [identity].
+        #[arg(long, value_name = "ADDR")]
+        workload_api: Option<String>,
     },
     /// Make one call and print the response or the error's verdict.
     Call {
@@ -169,6 +174,11 @@ struct Creds {
     /// Our private key (PEM), with --cert.
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    /// Take our SVID and key, our trust domain's bundle, federated bundles and CRLs from the
+    /// SPIFFE Workload API at ADDR (a SPIRE agent): unix:///path, tcp://IP:PORT, or env
+    /// ($SPIFFE_ENDPOINT_SOCKET). Replaces the profile's [identity]; rotates as the agent pushes.
+    #[arg(long, value_name = "ADDR", conflicts_with = "cert")]
+    workload_api: Option<String>,
     /// Trusted CA certificates (PEM file or directory; repeatable). With --config, replaces the
     /// profile's CA list only: its CRLs and other trust settings stay in force.
     #[arg(long, value_name = "PATH")]
@@ -216,6 +226,11 @@ impl Creds {
         }
         if let (Some(chain), Some(key)) = (&self.cert, &self.key) {
             sources.identity = IdentitySource::Files { chain: chain.clone(), key: key.clone() };
+            sources.workload_api = None;
+        }
+        if let Some(addr) = &self.workload_api {
+            sources.identity = IdentitySource::None;
+            sources.workload_api = Some(workload_api_spec(addr)?);
         }
         if self.tls12 {
             settings.min_version = MinVersion::Tls12;
@@ -231,15 +246,24 @@ impl Creds {
                 settings.server_spiffe_id = check.server_spiffe_id.clone();
             }
         }
-        if sources.trust.is_empty() {
+        let no_trust = sources.trust.is_empty()
+            && sources.trust_bundles.is_empty()
+            && sources.bundle_maps.is_empty()
+            && sources.federation.is_empty()
+            && sources.workload_api.is_none();
+        if no_trust {
             return Err(Error::config(match &self.config {
-                Some(p) => format!("no trusted CAs: give --ca FILE, or list them in [trust] ca of {}", p.display()),
-                None => "no trusted CAs: give --ca FILE or --config FILE".to_string(),
+                Some(p) => format!(
+                    "no trusted CAs: give --ca FILE or --workload-api ADDR, or list them in [trust] ca of {}",
+                    p.display()
+                ),
+                None => "no trusted CAs: give --ca FILE, --workload-api ADDR or --config FILE".to_string(),
             }));
         }
-        if role == Use::Server && matches!(sources.identity, IdentitySource::None) {
+        if role == Use::Server && matches!(sources.identity, IdentitySource::None) && sources.workload_api.is_none() {
             return Err(Error::config(
-                "a server needs its certificate: give --cert FILE --key FILE, or a --config profile with [identity]",
+                "a server needs its certificate: give --cert FILE --key FILE, --workload-api ADDR, or a --config \
+                 profile with [identity]",
             ));
         }
         Ok((sources, settings))
@@ -310,7 +334,7 @@ where
                 timeout: Duration::from_millis(timeout_ms),
                 log_id,
             })),
-        Command::Proxy { config } => rt.block_on(proxy(config)),
+        Command::Proxy { config, workload_api } => rt.block_on(proxy(config, workload_api)),
         Command::Probe { addr, creds, server } => rt.block_on(probe(addr, creds, server)),
         Command::Inspect { file } => inspect(&file),
     };
@@ -519,8 +543,15 @@ fn listen_address(listen: &str) -> String {
     }
 }
 
-async fn proxy(config: PathBuf) -> Result<(), Error> {
-    let file = crate::proxy::config::ProxyFile::load(&config)?;
+/// `--workload-api ADDR` as a credential source.
+fn workload_api_spec(addr: &str) -> Result<WorkloadApiSpec, Error> {
+    let address = WorkloadApiAddress::parse(addr).map_err(|e| Error::config(format!("--workload-api: {e}")))?;
+    Ok(WorkloadApiSpec::new(address))
+}
+
+async fn proxy(config: PathBuf, workload_api: Option<String>) -> Result<(), Error> {
+    let mut file = crate::proxy::config::ProxyFile::load(&config)?;
+    file.workload_api = workload_api.as_deref().map(workload_api_spec).transpose()?;
     let metrics = match &file.metrics {
         Some(addr) => Some(crate::telemetry::serve_metrics(addr).await?),
         None => None,

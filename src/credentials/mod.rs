@@ -18,11 +18,11 @@ mod watch;
 pub mod workload;
 
 use sources::{read_material, Material};
-pub use sources::{FederatedSource, IdentitySource, PemSource, Sources};
+pub use sources::{FederatedSource, IdentitySource, PemSource, Sources, WorkloadApiSpec};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -34,9 +34,10 @@ use crate::error::{Error, Verdict};
 use crate::telemetry;
 use crate::tls::identity::{rfc3339, CertificateInfo};
 use crate::tls::spiffe::TrustDomain;
-use crate::tls::trust::parse_ca_bundle;
+use crate::tls::trust::{check_ca, parse_ca_bundle};
 use crate::tls::{ClientTls, Identity, ServerTls, TlsProfile, TrustBundle};
 use sources::readable_by_others;
+use workload::{StreamState, WorkloadApiOptions, WorkloadApiSource, X509Context};
 
 /// Which sides of TLS a store serves; the pre-flight handshake checks each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,6 +165,73 @@ pub(crate) struct Inner {
     load_lock: Mutex<Option<Vec<u8>>>,
     next_number: AtomicU64,
     expiry_warned_for: AtomicU64,
+    /// The Workload API stream, when our SVID comes from one.
+    workload: Option<Workload>,
+}
+
+/// A store's Workload API stream and the context it last accepted.
+struct Workload {
+    feed: Arc<Feed>,
+    _source: WorkloadApiSource,
+}
+
+/// What the stream's callback shares with the store.
+#[derive(Default)]
+struct Feed {
+    latest: Mutex<Option<Arc<X509Context>>>,
+    /// Signalled when a context arrives or the stream gives up.
+    arrived: Condvar,
+    /// Set once the store exists: each context after that triggers a load.
+    store: OnceLock<Weak<Inner>>,
+}
+
+impl Workload {
+    /// Starts the stream on the shared runtime and waits (blocking this thread) for the first
+    /// context, so a store always starts with an identity.
+    fn start(spec: &WorkloadApiSpec, store: &str) -> Result<Self, Error> {
+        let feed = Arc::new(Feed::default());
+        let on_update = {
+            let feed = feed.clone();
+            move |context: Arc<X509Context>| {
+                *feed.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(context);
+                feed.arrived.notify_all();
+                if let Some(store) = feed.store.get().and_then(CredentialStore::upgrade) {
+                    // Parsing and the pre-flight handshake are CPU work: off the stream's task.
+                    // A load reads the latest context, so loads running late cannot go backwards.
+                    tokio::task::spawn_blocking(move || {
+                        let _ = store.load_now(true, true);
+                    });
+                }
+            }
+        };
+        let woken = feed.clone();
+        let options = WorkloadApiOptions { name: store.to_string(), select: spec.select.clone(), ..Default::default() }
+            .on_event(move |_| woken.arrived.notify_all());
+        let source =
+            WorkloadApiSource::start_on(crate::runtime::runtime().handle(), spec.address.clone(), options, on_update)?;
+        let deadline = std::time::Instant::now() + spec.first_timeout;
+        let mut latest = feed.latest.lock().unwrap_or_else(|p| p.into_inner());
+        while latest.is_none() && source.status().state != StreamState::Failed {
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else { break };
+            latest = feed.arrived.wait_timeout(latest, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        if latest.is_none() {
+            let status = source.status();
+            let why = status.last_error.map(|e| format!(": {e}")).unwrap_or_default();
+            let message =
+                format!("no X509-SVID from the Workload API at {} (stream {}{why})", spec.address, status.state.name());
+            return Err(match status.state {
+                StreamState::Failed => Error::transport(message),
+                _ => Error::Timeout { after: spec.first_timeout, message },
+            });
+        }
+        drop(latest);
+        Ok(Workload { feed, _source: source })
+    }
+
+    fn latest(&self) -> Option<Arc<X509Context>> {
+        self.feed.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Rotating credentials for servers and clients. Cheap to clone.
@@ -201,13 +269,22 @@ impl CredentialStore {
     /// returns a store serving them as generation 1. `template` supplies the policy, names
     /// and TLS settings; its identity and trust are ignored.
     pub fn new(role: Use, sources: Sources, template: TlsProfile, options: StoreOptions) -> Result<Self, Error> {
-        if role.server() && matches!(sources.identity, IdentitySource::None) {
+        if role.server() && matches!(sources.identity, IdentitySource::None) && sources.workload_api.is_none() {
             return Err(Error::config("a server needs an identity: set a certificate chain and private key"));
         }
+        let workload =
+            match &sources.workload_api {
+                Some(_) if !matches!(sources.identity, IdentitySource::None) => return Err(Error::config(
+                    "[identity] workload_api gives our SVID and key: remove cert, key and combined, or workload_api",
+                )),
+                Some(spec) => Some(Workload::start(spec, &options.name)?),
+                None => None,
+            };
+        let context = workload.as_ref().and_then(Workload::latest);
         let mut template = template;
         template.identity = None;
         template.trust = TrustBundle { require_fresh_crls: template.trust.require_fresh_crls, ..Default::default() };
-        let loaded = read_material(&sources)
+        let loaded = read_material(&sources, context.as_deref())
             .and_then(|m| load(&m, &sources, &template, role, &options.name))
             .inspect_err(|e| {
                 telemetry::reload_rejected(&options.name, e.verdict());
@@ -228,10 +305,18 @@ impl CredentialStore {
                 load_lock: Mutex::new(None),
                 next_number: AtomicU64::new(2),
                 expiry_warned_for: AtomicU64::new(0),
+                workload,
                 options,
             }),
         };
         store.published(&store.inner.info.load_full());
+        if let Some(w) = &store.inner.workload {
+            let _ = w.feed.store.set(store.downgrade());
+            if w.latest().as_ref().map(Arc::as_ptr) != context.as_ref().map(Arc::as_ptr) {
+                // A context arrived while the first one was being loaded.
+                let _ = store.load_now(true, true);
+            }
+        }
         if store.inner.options.watch
             || store.inner.options.poll_interval.is_some()
             || store.inner.options.reload_interval.is_some()
@@ -312,7 +397,8 @@ impl CredentialStore {
         let sources = inner.sources.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let current = inner.info.load_full();
         // Read once: the digest decides whether anything changed, and the same bytes are loaded.
-        let material = match read_material(&sources) {
+        let context = inner.workload.as_ref().and_then(Workload::latest);
+        let material = match read_material(&sources, context.as_deref()) {
             Ok(m) => m,
             Err(e) => return Err(self.rejected(e, None, &mut last_rejected, report)),
         };
@@ -544,7 +630,13 @@ fn load(m: &Material, sources: &Sources, template: &TlsProfile, role: Use, store
 /// Material for a fixed profile: every check a store makes except the pre-flight handshakes
 /// (which need to know the role), so a profile loaded once and a store refuse the same files.
 pub(crate) fn load_fixed(sources: &Sources, template: &TlsProfile) -> Result<(Option<Identity>, TrustBundle), Error> {
-    let loaded = validate(&read_material(sources)?, sources, template)?;
+    if let Some(spec) = &sources.workload_api {
+        return Err(Error::config(format!(
+            "the profile takes its SVID from the Workload API at {}, which rotates: load it as a CredentialStore",
+            spec.address
+        )));
+    }
+    let loaded = validate(&read_material(sources, None)?, sources, template)?;
     Ok((loaded.identity, loaded.trust))
 }
 
@@ -592,6 +684,12 @@ fn validate(m: &Material, sources: &Sources, template: &TlsProfile) -> Result<Lo
             trust.sequences.insert(td.clone(), seq);
         }
         trust = trust.federate(td, b.cas);
+    }
+    for (td, what, cas) in &m.spiffe_bundles {
+        for (i, ca) in cas.iter().enumerate() {
+            check_ca(ca, &format!("{what}, CA #{}", i + 1))?;
+        }
+        trust = trust.federate(td.clone(), cas.clone());
     }
     let probe = with_material(template, identity.as_ref(), &trust);
     let resolved = trust.resolve(probe.local_trust_domain().as_ref())?;

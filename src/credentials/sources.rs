@@ -1,14 +1,17 @@
 //! Where credential material comes from, and reading it: PEM files and directories, bytes handed
-//! in, SPIFFE bundles (one trust domain's JWKS) and bundle maps (trust domain → bundle). The
-//! store above turns what is read here into a validated generation, whatever the source.
+//! in, SPIFFE bundles (one trust domain's JWKS), bundle maps (trust domain → bundle) and the
+//! SPIFFE Workload API (the context it last pushed). The store above turns what is read here into
+//! a validated generation, whatever the source.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use aws_lc_rs::digest;
 use base64::Engine;
 use rustls_pki_types::CertificateDer;
 
+use super::workload::{SvidSelector, WorkloadApiAddress, X509Context};
 use crate::error::{Error, Verdict};
 use crate::tls::spiffe::TrustDomain;
 use crate::tls::trust::check_ca;
@@ -45,10 +48,32 @@ pub struct FederatedSource {
     pub bundle: Vec<PemSource>,
 }
 
+/// The SPIFFE Workload API (a SPIRE agent's socket, say) as the source of our SVID, our trust
+/// domain's bundle, the federated bundles and the CRLs (`[identity] workload_api`). Each response
+/// the agent pushes becomes a generation, validated like any other.
+#[derive(Clone, Debug)]
+pub struct WorkloadApiSpec {
+    pub address: WorkloadApiAddress,
+    /// Which SVID is ours when the agent returns several (default: the first, as the standard says).
+    pub select: SvidSelector,
+    /// How long a store waits for the first SVID when it is created.
+    pub first_timeout: Duration,
+}
+
+impl WorkloadApiSpec {
+    /// The first SVID from `address`, waited for up to 30 s.
+    pub fn new(address: WorkloadApiAddress) -> Self {
+        WorkloadApiSpec { address, select: SvidSelector::First, first_timeout: Duration::from_secs(30) }
+    }
+}
+
 /// Everything a store loads.
 #[derive(Clone, Debug, Default)]
 pub struct Sources {
     pub identity: IdentitySource,
+    /// Our SVID and trust from the Workload API (with `identity` left `None`). Trust sources
+    /// below add to what the agent sends (e.g. a federated domain the agent does not know).
+    pub workload_api: Option<WorkloadApiSpec>,
     /// Our CAs (PEM): our trust domain's, also trusted for peers without a SPIFFE ID.
     pub trust: Vec<PemSource>,
     pub crls: Vec<PemSource>,
@@ -133,19 +158,46 @@ pub(crate) struct Material {
     /// (trust domain, PEM CA files, SPIFFE bundle files)
     pub federation: Vec<(TrustDomain, Vec<Named>, Vec<Named>)>,
     pub bundle_maps: Vec<Named>,
+    /// Trust domain CA sets as DER (the Workload API's bundles), with what to call them.
+    pub spiffe_bundles: Vec<(TrustDomain, String, Vec<CertificateDer<'static>>)>,
 }
 
 const CA_EXTS: &[&str] = &["pem", "crt", "cer"];
 const JSON_EXTS: &[&str] = &["json"];
 
-pub(crate) fn read_material(sources: &Sources) -> Result<Material, Error> {
-    let identity = match &sources.identity {
-        IdentitySource::None => None,
-        IdentitySource::Files { chain, key } => {
+/// Reads every source now. `workload` is the Workload API's last context, when the sources
+/// take our SVID from it.
+pub(crate) fn read_material(sources: &Sources, workload: Option<&X509Context>) -> Result<Material, Error> {
+    let mut crls = read_sources(&sources.crls, "CRL", &["pem", "crl"])?;
+    let mut spiffe_bundles = Vec::new();
+    let identity = match (&sources.workload_api, workload, &sources.identity) {
+        (Some(spec), None, _) => {
+            return Err(Error::credentials(None, format!("no X509-SVID from the Workload API at {} yet", spec.address)))
+        }
+        (Some(spec), Some(context), _) => {
+            let from = |what: String| format!("{what} from the Workload API at {}", spec.address);
+            let td = |name: &str| {
+                TrustDomain::parse(name).map_err(|e| Error::credentials(Some(Verdict::BadPem), from(format!("{e}"))))
+            };
+            let own = td(context.trust_domain())?;
+            spiffe_bundles.push((own.clone(), from(format!("the bundle of {own}")), context.bundle().to_vec()));
+            for (name, cas) in context.federated_bundles() {
+                let other = td(name)?;
+                spiffe_bundles.push((other.clone(), from(format!("the federated bundle of {other}")), cas.clone()));
+            }
+            for (i, crl) in context.crls().iter().enumerate() {
+                crls.push((from(format!("CRL #{}", i + 1)), pem_block("X509 CRL", crl.as_ref())));
+            }
+            let svid = context.svid();
+            let chain = svid.chain().iter().flat_map(|c| pem_block("CERTIFICATE", c.as_ref())).collect();
+            Some((chain, Some(pem_block("PRIVATE KEY", svid.key().secret_pkcs8_der())), None))
+        }
+        (None, _, IdentitySource::None) => None,
+        (None, _, IdentitySource::Files { chain, key }) => {
             Some((read(chain, "certificate chain")?, Some(read(key, "private key")?), Some(key.clone())))
         }
-        IdentitySource::Combined(p) => Some((read(p, "combined key and chain")?, None, Some(p.clone()))),
-        IdentitySource::Pem { chain, key } => Some((chain.clone(), Some(key.clone()), None)),
+        (None, _, IdentitySource::Combined(p)) => Some((read(p, "combined key and chain")?, None, Some(p.clone()))),
+        (None, _, IdentitySource::Pem { chain, key }) => Some((chain.clone(), Some(key.clone()), None)),
     };
     let mut federation = Vec::new();
     for (td, f) in &sources.federation {
@@ -159,11 +211,24 @@ pub(crate) fn read_material(sources: &Sources) -> Result<Material, Error> {
     Ok(Material {
         identity,
         trust: read_sources(&sources.trust, "CA bundle", CA_EXTS)?,
-        crls: read_sources(&sources.crls, "CRL", &["pem", "crl"])?,
+        crls,
         trust_bundles: read_sources(&sources.trust_bundles, "SPIFFE bundle", JSON_EXTS)?,
         federation,
         bundle_maps: read_sources(&sources.bundle_maps, "SPIFFE bundle map", JSON_EXTS)?,
+        spiffe_bundles,
     })
+}
+
+/// DER as one PEM block, so material from the Workload API goes through the same parsing as files.
+fn pem_block(label: &str, der: &[u8]) -> Vec<u8> {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out.into_bytes()
 }
 
 fn digest_of(parts: &[&[u8]]) -> Vec<u8> {
@@ -187,6 +252,11 @@ impl Material {
         section(&mut parts, b"--crls--", &self.crls);
         section(&mut parts, b"--bundles--", &self.trust_bundles);
         section(&mut parts, b"--maps--", &self.bundle_maps);
+        for (td, _, cas) in &self.spiffe_bundles {
+            parts.push(b"--spiffe-bundle--");
+            parts.push(td.as_str().as_bytes());
+            parts.extend(cas.iter().map(|c| c.as_ref()));
+        }
         for (td, cas, bundles) in &self.federation {
             parts.push(b"--federated--");
             parts.push(td.as_str().as_bytes());

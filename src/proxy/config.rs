@@ -36,7 +36,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{Endpoint, Protocol, Route, RouteTls, RunningProxy};
-use crate::credentials::{CredentialStore, StoreOptions, Use};
+use crate::credentials::{CredentialStore, StoreOptions, Use, WorkloadApiSpec};
 use crate::error::Error;
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +47,10 @@ pub struct ProxyFile {
     #[serde(default)]
     pub drain_seconds: Option<u64>,
     pub route: Vec<RouteSection>,
+    /// When set (`trustwire proxy --workload-api`), every route takes its SVID from this
+    /// Workload API instead of its profile's `[identity]`.
+    #[serde(skip)]
+    pub workload_api: Option<WorkloadApiSpec>,
     #[serde(skip)]
     base: PathBuf,
 }
@@ -95,6 +99,17 @@ impl ProxyFile {
         } else {
             self.base.join(p)
         }
+    }
+
+    fn store(&self, profile: &Path, use_: Use, options: StoreOptions) -> Result<CredentialStore, Error> {
+        let file = crate::profile::ProfileFile::load(&self.path(profile))?;
+        let options = file.store_options(options);
+        let mut sources = file.sources()?;
+        if let Some(spec) = &self.workload_api {
+            sources.identity = crate::credentials::IdentitySource::None;
+            sources.workload_api = Some(spec.clone());
+        }
+        CredentialStore::new(use_, sources, file.settings()?, options)
     }
 
     pub fn drain(&self) -> Duration {
@@ -159,7 +174,7 @@ impl ProxyFile {
             };
             let options = StoreOptions { name: r.name.clone(), ..StoreOptions::default() };
             let named = |e: Error| super::in_route_name(&r.name, e);
-            let store = CredentialStore::from_file(self.path(&r.profile), use_, options).map_err(named)?;
+            let store = self.store(&r.profile, use_, options).map_err(named)?;
             let tls = match use_ {
                 Use::Server => RouteTls::Server(store.server_tls().map_err(named)?),
                 _ => RouteTls::Client(store.client_tls().map_err(named)?),

@@ -260,6 +260,19 @@ impl WorkloadApiSource {
         options: WorkloadApiOptions,
         on_update: impl Fn(Arc<X509Context>) + Send + Sync + 'static,
     ) -> Result<Self, Error> {
+        let handle =
+            tokio::runtime::Handle::try_current().unwrap_or_else(|_| crate::runtime::runtime().handle().clone());
+        Self::start_on(&handle, address, options, on_update)
+    }
+
+    /// [`WorkloadApiSource::start`] on the given runtime (the credential store uses the shared
+    /// one, so a caller may wait for the first context on its own thread whatever runtime it is in).
+    pub(crate) fn start_on(
+        handle: &tokio::runtime::Handle,
+        address: WorkloadApiAddress,
+        options: WorkloadApiOptions,
+        on_update: impl Fn(Arc<X509Context>) + Send + Sync + 'static,
+    ) -> Result<Self, Error> {
         options.check()?;
         let shared = Arc::new(Shared {
             status: Mutex::new(WorkloadApiStatus {
@@ -274,8 +287,6 @@ impl WorkloadApiSource {
             options,
         });
         shared.set_state(StreamState::Connecting);
-        let handle =
-            tokio::runtime::Handle::try_current().unwrap_or_else(|_| crate::runtime::runtime().handle().clone());
         let task = handle.spawn(run(address.clone(), shared.clone(), on_update));
         Ok(WorkloadApiSource { address, shared, task })
     }
