@@ -165,6 +165,50 @@ async fn client_pins_server_spiffe_id_and_applies_its_allow_list() {
     assert_eq!(v, Verdict::PeerNotAllowed);
 }
 
+/// An X509-SVID names no host (SPIRE issues them so): a client that pins the server's SPIFFE
+/// ID takes that ID as the server's name, so dialling an address works. The chain is still
+/// verified, and a server_name set in the profile is still checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_server_spiffe_id_stands_for_a_name_the_svid_does_not_carry() {
+    let pki = Pki::new();
+    let svid = pki.issue(IssueRequest::new("svid").spiffe_id(SERVER_ID));
+    let mut sp = pki.server_profile();
+    sp.identity = Some(identity(&svid));
+    let server = echo_server(&sp).await;
+
+    let mut cp = pki.client_profile();
+    let (v, _, _, msg) = handshake(&echo(&client(server.local_addr(), &cp), "x").await.unwrap_err());
+    assert_eq!(v, Verdict::NameMismatch, "without a pin the dialled address must be named: {msg}");
+
+    cp.server_spiffe_id = Some(SERVER_ID.into());
+    assert_eq!(echo(&client(server.local_addr(), &cp), "x").await.unwrap(), "x");
+
+    cp.server_spiffe_id = Some("spiffe://example.org/ns/test/other".into());
+    let (v, _, _, _) = handshake(&echo(&client(server.local_addr(), &cp), "x").await.unwrap_err());
+    assert_eq!(v, Verdict::PeerNotAllowed, "only the pinned ID stands in for the name");
+
+    let mut named = pki.client_profile();
+    named.server_spiffe_id = Some(SERVER_ID.into());
+    named.server_name = Some("echo.example.org".into());
+    let (v, _, _, _) = handshake(&echo(&client(server.local_addr(), &named), "x").await.unwrap_err());
+    assert_eq!(v, Verdict::NameMismatch, "a configured server_name is checked");
+
+    // The same ID from a CA we do not trust is refused on its chain.
+    let rogue = DevCa::new(TD).unwrap();
+    let forged = rogue.issue(&IssueRequest::new("svid").spiffe_id(SERVER_ID)).unwrap();
+    sp.identity = Some(identity(&forged));
+    sp.trust = TrustBundle::from_pem(rogue.cert_pem().as_bytes()).unwrap();
+    let rogue_server = echo_server(&sp).await;
+    let (v, _, _, _) = handshake(&echo(&client(rogue_server.local_addr(), &cp_pinned(&pki)), "x").await.unwrap_err());
+    assert_eq!(v, Verdict::UnknownIssuer);
+}
+
+fn cp_pinned(pki: &Pki) -> TlsProfile {
+    let mut cp = pki.client_profile();
+    cp.server_spiffe_id = Some(SERVER_ID.into());
+    cp
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_server_certificate_message_gives_dates() {
     let pki = Pki::new();

@@ -137,6 +137,7 @@ pub(super) fn server(identity: &Identity, trust: &TrustBundle, template: &TlsPro
         verifiers: trust::server_verifiers(&resolved, trust)?,
         policy: Arc::new(Policy::default()),
         pinned_spiffe_id: None,
+        name_optional: false,
     };
     let client = ClientConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(versions)

@@ -108,7 +108,8 @@ pub struct TlsProfile {
     pub policy: Policy,
     /// Client: the name to verify and send as SNI (defaults to the host being dialled).
     pub server_name: Option<String>,
-    /// Client: the server's SPIFFE ID must be exactly this.
+    /// Client: the server's SPIFFE ID must be exactly this. Without `server_name`, the pinned
+    /// ID then stands for the server's name too: a certificate naming no host is accepted.
     pub server_spiffe_id: Option<String>,
     pub min_version: MinVersion,
     pub handshake_timeout: Duration,
@@ -194,7 +195,13 @@ impl TlsProfile {
             ),
             None => None,
         };
-        let verifier = Arc::new(ServerVerifier { verifiers, policy: Arc::new(self.policy.clone()), pinned_spiffe_id });
+        let name_optional = pinned_spiffe_id.is_some() && self.server_name.is_none();
+        let verifier = Arc::new(ServerVerifier {
+            verifiers,
+            policy: Arc::new(self.policy.clone()),
+            pinned_spiffe_id,
+            name_optional,
+        });
         let builder = ClientConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(self.versions())
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
