@@ -493,6 +493,19 @@ tw_result tw_profile_builder_set_identity_files(tw_profile_builder *builder,
                                                 const char *chain_path,
                                                 const char *key_path);
 
+// Our SVID and key, our trust domain's bundle, the federated bundles and the CRLs from the
+// SPIFFE Workload API at `address` (a SPIRE agent): "unix:///run/spire/sockets/agent.sock",
+// "tcp://IP:PORT", or "env" for the SPIFFE_ENDPOINT_SOCKET environment variable. Every response
+// the agent pushes becomes a new generation, checked like any other; while the agent is away
+// the last good one stays in service. `svid_spiffe_id` or `svid_hint` (either or both NULL)
+// choose our SVID when the agent returns several (default: the first). Replaces any identity
+// set before; trust added with the other setters is kept as well. `tw_profile_builder_build`
+// then waits up to 30 s for the first SVID and fails (TW_TIMEOUT, TW_TRANSPORT) without one.
+tw_result tw_profile_builder_set_workload_api(tw_profile_builder *builder,
+                                              const char *address,
+                                              const char *svid_spiffe_id,
+                                              const char *svid_hint);
+
 // Adds trusted CA certificates from PEM bytes (copied).
 tw_result tw_profile_builder_add_trust_pem(tw_profile_builder *builder,
                                            const uint8_t *pem,

@@ -49,7 +49,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::credentials::workload::{SvidSelector, WorkloadApiAddress};
 use crate::credentials::{
     CredentialStore, FederatedSource, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec,
 };
@@ -270,18 +269,8 @@ impl ProfileFile {
             }
             return Ok(None);
         };
-        let address =
-            WorkloadApiAddress::parse(address).map_err(|e| Error::config(format!("[identity] workload_api: {e}")))?;
-        let mut spec = WorkloadApiSpec::new(address);
-        spec.select = match (&id.svid, &id.svid_hint) {
-            (None, None) => SvidSelector::First,
-            (Some(svid), None) => {
-                SpiffeId::parse(svid).map_err(|e| Error::config(format!("[identity] svid: {e}")))?;
-                SvidSelector::SpiffeId(svid.clone())
-            }
-            (None, Some(hint)) => SvidSelector::Hint(hint.clone()),
-            (Some(_), Some(_)) => return Err(Error::config("[identity]: give svid or svid_hint, not both")),
-        };
+        let names = ["[identity] workload_api", "[identity] svid", "[identity] svid_hint"];
+        let spec = WorkloadApiSpec::from_parts(address, id.svid.as_deref(), id.svid_hint.as_deref(), names)?;
         Ok(Some(spec))
     }
 

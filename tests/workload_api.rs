@@ -9,147 +9,26 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::peers::*;
+use common::workload::*;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use trustwire::credentials::workload::{
     StreamState, SvidSelector, WorkloadApiAddress, WorkloadApiEvent, WorkloadApiOptions, WorkloadApiSource, X509Context,
 };
 use trustwire::pki::{Credential, DevCa, IssueRequest};
-use trustwire::PeerIdentity;
 
 const ID: &str = "spiffe://example.org/ns/test/workload";
 const OTHER_ID: &str = "spiffe://example.org/ns/test/external";
 const PARTNER_TD: &str = "partner.example";
 
-fn agent_bin() -> Option<PathBuf> {
-    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BUILT.get_or_init(|| go_build("workloadapi", true, "the Workload API test agent")).clone()
-}
-
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     trustwire::runtime::runtime().block_on(f)
-}
-
-fn der(pem: &str) -> CertificateDer<'static> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-}
-
-fn serial(c: &Credential) -> String {
-    PeerIdentity::from_der(&der(&c.cert_pem)).unwrap().serial
-}
-
-/// Polls `f` until it holds, or panics after the shared guard timeout.
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// The directory the agent serves from (layout: tests/go/workloadapi/main.go).
-struct Material {
-    dir: tempfile::TempDir,
-    ca: DevCa,
-}
-
-impl Material {
-    fn new() -> Self {
-        Material { dir: tempfile::tempdir().unwrap(), ca: DevCa::new("example.org").unwrap() }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn write(&self, rel: &str, bytes: &[u8]) {
-        let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, bytes).unwrap();
-    }
-
-    fn remove(&self, rel: &str) {
-        let _ = std::fs::remove_file(self.path(rel));
-    }
-
-    /// Issues a new SVID for `id` from the CA and puts it in `slot`; returns it.
-    fn issue(&self, slot: &str, id: &str, hint: Option<&str>) -> Credential {
-        let c = self.ca.issue(&IssueRequest::new("workload").spiffe_id(id)).unwrap();
-        self.svid(slot, id, &c, hint);
-        c
-    }
-
-    fn svid(&self, slot: &str, id: &str, c: &Credential, hint: Option<&str>) {
-        let base = format!("svids/{slot}");
-        for item in ["chain", "key", "bundle"] {
-            self.remove(&format!("{base}/{item}.der"));
-        }
-        self.write(&format!("{base}/id"), id.as_bytes());
-        self.write(&format!("{base}/chain.pem"), c.cert_pem.as_bytes());
-        self.write(&format!("{base}/key.pem"), c.key_pem.as_bytes());
-        self.write(&format!("{base}/bundle.pem"), self.ca.cert_pem().as_bytes());
-        match hint {
-            Some(h) => self.write(&format!("{base}/hint"), h.as_bytes()),
-            None => self.remove(&format!("{base}/hint")),
-        }
-    }
-}
-
-/// The Go agent, serving `dir` on a Unix socket (and TCP when asked).
-struct Agent {
-    proc: Proc,
-    socket: PathBuf,
-    tcp: Option<String>,
-}
-
-impl Agent {
-    fn start(bin: &Path, material: &Material, socket: &Path, tcp: bool) -> Agent {
-        let mut cmd = Command::new(bin);
-        cmd.arg("serve").arg("-dir").arg(material.dir.path()).arg("-unix").arg(socket);
-        if tcp {
-            cmd.args(["-tcp", "127.0.0.1:0"]);
-        }
-        let mut proc = Proc::spawn(&mut cmd);
-        proc.wait_for("the agent to listen", |out, _| {
-            String::from_utf8_lossy(out).contains("listening unix").then_some(())
-        });
-        let tcp = tcp.then(|| {
-            proc.wait_for("the agent's TCP port", |out, _| {
-                let out = String::from_utf8_lossy(out);
-                out.lines().find_map(|l| l.strip_prefix("listening tcp ").map(str::to_string))
-            })
-        });
-        Agent { proc, socket: socket.to_path_buf(), tcp }
-    }
-
-    fn address(&self) -> WorkloadApiAddress {
-        WorkloadApiAddress::parse(&format!("unix://{}", self.socket.display())).unwrap()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        String::from_utf8_lossy(&self.proc.stdout()).matches(needle).count()
-    }
-
-    /// Sends a command line and waits for its answer.
-    fn command(&mut self, line: &str, answer: &str) {
-        let before = self.count(answer);
-        self.proc.write(format!("{line}\n").as_bytes());
-        self.proc.wait_for(answer, |out, _| {
-            let out = String::from_utf8_lossy(out);
-            assert!(!out.contains("push failed"), "the agent could not read the material:\n{out}");
-            (out.matches(answer).count() > before).then_some(())
-        });
-    }
-
-    fn push(&mut self) {
-        self.command("push", "pushed to ");
-    }
 }
 
 /// A started source whose contexts and events the test collects.
@@ -1067,4 +946,68 @@ fn a_workload_api_profile_is_refused_with_a_file_identity_and_waits_for_its_firs
         text.contains("no X509-SVID from the Workload API at unix://") && text.contains("cannot connect"),
         "{text}"
     );
+}
+
+/// `serve-echo --workload-api` and `call --workload-api`: both ends take their SVIDs from the
+/// agent, and the server follows a rotation pushed while it runs.
+#[test]
+fn serve_echo_and_call_take_their_svids_from_the_workload_api() {
+    let Some(bin) = agent_bin() else { return };
+    let m = Material::new();
+    let first = issue_server(&m);
+    let client = m.ca.issue(&IssueRequest::new("client").spiffe_id(CLIENT)).unwrap();
+    m.svid("1", CLIENT, &client, Some("client"));
+    let mut agent = Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let address = format!("unix://{}", m.path("agent.sock").display());
+    let mut server = Proc::spawn(Command::new(common::trustwire_bin()).args([
+        "serve-echo",
+        "--listen",
+        "127.0.0.1:0",
+        "--workload-api",
+        &address,
+        "--allow",
+        CLIENT,
+    ]));
+    let addr = server.wait_for("serve-echo to listen", |out, _| {
+        let out = String::from_utf8_lossy(out);
+        out.lines().find(|l| l.contains("serving")).map(|l| l.trim().rsplit(' ').next().unwrap().to_string())
+    });
+    // The agent's first SVID is the server's; the client profile picks its own by hint.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("client.toml");
+    std::fs::write(&profile, format!("[identity]\nworkload_api = \"{address}\"\nsvid_hint = \"client\"\n")).unwrap();
+    let call = |extra: &[&str]| {
+        let mut args = vec!["call", &addr, "example.EchoService/Echo", "--config", profile.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Command::new(common::trustwire_bin()).args(&args).output().unwrap()
+    };
+    let out = call(&["--echo", "hello", "--server-spiffe-id", ID]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello"));
+    // The same client from flags alone; without the hint it would present the server's SVID.
+    let flags = |hint: &[&str]| {
+        let mut args = vec!["call", &addr, "example.EchoService/Echo", "--workload-api", &address];
+        args.extend_from_slice(hint);
+        args.extend_from_slice(&["--server-spiffe-id", ID, "--echo", "flags"]);
+        Command::new(common::trustwire_bin()).args(&args).output().unwrap()
+    };
+    let out = flags(&["--svid-hint", "client"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = flags(&["--svid", CLIENT]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = flags(&[]);
+    assert!(!out.status.success(), "the first SVID is the server's, which the server does not allow");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("access_denied") && err.contains(ID), "{err}");
+
+    let next = issue_server(&m);
+    agent.push();
+    server.wait_for("the rotation in serve-echo's log", |_, err| err.contains(&serial(&next)).then_some(()));
+    let probe = Command::new(common::trustwire_bin())
+        .args(["probe", &addr, "--config", profile.to_str().unwrap(), "--server-spiffe-id", ID])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&probe.stdout).to_string() + &String::from_utf8_lossy(&probe.stderr);
+    assert!(text.contains(&serial(&next)) || text.contains(&serial(&next).to_uppercase()), "{text}");
+    assert!(!text.contains(&serial(&first)), "{text}");
 }

@@ -139,6 +139,9 @@ class TlsConfig:
         server_spiffe_id: Optional[str] = None,
         reload_interval: Optional[float] = None,
         require_fresh_crls: bool = False,
+        workload_api: Optional[str] = None,
+        svid_spiffe_id: Optional[str] = None,
+        svid_hint: Optional[str] = None,
     ) -> TlsConfig: ...
     @staticmethod
     def from_file(path: Union[str, os.PathLike[str]], *, reload_interval: Optional[float] = None) -> TlsConfig: ...

@@ -13,7 +13,6 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::credentials::workload::WorkloadApiAddress;
 use crate::credentials::{CredentialStore, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec};
 use crate::error::Error;
 use crate::pki::{DevCa, IssueRequest, KeyType, Usage};
@@ -179,6 +178,12 @@ struct Creds {
     /// ($SPIFFE_ENDPOINT_SOCKET). Replaces the profile's [identity]; rotates as the agent pushes.
     #[arg(long, value_name = "ADDR", conflicts_with = "cert")]
     workload_api: Option<String>,
+    /// With --workload-api: our SVID is the one with this SPIFFE ID (default: the first).
+    #[arg(long, value_name = "ID", requires = "workload_api", conflicts_with = "svid_hint")]
+    svid: Option<String>,
+    /// With --workload-api: our SVID is the one the agent labels with this hint.
+    #[arg(long, value_name = "HINT", requires = "workload_api")]
+    svid_hint: Option<String>,
     /// Trusted CA certificates (PEM file or directory; repeatable). With --config, replaces the
     /// profile's CA list only: its CRLs and other trust settings stay in force.
     #[arg(long, value_name = "PATH")]
@@ -230,7 +235,9 @@ impl Creds {
         }
         if let Some(addr) = &self.workload_api {
             sources.identity = IdentitySource::None;
-            sources.workload_api = Some(workload_api_spec(addr)?);
+            let names = ["--workload-api", "--svid", "--svid-hint"];
+            sources.workload_api =
+                Some(WorkloadApiSpec::from_parts(addr, self.svid.as_deref(), self.svid_hint.as_deref(), names)?);
         }
         if self.tls12 {
             settings.min_version = MinVersion::Tls12;
@@ -543,15 +550,10 @@ fn listen_address(listen: &str) -> String {
     }
 }
 
-/// `--workload-api ADDR` as a credential source.
-fn workload_api_spec(addr: &str) -> Result<WorkloadApiSpec, Error> {
-    let address = WorkloadApiAddress::parse(addr).map_err(|e| Error::config(format!("--workload-api: {e}")))?;
-    Ok(WorkloadApiSpec::new(address))
-}
-
 async fn proxy(config: PathBuf, workload_api: Option<String>) -> Result<(), Error> {
     let mut file = crate::proxy::config::ProxyFile::load(&config)?;
-    file.workload_api = workload_api.as_deref().map(workload_api_spec).transpose()?;
+    let names = ["--workload-api", "", ""];
+    file.workload_api = workload_api.map(|a| WorkloadApiSpec::from_parts(&a, None, None, names)).transpose()?;
     let metrics = match &file.metrics {
         Some(addr) => Some(crate::telemetry::serve_metrics(addr).await?),
         None => None,

@@ -13,7 +13,7 @@ use rustls_pki_types::CertificateDer;
 
 use super::workload::{SvidSelector, WorkloadApiAddress, X509Context};
 use crate::error::{Error, Verdict};
-use crate::tls::spiffe::TrustDomain;
+use crate::tls::spiffe::{SpiffeId, TrustDomain};
 use crate::tls::trust::check_ca;
 
 /// Where our certificate chain and key come from.
@@ -64,6 +64,31 @@ impl WorkloadApiSpec {
     /// The first SVID from `address`, waited for up to 30 s.
     pub fn new(address: WorkloadApiAddress) -> Self {
         WorkloadApiSpec { address, select: SvidSelector::First, first_timeout: Duration::from_secs(30) }
+    }
+
+    /// The spec every front end builds from what its user wrote: an address, and our SVID
+    /// chosen by SPIFFE ID or by hint (not both; neither: the first). `names` are the user's
+    /// words for the three settings (e.g. `["--workload-api", "--svid", "--svid-hint"]`), so
+    /// a refusal names the one at fault.
+    pub fn from_parts(
+        address: &str,
+        spiffe_id: Option<&str>,
+        hint: Option<&str>,
+        names: [&str; 3],
+    ) -> Result<Self, Error> {
+        let [address_name, id_name, hint_name] = names;
+        let address = WorkloadApiAddress::parse(address).map_err(|e| Error::config(format!("{address_name}: {e}")))?;
+        let mut spec = WorkloadApiSpec::new(address);
+        spec.select = match (spiffe_id, hint) {
+            (None, None) => SvidSelector::First,
+            (Some(id), None) => {
+                SpiffeId::parse(id).map_err(|e| Error::config(format!("{id_name}: {e}")))?;
+                SvidSelector::SpiffeId(id.to_string())
+            }
+            (None, Some(hint)) => SvidSelector::Hint(hint.to_string()),
+            (Some(_), Some(_)) => return Err(Error::config(format!("give {id_name} or {hint_name}, not both"))),
+        };
+        Ok(spec)
     }
 }
 

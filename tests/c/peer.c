@@ -10,6 +10,8 @@
  *                                         NOT_AFTER"
  *   peer proxy CONFIG                     runs the proxy in this process; prints "route NAME
  *                                         ADDRESS" per route, drains when stdin closes
+ *   peer workload ADDRESS HINT ALLOW      serves like `server`, its SVID taken from the Workload
+ *                                         API at ADDRESS (the SVID with HINT), admitting ALLOW
  *
  * Built with -std=c11 -Wall -Wextra -Werror and run under ASan/UBSan. */
 #define _POSIX_C_SOURCE 200809L
@@ -88,8 +90,7 @@ static void later(void *user_data, const tw_call *call, tw_responder *responder)
     t->started = 1;
 }
 
-static int server(const char *profile_path) {
-    tw_profile *p = load(profile_path);
+static int serve(tw_profile *p) {
     tw_server *s = NULL;
     later_thread later_t = {.started = 0};
     OK(tw_server_new(p, &s));
@@ -107,6 +108,19 @@ static int server(const char *profile_path) {
     tw_profile_free(p);
     printf("stopped\n");
     return 0;
+}
+
+static int server(const char *profile_path) { return serve(load(profile_path)); }
+
+static int workload(const char *address, const char *hint, const char *allow) {
+    tw_profile_builder *b = NULL;
+    OK(tw_profile_builder_new(&b));
+    OK(tw_profile_builder_set_workload_api(b, address, NULL, hint));
+    OK(tw_profile_builder_allow(b, allow));
+    OK(tw_profile_builder_set_name(b, "c-workload"));
+    tw_profile *p = NULL;
+    OK(tw_profile_builder_build(b, &p)); /* consumes the builder */
+    return serve(p);
 }
 
 static int token(const char *token, const char *key_id, const char *secret, const char *audience, const char *max_age) {
@@ -139,6 +153,7 @@ int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "server") == 0) return server(argv[2]);
     if (argc == 7 && strcmp(argv[1], "token") == 0) return token(argv[2], argv[3], argv[4], argv[5], argv[6]);
     if (argc == 3 && strcmp(argv[1], "proxy") == 0) return proxy(argv[2]);
+    if (argc == 5 && strcmp(argv[1], "workload") == 0) return workload(argv[2], argv[3], argv[4]);
     fprintf(stderr, "usage: peer client PROFILE ADDRESS MESSAGE | server PROFILE | token TOKEN KEY_ID SECRET AUDIENCE MAX_AGE | proxy CONFIG\n");
     return 2;
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod peers;
+pub mod workload;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};

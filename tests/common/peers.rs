@@ -240,7 +240,9 @@ pub fn go_build(name: &str, online: bool, what: &str) -> Option<std::path::PathB
     std::fs::create_dir_all(&dir).unwrap();
     // Build under a private name, then rename: concurrent test runs never see half a binary.
     let tmp = dir.join(format!("{name}.{}", std::process::id()));
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/go").join(name);
+    // The repository root: this file also serves the C bindings' crate, one level further down.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().find(|d| d.join("Cargo.lock").exists());
+    let src = root.expect("the workspace root").join("tests/go").join(name);
     let mut build = Proc::spawn(go_command(online).current_dir(&src).arg("build").arg("-o").arg(&tmp).arg("."));
     let status = build.wait_exit_within(GO_BUILD_WAIT);
     assert!(status.success(), "go build of {name} failed:\n{}", build.output());

@@ -10,7 +10,7 @@ from typing import List
 import pytest
 
 import trustwire
-from conftest import ECHO, Env
+from conftest import ECHO, Env, WorkloadAgent
 
 
 def wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
@@ -114,3 +114,66 @@ def test_from_file(env: Env, tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("[trust]\nca = []\ntypo = 1\n")
     with pytest.raises(trustwire.ConfigError):
         trustwire.TlsConfig.from_file(tmp_path / "bad.toml")
+
+
+def test_configs_fed_by_the_workload_api_follow_pushed_rotations_without_a_failed_call(
+    env: Env, workload_agent: WorkloadAgent
+) -> None:
+    server_id, client_id = "spiffe://example.org/ns/test/server", "spiffe://example.org/ns/test/client"
+    # Both SVIDs come from one agent; each side picks its own by hint.
+    workload_agent.svid("0", env.pki.issue("server", spiffe_id=server_id), server_id, "server")
+    workload_agent.svid("1", env.pki.issue("client", spiffe_id=client_id), client_id, "client")
+    workload_agent.start()
+    server_tls = trustwire.TlsConfig(workload_api=workload_agent.address, svid_hint="server", allow=[client_id])
+    client_tls = trustwire.TlsConfig(
+        workload_api=workload_agent.address, svid_hint="client", server_spiffe_id=server_id
+    )
+    server = trustwire.Server(server_tls)
+    server.register(*ECHO, lambda p, c: c.peer.serial.encode())  # answers with the caller's serial
+    stop = threading.Event()
+    failures: List[BaseException] = []
+    calls = [0]
+
+    with server:
+        address = f"127.0.0.1:{server.port}"
+
+        def caller() -> None:
+            kept = trustwire.Client(address, client_tls)
+            while not stop.is_set():
+                for client in (kept, trustwire.Client(address, client_tls)):
+                    try:
+                        client.call(*ECHO, b"ping", timeout=5)
+                        calls[0] += 1
+                    except BaseException as e:  # noqa: BLE001 (every failure counts)
+                        failures.append(e)
+
+        threads = [threading.Thread(target=caller) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for round in range(3):
+            server_cred = env.pki.issue("server", spiffe_id=server_id)
+            client_cred = env.pki.issue("client", spiffe_id=client_id)
+            workload_agent.svid("0", server_cred, server_id, "server")
+            workload_agent.svid("1", client_cred, client_id, "client")
+            workload_agent.push()
+            assert wait_for(lambda: server_tls.serial == server_cred.serial, 10), f"round {round}: server"
+            assert wait_for(lambda: client_tls.serial == client_cred.serial, 10), f"round {round}: client"
+            # A new connection presents the client's new SVID to the server.
+            with trustwire.Client(address, client_tls) as fresh:
+                assert fresh.call(*ECHO, b"who", timeout=5).decode() == client_cred.serial
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert calls[0] > 0
+    assert server_tls.generation == 4 and client_tls.generation == 4
+
+
+def test_workload_api_settings_are_checked(env: Env) -> None:
+    with pytest.raises(trustwire.ConfigError, match="svid_spiffe_id or svid_hint"):
+        trustwire.TlsConfig(workload_api="unix:///tmp/x.sock", svid_spiffe_id="spiffe://example.org/a", svid_hint="a")
+    with pytest.raises(trustwire.ConfigError, match="workload_api"):
+        trustwire.TlsConfig(workload_api="http://agent")
+    with pytest.raises(trustwire.ConfigError, match="not both"):
+        cert, key = env.files("svc")
+        trustwire.TlsConfig(workload_api="unix:///tmp/x.sock", cert=cert, key=key, ca=env.ca_path)

@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tw::credentials::{CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use};
+use tw::credentials::{CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec};
 use tw::tls::{ClientTls, MinVersion, ServerTls, TlsProfile, TrustBundle};
 use tw::{Error, Policy, Verdict};
 
@@ -247,6 +247,7 @@ pub unsafe extern "C" fn tw_profile_builder_set_identity_pem(
         let chain = unsafe { bytes_arg(chain_pem, chain_len, "chain_pem") }?.to_vec();
         let key = unsafe { bytes_arg(key_pem, key_len, "key_pem") }?.to_vec();
         b.sources.identity = IdentitySource::Pem { chain, key };
+        b.sources.workload_api = None;
         Ok(())
     })
 }
@@ -264,6 +265,38 @@ pub unsafe extern "C" fn tw_profile_builder_set_identity_files(
         let chain = PathBuf::from(unsafe { str_arg(chain_path, "chain_path") }?);
         let key = PathBuf::from(unsafe { str_arg(key_path, "key_path") }?);
         b.sources.identity = IdentitySource::Files { chain, key };
+        b.sources.workload_api = None;
+        Ok(())
+    })
+}
+
+/// Our SVID and key, our trust domain's bundle, the federated bundles and the CRLs from the
+/// SPIFFE Workload API at `address` (a SPIRE agent): "unix:///run/spire/sockets/agent.sock",
+/// "tcp://IP:PORT", or "env" for the SPIFFE_ENDPOINT_SOCKET environment variable. Every response
+/// the agent pushes becomes a new generation, checked like any other; while the agent is away
+/// the last good one stays in service. `svid_spiffe_id` or `svid_hint` (either or both NULL)
+/// choose our SVID when the agent returns several (default: the first). Replaces any identity
+/// set before; trust added with the other setters is kept as well. `tw_profile_builder_build`
+/// then waits up to 30 s for the first SVID and fails (TW_TIMEOUT, TW_TRANSPORT) without one.
+#[no_mangle]
+pub unsafe extern "C" fn tw_profile_builder_set_workload_api(
+    builder: *mut tw_profile_builder,
+    address: *const c_char,
+    svid_spiffe_id: *const c_char,
+    svid_hint: *const c_char,
+) -> tw_result {
+    guard(|| {
+        let b = unsafe { builder_mut(builder) }?;
+        let address = unsafe { str_arg(address, "address") }?;
+        let optional = |p: *const c_char, what| match p.is_null() {
+            true => Ok(None),
+            false => unsafe { str_arg(p, what) }.map(Some),
+        };
+        let (id, hint) = (optional(svid_spiffe_id, "svid_spiffe_id")?, optional(svid_hint, "svid_hint")?);
+        let spec = WorkloadApiSpec::from_parts(address, id, hint, ["address", "svid_spiffe_id", "svid_hint"])
+            .map_err(|e| Failure::new(tw_result::TW_INVALID_ARGUMENT, e.to_string()))?;
+        b.sources.identity = IdentitySource::None;
+        b.sources.workload_api = Some(spec);
         Ok(())
     })
 }
@@ -485,7 +518,7 @@ pub unsafe extern "C" fn tw_profile_builder_build(
         if profile_out.is_null() {
             return Err(Failure::null("profile_out"));
         }
-        if b.sources.trust.is_empty() {
+        if b.sources.trust.is_empty() && b.sources.workload_api.is_none() {
             return Err(Failure::new(
                 tw_result::TW_INVALID_CONFIG,
                 "no trust: add the CA certificates that vouch for peers (tw_profile_builder_add_trust_*)",
@@ -506,7 +539,7 @@ pub unsafe extern "C" fn tw_profile_builder_build(
 fn build(sources: Sources, template: TlsProfile, options: StoreOptions) -> Result<tw_profile, Failure> {
     // The store's watcher runs on the shared runtime.
     let _guard = tw::runtime::runtime().enter();
-    let (store, role) = if matches!(sources.identity, IdentitySource::None) {
+    let (store, role) = if matches!(sources.identity, IdentitySource::None) && sources.workload_api.is_none() {
         (CredentialStore::new(Use::Client, sources, template, options)?, Use::Client)
     } else {
         // Serve every role the certificate allows: both, else server-only or client-only.

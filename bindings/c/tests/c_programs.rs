@@ -1,6 +1,7 @@
 //! C programs against the built library: tests/c/api_test.c under ASan/UBSan and under
 //! Valgrind, and tests/c/peer.c facing Rust peers (a C client calling a Rust server, a C server
-//! answering a Rust client, the token verifier, the in-process proxy).
+//! answering a Rust client, the token verifier, the in-process proxy, a C server fed by the
+//! Workload API test agent).
 //!
 //! A C compiler (and valgrind) missing is a failure with TRUSTWIRE_REQUIRE_PEERS=1 (as in
 //! `make test`), else the test is skipped with a message.
@@ -18,6 +19,13 @@ use tw::Error;
 
 mod common;
 use common::{lib_dir, root};
+
+// The core crate's test helpers for child processes and the Go Workload API agent.
+extern crate tw as trustwire;
+#[path = "../../../tests/common/peers.rs"]
+mod peers;
+#[path = "../../../tests/common/workload.rs"]
+mod workload;
 
 const SANITIZERS: &[&str] =
     &["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"];
@@ -556,4 +564,83 @@ fn make_examples_run_from_the_build_tree_without_ld_library_path() {
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     assert!(child.wait().unwrap().success(), "{rest}");
+}
+
+/// A C server whose SVID comes from the Workload API (`tw_profile_builder_set_workload_api`,
+/// chosen by hint among two) follows three rotations the agent pushes while Rust clients call on
+/// a kept connection and on a new connection per call, with no failed call.
+#[test]
+fn c_server_takes_its_svid_from_the_workload_api_and_follows_rotations() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    if peer_program().is_none() {
+        return;
+    }
+    let Some(bin) = workload::agent_bin() else { return };
+    const SERVER: &str = "spiffe://example.org/ns/test/c-server";
+    const CLIENT: &str = "spiffe://example.org/ns/test/client";
+    let m = workload::Material::new();
+    // Name order puts the other SVID first: only the hint picks the server's.
+    m.issue("0", "spiffe://example.org/ns/test/other", Some("other"));
+    let mut current = m.issue("1", SERVER, Some("server"));
+    let mut agent = workload::Agent::start(&bin, &m, &m.path("agent.sock"), false);
+    let address = format!("unix://{}", m.path("agent.sock").display());
+    let (child, stdout, first) =
+        spawn_peer(&["workload".as_ref(), address.as_ref(), "server".as_ref(), CLIENT.as_ref()]);
+    let addr = format!("127.0.0.1:{}", first.strip_prefix("port ").unwrap_or_else(|| panic!("{first}")));
+
+    let cred = m.ca.issue(&IssueRequest::new("client").spiffe_id(CLIENT)).unwrap();
+    let mut profile = TlsProfile::new(
+        Some(Identity::from_pem(cred.cert_pem.as_bytes(), cred.key_pem.as_bytes()).unwrap()),
+        TrustBundle::from_pem(m.ca.cert_pem().as_bytes()).unwrap(),
+    );
+    // An SVID names no host: the client checks the server's SPIFFE ID instead.
+    profile.server_spiffe_id = Some(SERVER.into());
+    let tls = profile.client().unwrap();
+    let connect = || Client::new(addr.clone(), tls.clone(), ClientOptions::default());
+    let served_serial = || {
+        block_on(connect().server_identity())
+            .map_err(|e| eprintln!("connect: {e}"))
+            .ok()
+            .flatten()
+            .map(|p| (p.serial.clone(), p.spiffe_id.clone()))
+    };
+    assert_eq!(served_serial(), Some((workload::serial(&current), Some(SERVER.to_string()))));
+
+    let (stop, ok, failures) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let caller = {
+        let (stop, ok, failures, kept) = (stop.clone(), ok.clone(), failures.clone(), connect());
+        let (addr, tls) = (addr.clone(), tls.clone());
+        let fresh = move || Client::new(addr.clone(), tls.clone(), ClientOptions::default());
+        std::thread::spawn(move || {
+            let opts = CallOptions { timeout: Some(Duration::from_secs(5)), ..Default::default() };
+            for i in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let client = if i % 2 == 0 { kept.clone() } else { fresh() };
+                let text = format!("call {i}");
+                match block_on(client.call("example.EchoService", "Echo", text.clone().into_bytes(), opts.clone())) {
+                    Ok(r) if r.payload[..] == *text.as_bytes() => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(r) => return failures.lock().unwrap().push(format!("wrong answer {:?}", r.payload)),
+                    Err(e) => return failures.lock().unwrap().push(e.to_string()),
+                };
+            }
+        })
+    };
+    for round in 0..3 {
+        current = m.issue("1", SERVER, Some("server"));
+        agent.push();
+        let want = workload::serial(&current);
+        workload::wait_until(&format!("round {round}: a new connection sees the pushed SVID"), || {
+            served_serial().is_some_and(|(serial, _)| serial == want)
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    caller.join().unwrap();
+    assert!(failures.lock().unwrap().is_empty(), "{:?}", failures.lock().unwrap());
+    assert!(ok.load(Ordering::Relaxed) > 0, "calls were made during the rotations");
+    assert_eq!(agent.count("stream 0 opened"), 1, "one stream carried every rotation");
+    finish(child, stdout);
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
-use trustwire::credentials::{CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use};
+use trustwire::credentials::{
+    CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec,
+};
 use trustwire::tls::{ClientTls, ServerTls, TlsProfile, TrustBundle};
 use trustwire::{Error, Policy, Verdict};
 
@@ -184,7 +186,7 @@ impl PyTlsConfig {
     /// allows (a certificate marked server-only or client-only), else clients without identity.
     fn build(py: Python<'_>, sources: Sources, template: TlsProfile, options: StoreOptions) -> PyResult<Self> {
         checked_runtime(py)?;
-        let has_identity = !matches!(sources.identity, IdentitySource::None);
+        let has_identity = !matches!(sources.identity, IdentitySource::None) || sources.workload_api.is_some();
         let result = py.allow_threads(move || -> Result<(CredentialStore, Use), Error> {
             // The store's watcher runs on the shared runtime.
             let _guard = trustwire::runtime::runtime().enter();
@@ -221,7 +223,7 @@ fn options(reload_interval: Option<f64>) -> PyResult<StoreOptions> {
 #[pymethods]
 impl PyTlsConfig {
     #[new]
-    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false))]
+    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false, workload_api=None, svid_spiffe_id=None, svid_hint=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -235,7 +237,29 @@ impl PyTlsConfig {
         server_spiffe_id: Option<String>,
         reload_interval: Option<f64>,
         require_fresh_crls: bool,
+        workload_api: Option<String>,
+        svid_spiffe_id: Option<String>,
+        svid_hint: Option<String>,
     ) -> PyResult<Self> {
+        let workload_api = match workload_api {
+            None if svid_spiffe_id.is_some() || svid_hint.is_some() => {
+                return Err(config_error(
+                    py,
+                    "svid_spiffe_id and svid_hint choose among the Workload API's SVIDs: give workload_api",
+                ))
+            }
+            None => None,
+            Some(_) if cert.is_some() || key.is_some() => {
+                return Err(config_error(py, "workload_api gives our SVID and key: give it or cert and key, not both"))
+            }
+            Some(address) => {
+                let names = ["workload_api", "svid_spiffe_id", "svid_hint"];
+                let spec =
+                    WorkloadApiSpec::from_parts(&address, svid_spiffe_id.as_deref(), svid_hint.as_deref(), names)
+                        .map_err(|e| to_pyerr(py, e))?;
+                Some(spec)
+            }
+        };
         let identity = match (cert, key) {
             (None, None) => IdentitySource::None,
             (Some(c), Some(k)) => match (pem_source(c)?, pem_source(k)?) {
@@ -246,10 +270,10 @@ impl PyTlsConfig {
             _ => return Err(config_error(py, "cert and key go together")),
         };
         let trust = pem_sources(ca)?;
-        if trust.is_empty() {
+        if trust.is_empty() && workload_api.is_none() {
             return Err(config_error(py, "ca is required: the CA certificates that vouch for peers"));
         }
-        let sources = Sources { identity, trust, crls: pem_sources(crl)?, ..Sources::default() };
+        let sources = Sources { identity, workload_api, trust, crls: pem_sources(crl)?, ..Sources::default() };
         let mut policy = Policy::from_patterns(&allow.unwrap_or_default()).map_err(|e| to_pyerr(py, e))?;
         for (methods, allow) in rules.unwrap_or_default() {
             policy = policy.with_rule(&methods, &allow).map_err(|e| to_pyerr(py, e))?;
