@@ -264,7 +264,7 @@ fn a_malformed_response_is_reported_and_the_previous_context_kept() {
         (
             "an ID against the SPIFFE ID standard",
             Box::new(|m: &Material| m.write("svids/0/id", b"spiffe://example.org/ns/../admin")),
-            "SPIFFE ID: the path has a '.' or '..' segment",
+            "is not a valid SPIFFE ID: the path has a '..' segment",
         ),
         (
             "an upper-case federated trust domain",

@@ -18,7 +18,7 @@ use x509_parser::revocation_list::CertificateRevocationList;
 use super::proto;
 use crate::authz::truncate;
 use crate::error::{Error, Verdict};
-use crate::tls::{CertificateInfo, Identity};
+use crate::tls::{CertificateInfo, Identity, SpiffeId, TrustDomain};
 
 /// Which SVID to use when the agent returns several.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -168,7 +168,7 @@ impl X509Context {
         let mut federated = BTreeMap::new();
         for (key, der) in r.federated_bundles {
             let td = key.strip_prefix("spiffe://").unwrap_or(&key);
-            check_trust_domain(td)
+            TrustDomain::parse(td)
                 .map_err(|why| malformed(None, format!("federated bundle key '{}': {why}", truncate(&key))))?;
             if svids.iter().any(|s| s.trust_domain == td) {
                 return Err(malformed(
@@ -192,8 +192,10 @@ fn malformed(verdict: Option<Verdict>, what: impl fmt::Display) -> Error {
 
 fn svid(index: usize, s: proto::X509Svid) -> Result<X509Svid, Error> {
     let what = format!("SVID #{} ({})", index + 1, truncate(&s.spiffe_id));
-    let trust_domain =
-        check_spiffe_id(&s.spiffe_id).map_err(|why| malformed(None, format!("{what}: SPIFFE ID: {why}")))?.to_string();
+    let trust_domain = SpiffeId::parse(&s.spiffe_id)
+        .map_err(|why| malformed(None, format!("{what}: SPIFFE ID: {why}")))?
+        .trust_domain_name()
+        .to_string();
     let chain = split_certs(&s.x509_svid, &format!("{what}: certificate chain"))?;
     check_leaf(&chain[0]).map_err(|why| malformed(Some(Verdict::BadKeyUsage), format!("{what}: {why}")))?;
     let leaf = CertificateInfo::from_der(&chain[0])?;
@@ -309,43 +311,4 @@ fn crl(index: usize, der: Vec<u8>) -> Result<CertificateRevocationListDer<'stati
             Err(malformed(Some(Verdict::UnsupportedCertificate), format!("CRL #{} is not a DER CRL: {e}", index + 1)))
         }
     }
-}
-
-/// Checks a SPIFFE ID against the SPIFFE ID standard and returns its trust domain.
-fn check_spiffe_id(id: &str) -> Result<&str, String> {
-    if id.len() > 2048 {
-        return Err(format!("{} bytes, more than the 2048 allowed", id.len()));
-    }
-    let rest = id.strip_prefix("spiffe://").ok_or("it must start with spiffe:// (lower case)")?;
-    let (td, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    check_trust_domain(td)?;
-    if let Some(path) = path.strip_prefix('/') {
-        for segment in path.split('/') {
-            match segment {
-                "" => return Err("the path has an empty segment ('//' or a trailing '/')".into()),
-                "." | ".." => return Err("the path has a '.' or '..' segment".into()),
-                s if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) => {
-                    return Err(format!("path segment '{}' has a character other than A-Z a-z 0-9 - . _", truncate(s)))
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(td)
-}
-
-fn check_trust_domain(td: &str) -> Result<(), String> {
-    if td.is_empty() {
-        return Err("the trust domain is missing".into());
-    }
-    if td.len() > 255 {
-        return Err(format!("the trust domain has {} bytes, more than the 255 allowed", td.len()));
-    }
-    if !td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b)) {
-        return Err(format!(
-            "trust domain '{}' has a character other than a-z 0-9 - . _ (no upper case, port or userinfo)",
-            truncate(td)
-        ));
-    }
-    Ok(())
 }
