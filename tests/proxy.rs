@@ -538,3 +538,34 @@ async fn go_client_through_a_baidu_std_route() {
     let auth = seen.lock().unwrap()[0].clone().expect("token");
     assert_eq!(verify(&auth, &[("k1", KEY)]).unwrap().spiffe_id.as_deref(), Some(CLIENT_ID));
 }
+
+/// The application's call hook runs on a baidu_std route exactly as on a server: it sees the
+/// caller's verified identity and the call, and a call it denies is answered by the route (the
+/// upstream sees nothing); a tcp route refuses to start with a call hook it could not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_baidu_std_route_runs_the_call_hook_and_a_tcp_route_refuses_one() {
+    use trustwire::authz::{Call, CallDecision};
+    let pki = Pki::new();
+    let (upstream, seen) = brpc_upstream().await;
+    let mut route = server_route(&pki, &upstream, Protocol::BaiduStd, &[]);
+    let mut profile = pki.server_profile();
+    profile.policy.hooks.call = Some(Arc::new(|call: &Call<'_>| match call.metadata.log_id {
+        Some(666) => CallDecision::deny(format!("{} may not send log id 666", call.peer.display_name())),
+        _ => CallDecision::Allow,
+    }));
+    route.tls = RouteTls::Server(profile.server().unwrap());
+    let proxy = trustwire::proxy::start(route).await.unwrap();
+    let mut denied = echo_request(1, b"x".to_vec());
+    denied.meta.request.as_mut().unwrap().log_id = Some(666);
+    let answers = brpc_calls(&addr_of(&proxy), &pki, vec![denied, echo_request(2, b"y".to_vec())]).await;
+    let by_id = |id| answers.iter().find(|f| f.meta.correlation_id == Some(id)).unwrap().meta.response.clone().unwrap();
+    assert_eq!(by_id(1).error_code, Some(1004));
+    assert!(by_id(1).error_text.unwrap().contains("method_not_allowed: spiffe://example.org/ns/test/client may not"));
+    assert_eq!(by_id(2).error_code.unwrap_or(0), 0);
+    assert_eq!(seen.lock().unwrap().len(), 1, "only the allowed call reached the upstream");
+
+    let mut tcp = server_route(&pki, &upstream, Protocol::Tcp, &[]);
+    tcp.tls = RouteTls::Server(profile.server().unwrap());
+    let err = trustwire::proxy::start(tcp).await.err().expect("a tcp route with a call hook does not start");
+    assert!(err.to_string().contains("route in: a call hook is set"), "{err}");
+}

@@ -81,6 +81,9 @@ pub struct StoreOptions {
     /// service live. Off by default: such a reload is refused (`identity_changed`) and the
     /// previous generation keeps serving, since peers' policies were written for the old one.
     pub allow_identity_change: bool,
+    /// The application's connection and call hooks ([`crate::authz`]); each one set here
+    /// replaces the template's.
+    pub hooks: crate::authz::Hooks,
 }
 
 impl Default for StoreOptions {
@@ -95,6 +98,7 @@ impl Default for StoreOptions {
             close_on_trust_change: true,
             expiry_warning: Duration::from_secs(7 * 24 * 3600),
             allow_identity_change: false,
+            hooks: Default::default(),
         }
     }
 }
@@ -283,6 +287,12 @@ impl CredentialStore {
         let context = workload.as_ref().and_then(Workload::latest);
         let mut template = template;
         template.identity = None;
+        if let Some(h) = &options.hooks.peer {
+            template.policy.hooks.peer = Some(h.clone());
+        }
+        if let Some(h) = &options.hooks.call {
+            template.policy.hooks.call = Some(h.clone());
+        }
         template.trust = TrustBundle { require_fresh_crls: template.trust.require_fresh_crls, ..Default::default() };
         let loaded = read_material(&sources, context.as_deref())
             .and_then(|m| load(&m, &sources, &template, role, &options.name))

@@ -51,6 +51,11 @@ pub struct ProxyFile {
     /// Workload API instead of its profile's `[identity]`.
     #[serde(skip)]
     pub workload_api: Option<WorkloadApiSpec>,
+    /// The application's connection and call hooks ([`crate::authz`]), for every route: the
+    /// connection hook wherever the route verifies peers, the call hook on baidu_std routes (a
+    /// tcp route with a call hook refuses to start). Set by programs embedding the proxy.
+    #[serde(skip)]
+    pub hooks: crate::authz::Hooks,
     #[serde(skip)]
     base: PathBuf,
 }
@@ -172,7 +177,7 @@ impl ProxyFile {
                 Some(s) if s >= 5 => Duration::from_secs(s),
                 Some(s) => return Err(err(format!("identity_token_max_age_seconds = {s}: use at least 5"))),
             };
-            let options = StoreOptions { name: r.name.clone(), ..StoreOptions::default() };
+            let options = StoreOptions { name: r.name.clone(), hooks: self.hooks.clone(), ..StoreOptions::default() };
             let named = |e: Error| super::in_route_name(&r.name, e);
             let store = self.store(&r.profile, use_, options).map_err(named)?;
             let tls = match use_ {

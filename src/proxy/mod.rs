@@ -147,6 +147,12 @@ impl Route {
                      use protocol = \"baidu_std\" in front of a brpc upstream, or remove the rules",
                 )
             }
+            (RouteTls::Server(tls), Protocol::Tcp) if tls.policy().hooks.call.is_some() => {
+                return err(
+                    "a call hook is set, which a tcp route cannot run (it does not read calls); use protocol = \
+                     \"baidu_std\" in front of a brpc upstream",
+                )
+            }
             (RouteTls::Server(_), Protocol::BaiduStd) if self.token_key.is_none() => {
                 return err("a server-side baidu_std route needs identity_key_id and identity_key_file")
             }
@@ -638,8 +644,14 @@ async fn from_client<R: AsyncRead + Unpin>(
                 true => Vec::new(),
                 false => calls.policy.rule_services_named(service),
             };
+            let metadata = crate::authz::CallMetadata {
+                log_id: req.log_id,
+                request_id: req.request_id.as_deref(),
+                timeout_ms: req.timeout_ms,
+                authentication_data: frame.meta.authentication_data.as_deref(),
+            };
             if let Err(r) =
-                crate::authz::authorize_call(calls.policy, calls.peer, service, &aliases, method, &route.name)
+                crate::authz::authorize_call(calls.policy, calls.peer, service, &aliases, method, metadata, &route.name)
             {
                 if tx.send(calls.answer(cid, r.code, &r.text)).await.is_err() {
                     return Ok(None);

@@ -168,18 +168,26 @@ pub struct Server {
     tls: Option<ServerTls>,
     registry: Registry,
     options: ServerOptions,
+    call_hook: Option<Arc<dyn crate::authz::CallHook>>,
 }
 
 impl Server {
     /// A server that requires and verifies client certificates with `tls`.
     pub fn new(tls: ServerTls) -> Self {
-        Server { tls: Some(tls), registry: Registry::default(), options: ServerOptions::default() }
+        Server { tls: Some(tls), registry: Registry::default(), options: ServerOptions::default(), call_hook: None }
+    }
+
+    /// Runs `hook` on every call the method rules allow, before its handler: it replaces the
+    /// profile's call hook (`Policy::hooks`) for this server. See [`crate::authz::CallHook`].
+    pub fn authorize_calls(&mut self, hook: impl crate::authz::CallHook) -> &mut Self {
+        self.call_hook = Some(Arc::new(hook));
+        self
     }
 
     /// A server WITHOUT TLS. It exists only so benchmarks can measure what TLS costs.
     #[cfg(feature = "insecure-plaintext-bench")]
     pub fn insecure_plaintext_for_benchmarks() -> Self {
-        Server { tls: None, registry: Registry::default(), options: ServerOptions::default() }
+        Server { tls: None, registry: Registry::default(), options: ServerOptions::default(), call_hook: None }
     }
 
     /// Registers `handler` for `service` (full protobuf name, e.g. `example.EchoService`) and
@@ -206,7 +214,10 @@ impl Server {
         })?;
         let local_addr = listener.local_addr().map_err(|e| Error::config(format!("cannot read bound address: {e}")))?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let policy = self.tls.as_ref().map(|t| t.policy.clone()).unwrap_or_default();
+        let mut policy = self.tls.as_ref().map(|t| t.policy.clone()).unwrap_or_default();
+        if let Some(hook) = self.call_hook {
+            Arc::make_mut(&mut policy).hooks.call = Some(hook);
+        }
         let admission = Admission::new(SCOPE, self.options.connection_limits());
         let shared = Arc::new(Shared {
             registry: self.registry,
@@ -726,7 +737,13 @@ fn dispatch(
         Resolved::NoService(t) => return fail(codes::ENOSERVICE, &t, charge),
         Resolved::NoMethod(t) => return fail(codes::ENOMETHOD, &t, charge),
     };
-    if let Err(r) = crate::authz::authorize_call(&shared.policy, peer, full, &[], method, "server") {
+    let metadata = crate::authz::CallMetadata {
+        log_id: req.log_id,
+        request_id: req.request_id.as_deref(),
+        timeout_ms: req.timeout_ms,
+        authentication_data: frame.meta.authentication_data.as_deref(),
+    };
+    if let Err(r) = crate::authz::authorize_call(&shared.policy, peer, full, &[], method, metadata, "server") {
         telemetry::call(Role::Server, full, method, r.code);
         send(tx, response_frame(cid, Err((r.code, shared.error_text(r.code, &r.text)))), charge);
         return;

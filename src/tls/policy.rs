@@ -165,6 +165,9 @@ pub struct MethodRule {
 pub struct Policy {
     pub allow: Vec<Pattern>,
     pub rules: Vec<MethodRule>,
+    /// The application's own checks, run after the allow-list and the rules admitted a peer or
+    /// a call ([`crate::authz`]).
+    pub hooks: crate::authz::Hooks,
 }
 
 /// The outcome of a method check, with the reason for a denial.
@@ -179,7 +182,7 @@ impl Policy {
     pub fn from_patterns<S: AsRef<str>>(allow: &[S]) -> Result<Self, Error> {
         Ok(Policy {
             allow: allow.iter().map(|p| Pattern::parse(p.as_ref())).collect::<Result<_, _>>()?,
-            rules: Vec::new(),
+            ..Policy::default()
         })
     }
 
@@ -195,6 +198,15 @@ impl Policy {
     /// Whether a verified peer may connect.
     pub fn admits(&self, peer: &PeerIdentity) -> bool {
         self.allow.is_empty() || self.allow.iter().any(|p| p.matches(peer))
+    }
+
+    /// Whether a verified peer may connect: the allow-list, then the connection hook. The
+    /// error is the `peer_not_allowed` message for our logs.
+    pub fn admit(&self, peer: &PeerIdentity) -> Result<(), String> {
+        if !self.admits(peer) {
+            return Err(self.explain_refusal(peer));
+        }
+        crate::authz::check_peer(&self.hooks, peer)
     }
 
     /// Why a peer is not admitted, for the `peer_not_allowed` message.

@@ -259,8 +259,8 @@ impl ClientCertVerifier for ClientVerifier {
             record(d.verdict, d.message);
             return Err(e);
         }
-        if !self.policy.admits(&peer) {
-            record(Verdict::PeerNotAllowed, self.policy.explain_refusal(&peer));
+        if let Err(why) = self.policy.admit(&peer) {
+            record(Verdict::PeerNotAllowed, why);
             return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
         }
         Ok(ClientCertVerified::assertion())
@@ -355,8 +355,8 @@ impl ServerCertVerifier for ServerVerifier {
                 return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
             }
         }
-        if !self.policy.admits(&peer) {
-            record(Verdict::PeerNotAllowed, self.policy.explain_refusal(&peer));
+        if let Err(why) = self.policy.admit(&peer) {
+            record(Verdict::PeerNotAllowed, why);
             return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
         }
         Ok(ServerCertVerified::assertion())
