@@ -12,6 +12,9 @@ use trustwire::error::codes;
 use trustwire::tls::PeerIdentity;
 use trustwire::{CallOptions, Error, Server, Side, Verdict};
 
+/// What a call hook saw: caller, service, method, log id, scope.
+type Seen = (String, String, String, Option<i64>, String);
+
 fn opts() -> CallOptions {
     CallOptions { timeout: Some(Duration::from_secs(5)), ..Default::default() }
 }
@@ -74,7 +77,7 @@ async fn a_client_runs_the_connection_hook_on_the_server_it_dials() {
 async fn a_call_hook_sees_the_call_and_its_metadata_and_denies_with_its_code() {
     let pki = Pki::new();
     let admin = pki.issue(client_usage("admin", "spiffe://example.org/ns/test/admin"));
-    let seen: Arc<Mutex<Vec<(String, String, String, Option<i64>, String)>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let s = seen.clone();
     let mut server = Server::new(pki.server_profile().server().unwrap());
     trustwire::echo::register(&mut server);
