@@ -45,6 +45,11 @@
 // re-issues a connection's token at a fifth of that age).
 #define TW_IDENTITY_TOKEN_DEFAULT_MAX_AGE_SECONDS 300
 
+// Longest reason or error text a hook may write, with its NUL.
+#define TW_HOOK_TEXT_MAX 512
+
+
+
 // Result of every fallible call. Numbers are stable and never reused: 1–999 are the failure
 // catalogue's verdicts (the same names as the Python exceptions and the metric labels),
 // 1000 and up are API and call errors. `tw_result_name()` gives the stable name.
@@ -276,6 +281,52 @@ typedef void (*tw_log_fn)(void *user_data,
                           tw_log_level level,
                           const char *target,
                           const char *message);
+
+// A connection hook: return true to admit `peer`, false to refuse it (the handshake fails with
+// an access_denied alert; the peer is told nothing more). To say why in trustwire's logs,
+// write a NUL-terminated reason into `reason` (room for `reason_cap` bytes, NUL included).
+// `peer` and `reason` are valid only during the call.
+//
+// Called on trustwire's threads, during handshakes, possibly on several threads at once: it
+// must be thread-safe, return quickly, and not unwind (C++: catch exceptions).
+typedef bool (*tw_connection_hook_fn)(void *user_data,
+                                      const tw_peer *peer,
+                                      char *reason,
+                                      size_t reason_cap);
+
+// Releases a hook's `user_data` once no profile, server, client or proxy uses the hook any
+// more (from any thread). May be NULL.
+typedef void (*tw_free_fn)(void *user_data);
+
+// What a call carries besides its payload, for a call hook. Valid only during the call.
+typedef struct {
+  // The request's log_id, when `has_log_id`.
+  int64_t log_id;
+  bool has_log_id;
+  // The caller's timeout in milliseconds, when `has_timeout_ms`.
+  int32_t timeout_ms;
+  bool has_timeout_ms;
+  // The request_id, or NULL when absent.
+  const char *request_id;
+  // The request's authentication_data (raw bytes; NULL when absent).
+  const uint8_t *authentication_data;
+  size_t authentication_data_len;
+} tw_call_metadata;
+
+// A call hook: return 0 to let the call reach its handler, or the brpc error code the caller
+// gets (1004, ERPCAUTH, is reported as method_not_allowed) with a NUL-terminated text written
+// into `text` (room for `text_cap` bytes), which is sent to the caller. `service` is the full
+// name the call is dispatched to. Every pointer is valid only during the call.
+//
+// Called on trustwire's threads, for every call the method rules allow, possibly on several
+// threads at once: it must be thread-safe, return quickly, and not unwind.
+typedef int32_t (*tw_call_hook_fn)(void *user_data,
+                                   const tw_peer *peer,
+                                   const char *service,
+                                   const char *method,
+                                   const tw_call_metadata *metadata,
+                                   char *text,
+                                   size_t text_cap);
 
 // One credential event, borrowed by the callback: the struct and its strings are valid only
 // until the callback returns.
@@ -564,6 +615,24 @@ tw_result tw_profile_builder_require_fresh_crls(tw_profile_builder *builder, boo
 tw_result tw_profile_builder_set_reload(tw_profile_builder *builder,
                                         bool watch,
                                         uint64_t reload_interval_ms);
+
+// Runs `hook` on every peer whose certificate verified and that the allow-list admits, in
+// every server and client made from this profile (see `tw_connection_hook_fn` for threads).
+// NULL removes a hook set before. `free_user_data` (may be NULL) is called with `user_data`
+// once nothing uses the hook any more, which can be after `tw_profile_free` (while servers or
+// clients made from the profile live).
+tw_result tw_profile_builder_set_connection_hook(tw_profile_builder *builder,
+                                                 tw_connection_hook_fn hook,
+                                                 void *user_data,
+                                                 tw_free_fn free_user_data);
+
+// Runs `hook` on every call the method rules allow, before its handler, in every server made
+// from this profile and on its proxy routes (see `tw_call_hook_fn`). NULL removes a hook set
+// before; `free_user_data` as for `tw_profile_builder_set_connection_hook`.
+tw_result tw_profile_builder_set_call_hook(tw_profile_builder *builder,
+                                           tw_call_hook_fn hook,
+                                           void *user_data,
+                                           tw_free_fn free_user_data);
 
 // Names the profile in metrics and logs (default "c").
 tw_result tw_profile_builder_set_name(tw_profile_builder *builder, const char *name);

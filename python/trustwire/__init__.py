@@ -12,6 +12,7 @@ from ._native import (
     BadPem,
     BadSignature,
     CallContext,
+    CallMetadata,
     ConfigError,
     CredentialsError,
     CrlStale,
@@ -152,6 +153,7 @@ __all__ = [
     "Client",
     "Response",
     "CallContext",
+    "CallMetadata",
     "PeerIdentity",
     "metrics_text",
     # proxy mode and the brpc identity bridge

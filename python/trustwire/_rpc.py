@@ -22,7 +22,7 @@ from typing import (
 )
 
 from . import _native
-from ._native import CallContext, RpcError, TlsConfig
+from ._native import CallContext, CallMetadata, PeerIdentity, RpcError, TlsConfig
 
 _log = logging.getLogger("trustwire")
 
@@ -42,6 +42,9 @@ Payload = Union[bytes, bytearray, memoryview, _Message]
 HandlerResult = Union[Payload, Tuple[Payload, Union[bytes, bytearray, memoryview]]]
 Handler = Callable[[bytes, CallContext], Union[HandlerResult, Awaitable[HandlerResult]]]
 H = TypeVar("H", bound=Handler)
+AuthorizeResult = Union[bool, Awaitable[bool]]
+Authorize = Callable[[PeerIdentity, str, str, CallMetadata], AuthorizeResult]
+A = TypeVar("A", bound=Authorize)
 
 
 def _to_bytes(value: Any) -> bytes:
@@ -117,6 +120,34 @@ class Server:
                 raise
 
         self._native.register(service, method, run)
+
+    def authorize(self, hook: A) -> A:
+        """Decorator setting the call hook: ``hook(peer, service, method, metadata)`` runs
+        before every handler the profile's method rules allow. True lets the call through;
+        False refuses it with ERPCAUTH (1004, ``method_not_allowed``); raising
+        :class:`RpcError` refuses it with that code and text; any other exception refuses it
+        with 1004 and is logged (a failing hook fails closed). It may be ``async def`` (run on
+        the server's event loop thread). It runs before each call is dispatched: keep it quick.
+        Connections are judged by ``TlsConfig(authorize_peer=...)``."""
+        if self._native.running:
+            raise RuntimeError("set the hook before start()")
+
+        def run(peer: PeerIdentity, service: str, method: str, metadata: CallMetadata) -> bool:
+            try:
+                result = hook(peer, service, method, metadata)
+                if inspect.isawaitable(result):
+                    result = asyncio.run_coroutine_threadsafe(_as_coroutine(result), self._handler_loop()).result()
+                if not isinstance(result, bool):
+                    raise TypeError(f"an authorize hook returns True or False, not {type(result).__name__}")
+                return result
+            except RpcError:
+                raise
+            except Exception:
+                _log.exception("authorize hook raised for %s/%s; the call is refused (1004)", service, method)
+                return False
+
+        self._native.set_authorize(run)
+        return hook
 
     def _handler_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:

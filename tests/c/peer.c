@@ -12,6 +12,10 @@
  *                                         ADDRESS" per route, drains when stdin closes
  *   peer workload ADDRESS HINT ALLOW      serves like `server`, its SVID taken from the Workload
  *                                         API at ADDRESS (the SVID with HINT), admitting ALLOW
+ *   peer hooked CERT KEY CA               serves like `server` with a connection hook (refuses
+ *                                         IDs ending in /blocked) and a call hook (Peer is for
+ *                                         IDs ending in /admin; log_id 13 gets 2001); prints
+ *                                         "hooks N freed" (hook calls) after stopping
  *
  * Built with -std=c11 -Wall -Wextra -Werror and run under ASan/UBSan. */
 #define _POSIX_C_SOURCE 200809L
@@ -19,6 +23,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "check.h"
 
@@ -123,6 +128,82 @@ static int workload(const char *address, const char *hint, const char *allow) {
     return serve(p);
 }
 
+typedef struct {
+    pthread_mutex_t lock;
+    int calls;
+    int freed;
+} hook_state;
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+static void count(hook_state *h) {
+    pthread_mutex_lock(&h->lock);
+    h->calls++;
+    pthread_mutex_unlock(&h->lock);
+}
+
+static bool connection_hook(void *user_data, const tw_peer *peer, char *reason, size_t reason_cap) {
+    count(user_data);
+    const char *id = tw_peer_spiffe_id(peer);
+    if (id && ends_with(id, "/blocked")) {
+        snprintf(reason, reason_cap, "%s is blocked by the C hook", id);
+        return false;
+    }
+    return true;
+}
+
+static int32_t call_hook(void *user_data, const tw_peer *peer, const char *service, const char *method,
+                         const tw_call_metadata *metadata, char *text, size_t text_cap) {
+    count(user_data);
+    const char *id = tw_peer_spiffe_id(peer);
+    if (metadata->has_log_id && metadata->log_id == 13) {
+        snprintf(text, text_cap, "log_id 13 refused by C for %s/%s", service, method);
+        return 2001;
+    }
+    if (strcmp(method, "Peer") == 0 && !(id && ends_with(id, "/admin"))) {
+        snprintf(text, text_cap, "Peer is for admins");
+        return 1004;
+    }
+    return 0;
+}
+
+static void free_hook(void *user_data) {
+    hook_state *h = user_data;
+    pthread_mutex_lock(&h->lock);
+    h->freed++;
+    pthread_mutex_unlock(&h->lock);
+}
+
+static int hooked(const char *cert, const char *key, const char *ca) {
+    static hook_state h = {.lock = PTHREAD_MUTEX_INITIALIZER, .calls = 0, .freed = 0};
+    tw_profile_builder *b = NULL;
+    OK(tw_profile_builder_new(&b));
+    OK(tw_profile_builder_set_identity_files(b, cert, key));
+    OK(tw_profile_builder_add_trust_path(b, ca));
+    OK(tw_profile_builder_set_connection_hook(b, connection_hook, &h, free_hook));
+    OK(tw_profile_builder_set_call_hook(b, call_hook, &h, free_hook));
+    tw_profile *p = NULL;
+    OK(tw_profile_builder_build(b, &p));
+    int rc = serve(p); /* frees the server and the profile */
+    /* Connection tasks finish on the runtime's threads after the server stops: wait (bounded)
+     * for the last reference to each hook to go. */
+    for (int i = 0; i < 200; i++) {
+        pthread_mutex_lock(&h.lock);
+        int freed = h.freed;
+        pthread_mutex_unlock(&h.lock);
+        if (freed == 2) break;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    pthread_mutex_lock(&h.lock);
+    printf("hooks %d freed %d\n", h.calls, h.freed);
+    pthread_mutex_unlock(&h.lock);
+    return rc;
+}
+
 static int token(const char *token, const char *key_id, const char *secret, const char *audience, const char *max_age) {
     char spiffe_id[256];
     uint64_t not_after = 0;
@@ -154,6 +235,7 @@ int main(int argc, char **argv) {
     if (argc == 7 && strcmp(argv[1], "token") == 0) return token(argv[2], argv[3], argv[4], argv[5], argv[6]);
     if (argc == 3 && strcmp(argv[1], "proxy") == 0) return proxy(argv[2]);
     if (argc == 5 && strcmp(argv[1], "workload") == 0) return workload(argv[2], argv[3], argv[4]);
+    if (argc == 5 && strcmp(argv[1], "hooked") == 0) return hooked(argv[2], argv[3], argv[4]);
     fprintf(stderr, "usage: peer client PROFILE ADDRESS MESSAGE | server PROFILE | token TOKEN KEY_ID SECRET AUDIENCE MAX_AGE | proxy CONFIG\n");
     return 2;
 }

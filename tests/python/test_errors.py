@@ -18,7 +18,9 @@ def test_one_class_per_core_verdict_and_exported() -> None:
     for name, code, class_name in _native.VERDICTS:
         cls = getattr(trustwire, class_name)
         assert class_name in trustwire.__all__
-        assert issubclass(cls, trustwire.HandshakeError)
+        # A method refusal answers a call: an RpcError; every other verdict fails a handshake.
+        parent = trustwire.RpcError if name == "method_not_allowed" else trustwire.HandshakeError
+        assert issubclass(cls, parent) and not issubclass(cls, {trustwire.RpcError: trustwire.HandshakeError}.get(parent, trustwire.RpcError))
         assert issubclass(cls, trustwire.TrustwireError)
         assert (cls.verdict, cls.code) == (name, code)
         assert cls.__module__ == "trustwire"
@@ -133,9 +135,11 @@ def test_method_not_allowed_by_rules(env: Env) -> None:
         with trustwire.Client(f"127.0.0.1:{server.port}", env.tls("frontend")) as ok:
             assert ok.call(*ECHO, b"x") == b"x"
         with trustwire.Client(f"127.0.0.1:{server.port}", env.tls("batch")) as refused:
-            with pytest.raises(trustwire.MethodNotAllowed) as e:
+            with pytest.raises(trustwire.RpcError) as e:
                 refused.call(*ECHO, b"x")
-            assert e.value.code == 1004
+            assert isinstance(e.value, trustwire.MethodNotAllowed)
+            assert (e.value.code, e.value.verdict) == (1004, "method_not_allowed")
+            assert "may not call example.EchoService/Echo" in e.value.text
 
 
 def test_revoked(env: Env, echo_server: trustwire.Server) -> None:

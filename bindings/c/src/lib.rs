@@ -13,6 +13,7 @@
 
 mod client;
 mod ffi;
+mod hooks;
 mod log;
 mod pki;
 mod profile;
@@ -23,6 +24,7 @@ use std::ffi::{c_char, CStr};
 
 pub use client::*;
 pub use ffi::{tw_last_error_message, tw_last_error_rpc_code, tw_result_name, tw_string_free};
+pub use hooks::*;
 pub use log::*;
 pub use pki::*;
 pub use profile::*;

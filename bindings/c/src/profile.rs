@@ -13,6 +13,7 @@ use tw::tls::{ClientTls, MinVersion, ServerTls, TlsProfile, TrustBundle};
 use tw::{Error, Policy, Verdict};
 
 use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, out_box, str_arg, str_array_arg, Failure, UserData};
+use crate::hooks::{tw_call_hook_fn, tw_connection_hook_fn, tw_free_fn, CHook};
 use crate::tw_result;
 
 /// Settings for a profile, set one by one and turned into a `tw_profile` by
@@ -483,6 +484,48 @@ pub unsafe extern "C" fn tw_profile_builder_set_reload(
             b.options.poll_interval = None;
         }
         b.options.reload_interval = (reload_interval_ms > 0).then(|| Duration::from_millis(reload_interval_ms));
+        Ok(())
+    })
+}
+
+/// Runs `hook` on every peer whose certificate verified and that the allow-list admits, in
+/// every server and client made from this profile (see `tw_connection_hook_fn` for threads).
+/// NULL removes a hook set before. `free_user_data` (may be NULL) is called with `user_data`
+/// once nothing uses the hook any more, which can be after `tw_profile_free` (while servers or
+/// clients made from the profile live).
+#[no_mangle]
+pub unsafe extern "C" fn tw_profile_builder_set_connection_hook(
+    builder: *mut tw_profile_builder,
+    hook: tw_connection_hook_fn,
+    user_data: *mut c_void,
+    free_user_data: tw_free_fn,
+) -> tw_result {
+    guard(|| {
+        let b = unsafe { builder_mut(builder) }?;
+        b.options.hooks.peer = match hook {
+            Some(f) => Some(Arc::new(CHook::new(f, user_data, free_user_data))),
+            None => None,
+        };
+        Ok(())
+    })
+}
+
+/// Runs `hook` on every call the method rules allow, before its handler, in every server made
+/// from this profile (see `tw_call_hook_fn`). NULL removes a hook set
+/// before; `free_user_data` as for `tw_profile_builder_set_connection_hook`.
+#[no_mangle]
+pub unsafe extern "C" fn tw_profile_builder_set_call_hook(
+    builder: *mut tw_profile_builder,
+    hook: tw_call_hook_fn,
+    user_data: *mut c_void,
+    free_user_data: tw_free_fn,
+) -> tw_result {
+    guard(|| {
+        let b = unsafe { builder_mut(builder) }?;
+        b.options.hooks.call = match hook {
+            Some(f) => Some(Arc::new(CHook::new(f, user_data, free_user_data))),
+            None => None,
+        };
         Ok(())
     })
 }

@@ -49,7 +49,7 @@ pub struct tw_peer {
 }
 
 impl tw_peer {
-    fn new(p: &PeerIdentity) -> Self {
+    pub(crate) fn new(p: &PeerIdentity) -> Self {
         let c = ffi::owned_cstring;
         tw_peer {
             spiffe_id: p.spiffe_id.clone().map(c),

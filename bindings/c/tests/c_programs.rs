@@ -644,3 +644,70 @@ fn c_server_takes_its_svid_from_the_workload_api_and_follows_rotations() {
     assert_eq!(agent.count("stream 0 opened"), 1, "one stream carried every rotation");
     finish(child, stdout);
 }
+
+/// A C program's connection and call hooks (`tw_profile_builder_set_connection_hook`,
+/// `tw_profile_builder_set_call_hook`) decide for a C server: the connection hook refuses a peer
+/// the CA vouches for, the call hook denies with 1004 or its own code and sees the call's
+/// metadata, and both user_data releases run once the server and profile are gone.
+#[test]
+fn c_hooks_refuse_peers_and_calls_with_their_own_reasons() {
+    if peer_program().is_none() {
+        return;
+    }
+    let pki = Pki::new();
+    let (dir, ca) = (pki.dir.path(), pki.dir.path().join("ca.pem"));
+    let (child, stdout, first) = spawn_with_first_line(
+        sanitizer_env(&mut Command::new(peer_program().unwrap()))
+            .env("TRUSTWIRE_LOG", "info")
+            .args([
+                "hooked".as_ref(),
+                dir.join("server.pem").as_os_str(),
+                dir.join("server.key").as_os_str(),
+                ca.as_os_str(),
+            ])
+            .stdin(Stdio::piped()),
+    );
+    let addr = format!("127.0.0.1:{}", first.strip_prefix("port ").unwrap_or_else(|| panic!("{first}")));
+    let as_client = |name: &str, id: &str| {
+        let cred = pki.issue(name, id);
+        Client::new(addr.clone(), pki.profile(&cred, &[]).client().unwrap(), ClientOptions::default())
+    };
+    let call = |client: &Client, method: &'static str, log_id: Option<i64>| {
+        let client = client.clone();
+        let opts = CallOptions { log_id, timeout: Some(Duration::from_secs(5)), ..Default::default() };
+        block_on(async move { client.call("example.EchoService", method, "x", opts).await })
+    };
+    let web = as_client("web", "spiffe://example.org/web");
+    assert_eq!(&call(&web, "Echo", Some(1)).unwrap().payload[..], b"x");
+    let err = call(&web, "Peer", None).unwrap_err();
+    assert!(
+        matches!(&err, Error::Rpc { code: 1004, text } if text.contains("method_not_allowed: Peer is for admins")),
+        "{err}"
+    );
+    assert_eq!(err.verdict(), Some(tw::Verdict::MethodNotAllowed));
+    let err = call(&web, "Echo", Some(13)).unwrap_err();
+    assert!(
+        matches!(&err, Error::Rpc { code: 2001, text } if text.contains("log_id 13 refused by C for example.EchoService/Echo")),
+        "{err}"
+    );
+    let admin = as_client("admin", "spiffe://example.org/admin");
+    assert_eq!(&call(&admin, "Peer", None).unwrap().payload[..], b"spiffe://example.org/admin");
+
+    let blocked = as_client("blocked", "spiffe://example.org/blocked");
+    let err = call(&blocked, "Echo", None).unwrap_err();
+    assert!(err.to_string().contains("access_denied"), "{err}");
+    assert!(!err.to_string().contains("blocked by the C hook"), "the reason stays on the server: {err}");
+    drop((web, admin, blocked));
+
+    let mut child = child;
+    drop(child.stdin.take());
+    let mut rest = String::new();
+    let mut stdout = stdout;
+    stdout.read_to_string(&mut rest).unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}\n{stderr}");
+    assert!(stderr.contains("is blocked by the C hook"), "the hook's reason is logged: {stderr}");
+    // Three connections reached the connection hook, four calls the call hook.
+    assert!(rest.contains("hooks 7 freed 2"), "{rest}");
+}

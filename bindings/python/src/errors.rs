@@ -2,7 +2,7 @@
 //!
 //! The base classes are defined in Python (so `RpcError(code, text)` can be raised by handlers
 //! and `Timeout` can also be a `TimeoutError`); one `HandshakeError` subclass per verdict is
-//! generated from `Verdict::ALL`, so a verdict added to the core appears here without an edit
+//! generated from `Verdict::ALL` (`MethodNotAllowed`, a call's refusal, is an `RpcError`), so a verdict added to the core appears here without an edit
 //! (and `mypy.stubtest` then fails until the stub names it).
 
 use pyo3::prelude::*;
@@ -122,7 +122,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
             "__doc__",
             format!("Handshake or authorization failure `{}` (verdict {}).", v.name(), v.code()),
         )?;
-        let cls = type_.call1((name.as_str(), PyTuple::new(py, [handshake.bind(py)])?, attrs))?;
+        // A method refusal is the server's answer to a call (ERPCAUTH), not a handshake
+        // failure: it is an RpcError that also names its verdict.
+        let parent = if v == Verdict::MethodNotAllowed { rpc.bind(py) } else { handshake.bind(py) };
+        let cls = type_.call1((name.as_str(), PyTuple::new(py, [parent])?, attrs))?;
         let cls = cls.downcast_into::<PyType>()?;
         m.add(name.as_str(), &cls)?;
         verdicts.push((v, cls.unbind()));
@@ -155,15 +158,13 @@ pub fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
             instantiate(py, cls, (message, side.name(), *alert))
         }
         Error::Rpc { code, .. } if *code == codes::ERPCAUTH && err.verdict() == Some(Verdict::MethodNotAllowed) => {
-            // Refused by a method rule: the catalogue names it, so it is raised by that name;
-            // `.code` still carries the brpc code.
-            let e = instantiate(
-                py,
-                verdict_class(Verdict::MethodNotAllowed).unwrap_or(&c.handshake),
-                (message, "remote", None::<&str>),
-            );
-            let _ = e.value(py).setattr("code", *code);
-            e
+            // Refused by a method rule or a call hook: the catalogue names it, so it is raised
+            // by that name, an RpcError with the brpc code and text.
+            let text = match &err {
+                Error::Rpc { text, .. } => text.clone(),
+                _ => message,
+            };
+            instantiate(py, verdict_class(Verdict::MethodNotAllowed).unwrap_or(&c.rpc), (*code, text))
         }
         Error::Rpc { code, text } => instantiate(py, &c.rpc, (*code, text.clone())),
         Error::Timeout { .. } => instantiate(py, &c.timeout, (message,)),
@@ -195,4 +196,19 @@ pub fn rpc_status(py: Python<'_>, err: &PyErr) -> Option<(i32, String)> {
     let code = value.getattr("code").ok()?.extract::<i32>().ok()?;
     let text = value.getattr("text").ok()?.extract::<String>().ok()?;
     Some((code, text))
+}
+
+/// Logs `err` with its traceback under the `trustwire` logger (as handlers' exceptions are);
+/// where logging itself fails, Python's unraisable hook gets it.
+pub fn log_exception(py: Python<'_>, err: PyErr, message: &str) {
+    let logged = (|| -> PyResult<()> {
+        let log = py.import("logging")?.call_method1("getLogger", ("trustwire",))?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("exc_info", err.value(py))?;
+        log.call_method("error", (message,), Some(&kwargs))?;
+        Ok(())
+    })();
+    if let Err(e) = logged {
+        e.write_unraisable(py, None);
+    }
 }

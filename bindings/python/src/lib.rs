@@ -195,6 +195,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<rpc::PyClient>()?;
     m.add_class::<rpc::PendingCall>()?;
     m.add_class::<rpc::PyCallContext>()?;
+    m.add_class::<rpc::PyCallMetadata>()?;
     m.add_class::<rpc::PyPeerIdentity>()?;
     m.add_class::<PyDevCa>()?;
     m.add_function(wrap_pyfunction!(metrics_text, m)?)?;

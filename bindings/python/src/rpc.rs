@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use trustwire::authz::{Call, CallDecision};
 use trustwire::rpc::RunningServer;
 use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
@@ -116,6 +117,54 @@ fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request) -> Result<Resp
     })
 }
 
+/// What a call carries besides its payload, for an authorization hook.
+#[pyclass(module = "trustwire._native", name = "CallMetadata", frozen, get_all)]
+pub struct PyCallMetadata {
+    log_id: Option<i64>,
+    request_id: Option<String>,
+    timeout_ms: Option<i32>,
+    /// The request's authentication_data, raw (a trustwire proxy's identity token, when one
+    /// forwarded the call).
+    authentication_data: Option<Py<PyBytes>>,
+}
+
+#[pymethods]
+impl PyCallMetadata {
+    fn __repr__(&self) -> String {
+        format!(
+            "CallMetadata(log_id={:?}, request_id={:?}, timeout_ms={:?})",
+            self.log_id, self.request_id, self.timeout_ms
+        )
+    }
+}
+
+/// Runs a Python call hook `hook(peer, service, method, metadata)`: True allows, False denies
+/// with ERPCAUTH, an `RpcError` denies with its code and text, anything else (another
+/// exception, another value) denies with ERPCAUTH and is logged.
+fn run_call_hook(py: Python<'_>, hook: &Py<PyAny>, call: &Call<'_>) -> CallDecision {
+    let outcome = (|| -> PyResult<bool> {
+        let peer = Py::new(py, PyPeerIdentity::from(call.peer))?;
+        let metadata = PyCallMetadata {
+            log_id: call.metadata.log_id,
+            request_id: call.metadata.request_id.map(str::to_string),
+            timeout_ms: call.metadata.timeout_ms,
+            authentication_data: call.metadata.authentication_data.map(|a| PyBytes::new(py, a).unbind()),
+        };
+        hook.call1(py, (peer, call.service, call.method, Py::new(py, metadata)?))?.extract::<bool>(py)
+    })();
+    match outcome {
+        Ok(true) => CallDecision::Allow,
+        Ok(false) => CallDecision::deny(""),
+        Err(e) => match rpc_status(py, &e) {
+            Some((code, text)) => CallDecision::Deny { code, text },
+            None => {
+                crate::errors::log_exception(py, e, "the authorize hook failed; the call is refused");
+                CallDecision::deny("")
+            }
+        },
+    }
+}
+
 /// A handler and the service and method it answers.
 type Registered = (String, String, Arc<Py<PyAny>>);
 
@@ -124,6 +173,7 @@ type Registered = (String, String, Arc<Py<PyAny>>);
 pub struct PyServer {
     tls: Py<PyTlsConfig>,
     handlers: Mutex<Vec<Registered>>,
+    authorize: Mutex<Option<Arc<Py<PyAny>>>>,
     running: Mutex<Option<RunningServer>>,
     port: Mutex<Option<(String, u16)>>,
 }
@@ -132,13 +182,26 @@ pub struct PyServer {
 impl PyServer {
     #[new]
     fn new(tls: Py<PyTlsConfig>) -> Self {
-        PyServer { tls, handlers: Mutex::new(Vec::new()), running: Mutex::new(None), port: Mutex::new(None) }
+        PyServer {
+            tls,
+            handlers: Mutex::new(Vec::new()),
+            authorize: Mutex::new(None),
+            running: Mutex::new(None),
+            port: Mutex::new(None),
+        }
     }
 
     /// Registers `handler(payload: bytes, ctx: CallContext) -> tuple[bytes, bytes]` (payload,
     /// attachment). Runs on a thread of trustwire's blocking pool.
     fn register(&self, service: String, method: String, handler: Py<PyAny>) {
         self.handlers.lock().unwrap_or_else(|p| p.into_inner()).push((service, method, Arc::new(handler)));
+    }
+
+    /// Sets the call hook `hook(peer, service, method, metadata) -> bool` (None removes it),
+    /// run before every handler the method rules allow. It runs on a runtime thread with the
+    /// GIL: keep it quick.
+    fn set_authorize(&self, hook: Option<Py<PyAny>>) {
+        *self.authorize.lock().unwrap_or_else(|p| p.into_inner()) = hook.map(Arc::new);
     }
 
     /// Binds `address` ("host:port", port 0 for any) and starts serving.
@@ -149,6 +212,9 @@ impl PyServer {
         }
         let tls = self.tls.get().server_tls(py)?;
         let mut server = Server::new(tls);
+        if let Some(hook) = self.authorize.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            server.authorize_calls(move |call: &Call<'_>| Python::with_gil(|py| run_call_hook(py, &hook, call)));
+        }
         for (service, method, handler) in self.handlers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let handler = handler.clone();
             server.register(service, method, move |req: Request| {

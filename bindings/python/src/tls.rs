@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
+use trustwire::authz::PeerDecision;
 use trustwire::credentials::{
     CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec,
 };
@@ -223,7 +224,7 @@ fn options(reload_interval: Option<f64>) -> PyResult<StoreOptions> {
 #[pymethods]
 impl PyTlsConfig {
     #[new]
-    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false, workload_api=None, svid_spiffe_id=None, svid_hint=None))]
+    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false, workload_api=None, svid_spiffe_id=None, svid_hint=None, authorize_peer=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -240,6 +241,7 @@ impl PyTlsConfig {
         workload_api: Option<String>,
         svid_spiffe_id: Option<String>,
         svid_hint: Option<String>,
+        authorize_peer: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let workload_api = match workload_api {
             None if svid_spiffe_id.is_some() || svid_hint.is_some() => {
@@ -283,7 +285,11 @@ impl PyTlsConfig {
         template.server_name = server_name;
         template.server_spiffe_id = server_spiffe_id;
         template.trust.require_fresh_crls = require_fresh_crls;
-        Self::build(py, sources, template, options(reload_interval)?)
+        let mut options = options(reload_interval)?;
+        options.hooks.peer = authorize_peer.map(|hook| -> Arc<dyn trustwire::authz::PeerHook> {
+            Arc::new(move |peer: &trustwire::PeerIdentity| Python::with_gil(|py| run_peer_hook(py, &hook, peer)))
+        });
+        Self::build(py, sources, template, options)
     }
 
     /// Loads a TOML profile file (the format the CLI and C API share).
@@ -338,5 +344,22 @@ impl PyTlsConfig {
 
     fn __repr__(&self) -> String {
         format!("TlsConfig(roles={:?}, generation={})", self.roles(), self.generation())
+    }
+}
+
+/// Runs a Python connection hook `hook(peer)`: True admits; False, or an exception (reported
+/// as unraisable), refuses; a string returned is taken as the refusal's reason.
+fn run_peer_hook(py: Python<'_>, hook: &Py<PyAny>, peer: &trustwire::PeerIdentity) -> PeerDecision {
+    let outcome = Py::new(py, crate::rpc::PyPeerIdentity::from(peer)).and_then(|p| hook.call1(py, (p,)));
+    match outcome {
+        Ok(v) => match (v.extract::<bool>(py), v.extract::<String>(py)) {
+            (Ok(true), _) => PeerDecision::Allow,
+            (_, Ok(reason)) => PeerDecision::Deny(reason),
+            _ => PeerDecision::Deny("refused by the Python connection hook".into()),
+        },
+        Err(e) => {
+            crate::errors::log_exception(py, e, "the authorize_peer hook raised; the peer is refused");
+            PeerDecision::Deny("the Python connection hook raised".into())
+        }
     }
 }
