@@ -159,6 +159,10 @@ fn admin_rules_profile(pki: &Pki) -> TlsProfile {
         .with_rule(&["example.AdminService/*"], &["spiffe://example.org/ns/prod/admin-only"])
         .unwrap()
         .with_rule(&["example.EchoService/*"], &["spiffe://example.org/ns/prod/*"])
+        .unwrap()
+        // Everything else is open to prod, so the unqualified AdminService below is refused only
+        // because the route checks the full name brpc would resolve it to, not by default-deny.
+        .with_rule(&["*"], &["spiffe://example.org/ns/prod/*"])
         .unwrap();
     profile
 }

@@ -167,7 +167,10 @@ async fn sockets_over_a_handshake_budget_are_closed_at_once_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_over_max_connections_is_closed_before_its_handshake() {
     let pki = Pki::new();
-    let mut server = Server::new(pki.server_profile().server().unwrap());
+    let mut profile = pki.server_profile();
+    // A socket closed within the test's wait was refused, not timed out in its handshake.
+    profile.handshake_timeout = Duration::from_secs(600);
+    let mut server = Server::new(profile.server().unwrap());
     trustwire::echo::register(&mut server);
     server.options_mut().max_connections = 1;
     let server = server.bind("127.0.0.1:0").await.unwrap();
@@ -175,6 +178,14 @@ async fn a_connection_over_max_connections_is_closed_before_its_handshake() {
 
     let first = client(server.local_addr(), &pki.client_profile());
     assert_eq!(echo(&first, "one").await.unwrap(), "one");
+    // A socket that never starts its handshake is closed all the same: the budget is checked
+    // when it is accepted, not once a handshake has been paid for.
+    let mut silent = idle_sockets(server.local_addr(), "127.0.0.1".parse().unwrap(), 1).await;
+    assert_eq!(silent.len(), 1);
+    assert!(
+        closed_by_server(&mut silent[0], Duration::from_secs(30)).await,
+        "a socket over max_connections is closed before its handshake"
+    );
     let options = ClientOptions { connect_timeout: Duration::from_secs(10), ..Default::default() };
     let second = Client::new(server.local_addr().to_string(), pki.client_profile().client().unwrap(), options);
     let err = echo(&second, "two").await.expect_err("a second connection is over max_connections");

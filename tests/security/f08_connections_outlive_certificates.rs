@@ -77,6 +77,25 @@ async fn the_server_closes_a_connection_when_the_client_certificate_expires() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_closes_a_connection_when_its_own_certificate_expires() {
+    let pki = Pki::new();
+    let req = trustwire::pki::IssueRequest::new("brief-server").spiffe_id(SERVER_ID).dns("localhost").ip(localhost());
+    let (cred, not_after) = short_lived(&pki, req, 3);
+    let server = echo_server(&TlsProfile::new(Some(identity(&cred)), pki.trust())).await;
+    // The client's certificate outlives the test, and a bare connection does not close itself.
+    let tls = pki.client_profile().client().unwrap();
+    let addr = server.local_addr().to_string();
+    let (stream, _) = trustwire::transport::connect(&tls, &addr, Duration::from_secs(5)).await.unwrap();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    wr.write_all(&echo_request(9, Bytes::from(trustwire::echo::encode("hi")))).await.unwrap();
+    let answer = read_frame(&mut rd, &mut BytesMut::new()).await;
+    assert_eq!(answer.meta.correlation_id, Some(9));
+
+    until_closed(&mut rd).await;
+    assert!(SystemTime::now() >= not_after, "closed before the server's certificate expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_closes_its_connection_when_the_server_certificate_expires() {
     let pki = Pki::new();
     let req = trustwire::pki::IssueRequest::new("brief-server").spiffe_id(SERVER_ID).dns("localhost").ip(localhost());

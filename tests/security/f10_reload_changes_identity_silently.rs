@@ -59,8 +59,14 @@ async fn a_reload_to_another_spiffe_id_is_refused_and_the_old_identity_keeps_ser
 #[test]
 fn a_change_of_identity_goes_live_when_allowed_explicitly() {
     let pki = Pki::new();
-    let store = store(&pki, None, true);
     let other = pki.issue(IssueRequest::new("renamed").spiffe_id("spiffe://example.org/ns/test/renamed"));
+    // The option is what lets it through: the same change is refused without it.
+    let default = store(&pki, None, false);
+    let err = default.set_identity_pem(other.cert_pem.as_bytes(), other.key_pem.as_bytes()).unwrap_err();
+    assert_eq!(err.verdict(), Some(Verdict::IdentityChanged), "{err}");
+    assert_eq!(spiffe_id(&default).as_deref(), Some(SERVER_ID));
+
+    let store = store(&pki, None, true);
     store.set_identity_pem(other.cert_pem.as_bytes(), other.key_pem.as_bytes()).unwrap();
     assert_eq!(spiffe_id(&store).as_deref(), Some("spiffe://example.org/ns/test/renamed"));
 }
