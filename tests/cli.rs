@@ -616,3 +616,57 @@ fn address_in_use_is_not_a_configuration_error() {
     assert!(err.contains("error (transport): cannot listen on") && err.contains("in use"), "{err}");
     assert!(!err.contains("invalid configuration"), "{err}");
 }
+
+/// Separate client and server CAs: a server whose certificate comes from CA-S while it trusts
+/// only CA-C for its clients starts (its own chain is checked without CA-S, and the log says
+/// peers must trust its issuer), and serves a client of CA-C that trusts CA-S; a client of CA-S
+/// is still refused, since trust stays what was configured.
+#[test]
+fn our_certificate_need_not_chain_to_the_bundle_we_trust_peers_with() {
+    let servers = pki_dir();
+    let clients = tempfile::tempdir().unwrap();
+    let c = clients.path().display().to_string();
+    ok(&["pki", "init", "--dir", &c, "--trust-domain", "example.org"]);
+    ok(&[
+        "pki",
+        "issue",
+        "--dir",
+        &c,
+        "--name",
+        "web",
+        "--spiffe-id",
+        "spiffe://example.org/ns/prod/web",
+        "--usage",
+        "client",
+    ]);
+    let s = servers.path();
+    let mut child = Command::new(trustwire_bin())
+        .args(["serve-echo", "--listen", "127.0.0.1:0", "--cert", &p(s, "echo.pem"), "--key", &p(s, "echo.key")])
+        .args(["--ca", &p(clients.path(), "ca.pem")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let _server = Kill(child);
+    assert!(line.contains("serving"), "serve-echo refused its own certificate: {line}");
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+
+    let call = |dir: &Path, name: &str| {
+        let (cert, key) = (p(dir, &format!("{name}.pem")), p(dir, &format!("{name}.key")));
+        let args = ["call", &addr, "example.EchoService/Echo", "--echo", "hi", "--cert", &cert, "--key", &key];
+        run(&[&args[..], &["--ca", &p(s, "ca.pem")]].concat())
+    };
+    let out = call(clients.path(), "web");
+    assert!(out.status.success(), "a client of the client CA is served: {}", String::from_utf8_lossy(&out.stderr));
+    let out = call(s, "batch");
+    assert!(!out.status.success(), "a client of the server CA is not trusted by the server");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("access_denied") || err.contains("unknown_ca"), "{err}");
+    drop(_server);
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+    assert!(log.contains("peers must trust it"), "{log}");
+}

@@ -13,7 +13,9 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::error::Error;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::error::{Error, Verdict};
 use crate::tls::policy::Policy;
 use crate::tls::verify::{
     take_diagnosis, tls12_signature, tls13_signature, verdict_for_tls_error, verify_schemes, ClientVerifier,
@@ -124,6 +126,10 @@ fn tls_config_error(e: TlsError) -> Error {
 /// Our identity as a server, verified the way our clients verify servers (CA set of our trust
 /// domain, CRLs in force), by a client holding the new trust bundle.
 pub(super) fn server(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
+    outside_our_bundle(server_against(identity, trust, template), identity, trust, "server")
+}
+
+fn server_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
     let view = peer_view(identity, trust, template);
     let versions = template.versions();
     let server = ServerConfig::builder_with_provider(Arc::new(provider()))
@@ -151,6 +157,10 @@ pub(super) fn server(identity: &Identity, trust: &TrustBundle, template: &TlsPro
 /// Our identity as a client, verified the way our servers verify clients, by a server holding
 /// the new trust bundle.
 pub(super) fn client(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
+    outside_our_bundle(client_against(identity, trust, template), identity, trust, "client")
+}
+
+fn client_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
     let view = peer_view(identity, trust, template);
     let versions = template.versions();
     let (peer_cert, peer_key) = throwaway_server()?;
@@ -236,4 +246,78 @@ fn run(client: ClientConfig, server: ServerConfig, role: &str) -> Result<(), Err
         }
     }
     Err(Error::credentials(None, format!("the pre-flight handshake as a {role} did not finish")))
+}
+
+/// Our certificate may come from another CA than the ones we trust for peers (separate client
+/// and server CAs are common): when the pre-flight's only objection is an issuer outside our
+/// bundle, and no CA in the bundle has that issuer's name (which would mean a missing
+/// intermediate, a mistake every peer would hit too), check what we can without the issuer:
+/// each certificate in the chain signed by the next, every one within its validity window, the
+/// leaf's extended key usage for `role`; the key was checked against the certificate already.
+/// Then the peer side must trust our issuer, which is logged.
+fn outside_our_bundle(
+    checked: Result<(), Error>,
+    identity: &Identity,
+    trust: &TrustBundle,
+    role: &str,
+) -> Result<(), Error> {
+    let Err(e) = checked else { return Ok(()) };
+    if e.verdict() != Some(Verdict::UnknownIssuer) {
+        return Err(e);
+    }
+    let parsed = identity
+        .chain
+        .iter()
+        .map(|c| X509Certificate::from_der(c.as_ref()).map(|(_, x)| x))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| e.clone())?;
+    let Some(top) = parsed.last() else { return Err(e) };
+    let issuer = top.issuer().as_raw();
+    let ours = trust.roots.iter().chain(trust.federated.values().flatten());
+    let named_in_bundle =
+        ours.filter_map(|c| X509Certificate::from_der(c.as_ref()).ok()).any(|(_, ca)| ca.subject().as_raw() == issuer);
+    if named_in_bundle {
+        return Err(e);
+    }
+    let fail = |verdict, why: String| {
+        Err(Error::credentials(Some(verdict), format!("our new certificate cannot be used as a {role}: {why}")))
+    };
+    for pair in parsed.windows(2) {
+        if pair[0].verify_signature(Some(pair[1].public_key())).is_err() {
+            return fail(
+                Verdict::BadSignature,
+                format!(
+                    "'{}' in our chain is not signed by the next certificate, '{}'",
+                    pair[0].subject(),
+                    pair[1].subject()
+                ),
+            );
+        }
+    }
+    for c in &parsed {
+        let v = c.validity();
+        if !v.is_valid() {
+            let verdict = match v.time_to_expiration() {
+                None if v.not_before.timestamp() > UnixTime::now().as_secs() as i64 => Verdict::NotYetValid,
+                _ => Verdict::Expired,
+            };
+            return fail(verdict, format!("'{}' is valid from {} to {}", c.subject(), v.not_before, v.not_after));
+        }
+    }
+    if let Ok(Some(eku)) = parsed[0].extended_key_usage() {
+        let eku = eku.value;
+        let allowed = eku.any || if role == "server" { eku.server_auth } else { eku.client_auth };
+        if !allowed {
+            return fail(
+                Verdict::BadKeyUsage,
+                format!("the certificate's extended key usage does not allow {role} authentication"),
+            );
+        }
+    }
+    tracing::warn!(
+        role,
+        issuer = %top.issuer(),
+        "our certificate's issuer is not in our trust bundle: peers must trust it to accept us as a {role}"
+    );
+    Ok(())
 }
