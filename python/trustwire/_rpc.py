@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import (
@@ -93,6 +94,8 @@ class Server:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._stopped.set()
 
     def method(self, service: str, method: str) -> Callable[[H], H]:
         """Decorator registering a handler for ``service`` (full name) and ``method``."""
@@ -160,7 +163,31 @@ class Server:
 
     def start(self, address: str = "127.0.0.1:0") -> int:
         """Binds ``address`` (port 0: any free port) and serves; returns the port."""
-        return self._native.start(address)
+        port = self._native.start(address)
+        self._stopped.clear()
+        return port
+
+    def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until the server is stopped (by :meth:`stop` from another thread or a signal
+        handler) or ``timeout`` seconds pass; returns True when the timeout passed first (as
+        ``grpc.Server.wait_for_termination`` does). Ctrl-C interrupts the wait."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 0.25 if deadline is None else min(0.25, max(0.0, deadline - time.monotonic()))
+            if self._stopped.wait(step):
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return True
+
+    def serve_forever(self, address: Optional[str] = None) -> None:
+        """Starts the server (on ``address`` when given and not yet started) and serves until it
+        is stopped; Ctrl-C (KeyboardInterrupt) stops it gracefully, finishing calls in flight."""
+        if not self._native.running:
+            self.start(address if address is not None else "127.0.0.1:0")
+        try:
+            self.wait_for_termination()
+        except KeyboardInterrupt:
+            self.stop()
 
     @property
     def port(self) -> int:
@@ -177,6 +204,7 @@ class Server:
     def stop(self) -> None:
         """Stops accepting, lets calls in flight finish, closes connections. Idempotent."""
         self._native.stop()
+        self._stopped.set()
         with self._lock:
             loop, thread = self._loop, self._loop_thread
             self._loop = self._loop_thread = None

@@ -207,3 +207,23 @@ def test_cancelled_acall_does_not_disturb_the_client(env: Env) -> None:
 
         asyncio.run(main())
         client.close()
+
+
+def test_serve_forever_and_wait_for_termination_return_once_the_server_stops(env: Env) -> None:
+    import threading
+
+    server = trustwire.Server(env.tls("server"))
+    server.register(*ECHO, lambda p, c: p)
+    assert server.wait_for_termination(timeout=0) is False, "a server never started is not running"
+    server.start("127.0.0.1:0")
+    assert server.wait_for_termination(timeout=0.05) is True, "still serving when the timeout passes"
+    with trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client")) as client:
+        assert client.call(*ECHO, b"x") == b"x"
+    threading.Timer(0.2, server.stop).start()
+    assert server.wait_for_termination(timeout=10) is False
+
+    again = trustwire.Server(env.tls("server"))
+    again.register(*ECHO, lambda p, c: p)
+    threading.Timer(0.3, again.stop).start()
+    again.serve_forever("127.0.0.1:0")  # returns once stop() ran
+    assert not again._native.running
