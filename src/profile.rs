@@ -11,6 +11,7 @@
 //! # svid = "spiffe://example.org/ns/prod/echo"  # which SVID, when the agent returns several
 //! # svid_hint = "internal"       # or choose it by the hint SPIRE gives it
 //! allow_identity_change = false # true: a reload may change our SPIFFE ID (refused by default)
+//! expiry_warning_days = 7        # warn when our certificate has less left (0: never)
 //!
 //! [trust]
 //! trust_domain = "example.org"  # what `ca` vouches for (default: our own SPIFFE ID's domain)
@@ -88,6 +89,9 @@ pub struct IdentitySection {
     /// Let a reload change our SPIFFE ID (refused by default).
     #[serde(default)]
     pub allow_identity_change: bool,
+    /// Warn (log, `Expiring` event) when our certificate has less than this many days left
+    /// (default 7; 0: never).
+    pub expiry_warning_days: Option<u32>,
 }
 
 /// A path, or a list of them.
@@ -210,10 +214,14 @@ impl ProfileFile {
         Ok(profile)
     }
 
-    /// Store options the profile sets (`allow_identity_change`), on top of `base`.
+    /// Store options the profile sets (`allow_identity_change`, `expiry_warning_days`), on top
+    /// of `base`.
     pub fn store_options(&self, mut base: StoreOptions) -> StoreOptions {
         if self.identity.as_ref().is_some_and(|i| i.allow_identity_change) {
             base.allow_identity_change = true;
+        }
+        if let Some(days) = self.identity.as_ref().and_then(|i| i.expiry_warning_days) {
+            base.expiry_warning = std::time::Duration::from_secs(u64::from(days) * 24 * 3600);
         }
         base
     }

@@ -670,3 +670,31 @@ fn our_certificate_need_not_chain_to_the_bundle_we_trust_peers_with() {
     std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
     assert!(log.contains("peers must trust it"), "{log}");
 }
+
+/// A half-written certificate or key says which block is unterminated and on which line, and
+/// every identity refusal names the files it read.
+#[test]
+fn credential_errors_name_the_files_and_the_unterminated_block() {
+    let dir = pki_dir();
+    let d = dir.path();
+    let cert = std::fs::read_to_string(d.join("echo.pem")).unwrap();
+    std::fs::write(d.join("cut.pem"), &cert[..cert.len() / 2]).unwrap();
+    let key = std::fs::read_to_string(d.join("echo.key")).unwrap();
+    std::fs::write(d.join("cut.key"), &key[..key.len() / 2]).unwrap();
+    let start = |cert: &str, key: &str| {
+        let out = run(&["serve-echo", "--listen", "127.0.0.1:0", "--cert", &p(d, cert), "--key", &p(d, key)]
+            .into_iter()
+            .chain(["--ca", &p(d, "ca.pem")])
+            .collect::<Vec<_>>());
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = start("cut.pem", "echo.key");
+    assert!(err.contains("[bad_pem]") && err.contains("\"BEGIN CERTIFICATE\" block at line 1"), "{err}");
+    assert!(err.contains("cut short") && err.contains(&p(d, "cut.pem")), "{err}");
+    let err = start("echo.pem", "cut.key");
+    assert!(err.contains("\"BEGIN PRIVATE KEY\" block at line 1") && err.contains(&p(d, "cut.key")), "{err}");
+    let err = start("echo.pem", "web.key");
+    assert!(err.contains("[key_mismatch]"), "{err}");
+    assert!(err.contains(&format!("certificate {}, key {}", p(d, "echo.pem"), p(d, "web.key"))), "{err}");
+}

@@ -356,3 +356,22 @@ fn verdict_names_are_stable() {
         assert_eq!(Verdict::from_name(v.name()), Some(*v));
     }
 }
+
+#[test]
+fn the_expiry_warning_window_is_set_by_the_profile() {
+    use trustwire::credentials::StoreOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let load = |identity: &str| {
+        std::fs::write(
+            &path,
+            format!("[identity]\ncert = \"a.pem\"\nkey = \"a.key\"\n{identity}\n[trust]\nca = \"ca.pem\"\n"),
+        )
+        .unwrap();
+        ProfileFile::load(&path).map(|f| f.store_options(StoreOptions::default()).expiry_warning)
+    };
+    assert_eq!(load("").unwrap(), Duration::from_secs(7 * 86400), "seven days by default");
+    assert_eq!(load("expiry_warning_days = 30").unwrap(), Duration::from_secs(30 * 86400));
+    assert_eq!(load("expiry_warning_days = 0").unwrap(), Duration::ZERO);
+    assert!(load("expiry_warning_days = -1").is_err());
+}

@@ -650,13 +650,26 @@ pub(crate) fn load_fixed(sources: &Sources, template: &TlsProfile) -> Result<(Op
     Ok((loaded.identity, loaded.trust))
 }
 
+/// An identity's refusal, saying which files it read.
+fn naming_files(e: Error, sources: &Sources) -> Error {
+    let files = match &sources.identity {
+        IdentitySource::Files { chain, key } => format!("certificate {}, key {}", chain.display(), key.display()),
+        IdentitySource::Combined(path) => format!("combined key and chain {}", path.display()),
+        _ => return e,
+    };
+    match e {
+        Error::Credentials { verdict, message } => Error::credentials(verdict, format!("{message} [{files}]")),
+        other => other,
+    }
+}
+
 /// Parses the identity, the trust material by trust domain and the CRLs, and checks them.
 fn validate(m: &Material, sources: &Sources, template: &TlsProfile) -> Result<Loaded, Error> {
     let (material_digest, trust_digest) = m.digests();
     let identity = match &m.identity {
         None => None,
-        Some((chain, Some(key), _)) => Some(Identity::from_pem(chain, key)?),
-        Some((combined, None, _)) => Some(Identity::from_combined_pem(combined)?),
+        Some((chain, Some(key), _)) => Some(Identity::from_pem(chain, key).map_err(|e| naming_files(e, sources))?),
+        Some((combined, None, _)) => Some(Identity::from_combined_pem(combined).map_err(|e| naming_files(e, sources))?),
     };
     let insecure_key_file = m.identity.as_ref().and_then(|(_, _, path)| path.as_deref()).and_then(readable_by_others);
     let mut trust = TrustBundle {

@@ -334,7 +334,7 @@ pub(crate) fn pem_files(path: &Path) -> Result<Vec<PathBuf>, Error> {
 pub(crate) fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| Error::credentials(Some(Verdict::BadPem), format!("{what}: not valid PEM ({e})")))?;
+        .map_err(|e| Error::credentials(Some(Verdict::BadPem), format!("{what}: {}", pem_problem(pem, &e))))?;
     if certs.is_empty() {
         return Err(Error::credentials(
             Some(Verdict::BadPem),
@@ -358,6 +358,34 @@ pub(crate) fn parse_key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>
             Some(Verdict::BadPem),
             format!("{what}: no private key block found (empty or half-written file?)"),
         ),
-        other => Error::credentials(Some(Verdict::BadPem), format!("{what}: not a valid PEM private key ({other})")),
+        other => Error::credentials(Some(Verdict::BadPem), format!("{what}: {}", pem_problem(pem, &other))),
     })
+}
+
+/// What is wrong with PEM text, in words: which block, on which line.
+pub(crate) fn pem_problem(pem: &[u8], e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => {
+            let label = String::from_utf8_lossy(end_marker);
+            let begin = format!("-----BEGIN {label}-----");
+            let line = pem
+                .split(|b| *b == b'\n')
+                .enumerate()
+                .filter(|(_, l)| l.starts_with(begin.as_bytes()))
+                .map(|(i, _)| i + 1)
+                .last();
+            let blocks = pem.split(|b| *b == b'\n').filter(|l| l.starts_with(b"-----BEGIN ")).count();
+            format!(
+                "the \"BEGIN {label}\" block{} (block {blocks}) has no \"END {label}\" line: the file is cut short \
+                 or still being written",
+                line.map(|l| format!(" at line {l}")).unwrap_or_default()
+            )
+        }
+        E::IllegalSectionStart { line } => {
+            format!("a PEM block starts inside another: '{}'", String::from_utf8_lossy(line).trim())
+        }
+        E::Base64Decode(why) => format!("a PEM block's base64 does not decode ({why})"),
+        other => format!("not valid PEM ({other})"),
+    }
 }
