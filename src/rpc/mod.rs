@@ -35,6 +35,9 @@ pub struct Request {
     pub deadline: Option<Instant>,
     pub request_id: Option<String>,
     pub user_fields: BTreeMap<String, String>,
+    /// The request's authentication_data, raw: a trustwire proxy's identity token when one
+    /// forwarded the call (verify it with `proxy::token::verify`).
+    pub authentication_data: Option<Bytes>,
     /// The verified peer.
     pub peer: Arc<PeerIdentity>,
 }

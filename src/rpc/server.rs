@@ -759,6 +759,7 @@ fn dispatch(
         deadline: timeout_ms.filter(|t| *t > 0).map(|t| Instant::now() + Duration::from_millis(t as u64)),
         request_id: req.request_id.clone(),
         user_fields: frame.meta.user_fields,
+        authentication_data: frame.meta.authentication_data,
         payload: frame.payload,
         attachment: frame.attachment,
         peer: peer.clone(),

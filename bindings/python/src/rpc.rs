@@ -75,6 +75,9 @@ pub struct PyCallContext {
     timeout_ms: Option<i32>,
     /// When the caller gives up, as a Unix timestamp (comparable with time.time()).
     deadline: Option<f64>,
+    /// The request's authentication_data, raw (a trustwire proxy's identity token, when one
+    /// forwarded the call: `trustwire.verify_identity_token` checks it).
+    authentication_data: Option<Py<PyBytes>>,
 }
 
 #[pymethods]
@@ -99,6 +102,7 @@ fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request) -> Result<Resp
             request_id: req.request_id.clone(),
             timeout_ms: req.timeout_ms,
             deadline,
+            authentication_data: req.authentication_data.as_ref().map(|a| PyBytes::new(py, a).unbind()),
         };
         Ok((PyBytes::new(py, &req.payload).unbind(), Py::new(py, ctx)?))
     };
