@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 
 PREFIX ?= /usr/local
 
-.PHONY: examples install test-packaging header all build demo test test-rust test-fuzz test-python python bench bench-python fuzz deps lint clean
+.PHONY: examples install test-packaging header all build demo test test-rust test-fuzz test-python test-wheel wheel python bench bench-python fuzz deps lint clean
 
 all: build
 
@@ -33,6 +33,7 @@ test: deps
 	TRUSTWIRE_REQUIRE_PEERS=1 $(CARGO) test --workspace --release -- --test-threads=2
 	$(CARGO) run --release -p trustwire-fuzz -- --seconds $(FUZZ_SECONDS)
 	$(MAKE) --no-print-directory test-python
+	$(MAKE) --no-print-directory test-wheel
 	$(MAKE) --no-print-directory test-packaging
 
 # The Python package in a virtualenv of its own (.venv): build it the way `pip install .` does,
@@ -41,6 +42,21 @@ python: deps
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "maturin>=1.7,<2" pytest "mypy==2.4.1"
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation .
+
+# The abi3 wheel users install (target/wheels), and the Python suite run against it in a fresh
+# virtualenv, so what ships is what is tested.
+WHEEL_VENV ?= target/wheel-venv
+wheel: python
+	rm -rf target/wheels
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m maturin build --release --quiet --out target/wheels
+	ls target/wheels/trustwire-*-abi3-*.whl
+
+test-wheel: wheel
+	rm -rf $(WHEEL_VENV)
+	python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q pytest target/wheels/trustwire-*-abi3-*.whl
+	cd tests/python && ../../$(WHEEL_VENV)/bin/python -c 'import trustwire, sys; assert "site-packages" in trustwire.__file__, trustwire.__file__'
+	$(WHEEL_VENV)/bin/python -m pytest tests/python -q -p no:cacheprovider
 
 test-python: python
 	$(PY) -m pytest tests/python -q
