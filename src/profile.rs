@@ -266,21 +266,20 @@ impl ProfileFile {
     /// The files the profile names, as credential sources (paths resolved).
     pub fn sources(&self) -> Result<Sources, Error> {
         let workload_api = self.workload_api()?;
-        let identity = match &self.identity {
-            None => IdentitySource::None,
-            Some(IdentitySection { workload_api: Some(_), cert: None, key: None, combined: None, .. }) => {
-                IdentitySource::None
-            }
-            Some(IdentitySection { workload_api: Some(_), .. }) => {
-                return Err(Error::config(
+        let identity =
+            match &self.identity {
+                None => IdentitySource::None,
+                Some(IdentitySection { workload_api: Some(_), cert: None, key: None, combined: None, .. }) => {
+                    IdentitySource::None
+                }
+                Some(IdentitySection { workload_api: Some(_), .. }) => return Err(Error::config(
                     "[identity] workload_api gives our SVID and key: remove cert, key and combined, or workload_api",
-                ))
-            }
-            Some(IdentitySection { combined: Some(c), cert: None, key: None, .. }) => {
-                IdentitySource::Combined(self.path(c))
-            }
-            Some(IdentitySection { cert: Some(c), key: Some(k), combined: None, pkcs11, .. }) => {
-                match (k.to_str().filter(|k| is_pkcs11_uri(k)), pkcs11) {
+                )),
+                Some(IdentitySection { combined: Some(c), cert: None, key: None, .. }) => {
+                    IdentitySource::Combined(self.path(c))
+                }
+                Some(IdentitySection { cert: Some(c), key: Some(k), combined: None, pkcs11, .. }) => {
+                    match (k.to_str().filter(|k| is_pkcs11_uri(k)), pkcs11) {
                     (Some(uri), Some(p11)) => {
                         IdentitySource::Pkcs11 { chain: self.path(c), key: p11.key_spec(uri, |p| self.path(p))? }
                     }
@@ -294,9 +293,9 @@ impl ProfileFile {
                     }
                     (None, None) => IdentitySource::Files { chain: self.path(c), key: self.path(k) },
                 }
-            }
-            Some(_) => return Err(Error::config("[identity] needs either cert and key, or combined (not both)")),
-        };
+                }
+                Some(_) => return Err(Error::config("[identity] needs either cert and key, or combined (not both)")),
+            };
         let paths = |ps: &Paths| ps.as_slice().iter().map(|p| PemSource::Path(self.path(p))).collect::<Vec<_>>();
         let mut federation = BTreeMap::new();
         for (name, f) in &self.trust.federation {

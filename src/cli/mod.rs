@@ -524,7 +524,7 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
             req.days = days;
             match key {
                 Some(uri) if is_pkcs11_uri(&uri) => {
-                    let token_key = TokenKey::open(&pkcs11.spec(&uri)?)?;
+                    let token_key = TokenKey::open(&pkcs11.spec(&uri)?, None)?;
                     let pem = ca.issue_for_public_key(&req, token_key.public_key_der())?;
                     let cert = dir.join(format!("{name}.pem"));
                     crate::pki::write_atomic(&cert, pem.as_bytes(), false)?;

@@ -654,7 +654,10 @@ fn validate(m: &Material, sources: &Sources, template: &TlsProfile) -> Result<Lo
         Some(IdentityBytes::Token { chain, key }) => {
             let chain = crate::tls::parse_certs(chain, "certificate chain")?;
             let what = format!("the key {} on the PKCS#11 token", key.uri);
-            let signing = pkcs11::TokenKey::open(key)?.into_signing_key();
+            let leaf = X509Certificate::from_der(chain[0].as_ref()).map_err(|e| {
+                Error::credentials(Some(Verdict::UnsupportedCertificate), format!("our certificate: {e}"))
+            })?;
+            let signing = pkcs11::TokenKey::open(key, Some(leaf.1.public_key().raw))?.into_signing_key();
             (Some(Identity::from_signing_key(chain, signing, &what)?), None)
         }
     };

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::os::raw::c_ulong;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -353,6 +354,15 @@ struct PoolState {
     open: usize,
 }
 
+/// Signing failures that may mean a token went away, since the process started.
+static FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Changes whenever a token key failed in a way that may have lost its session or object
+/// handles; part of the material digest of token identities, so a reload finds the key again.
+pub(crate) fn failure_epoch() -> u64 {
+    FAILURES.load(Ordering::Relaxed)
+}
+
 /// Errors after which a session is not given back to the pool.
 fn session_broken(e: &P11Error) -> bool {
     !matches!(e, P11Error::Pkcs11(RvError::DataLenRange | RvError::DataInvalid | RvError::MechanismInvalid, _))
@@ -392,6 +402,9 @@ impl Pool {
             Err(e) if session_broken(e) => {
                 drop(session);
                 self.release(None);
+                // The token may have gone (and may come back): the next reload or poll opens
+                // it again even though the files did not change.
+                FAILURES.fetch_add(1, Ordering::Relaxed);
             }
             _ => self.release(Some(session)),
         }
@@ -436,7 +449,12 @@ impl fmt::Debug for TokenKey {
 impl TokenKey {
     /// Finds the token and the key object, logs in with the PIN (read now), and reads the key's
     /// public half. Every failure names the module, token or object, and is `key_unavailable`.
-    pub fn open(spec: &Pkcs11KeySpec) -> Result<Self, Error> {
+    ///
+    /// `certificate_key` is the certificate's SubjectPublicKeyInfo: when the URI names several
+    /// private keys (a new key generated under the same label, for a rotation), the one this
+    /// certificate certifies is chosen, so the new certificate and the new key go live
+    /// together. Without it, the URI must name exactly one key.
+    pub fn open(spec: &Pkcs11KeySpec, certificate_key: Option<&[u8]>) -> Result<Self, Error> {
         let uri = &spec.uri;
         let module_name = spec.module.display().to_string();
         let ctx = module(&spec.module)?;
@@ -471,17 +489,34 @@ impl TokenKey {
         }
         let found =
             session.find_objects(&template).map_err(|e| unavailable(format!("{name}: cannot search objects: {e}")))?;
-        let key = match found.as_slice() {
-            [one] => *one,
-            [] => return Err(unavailable(format!("no private key {object} on {token} (module {module_name})"))),
-            more => {
+        if found.is_empty() {
+            return Err(unavailable(format!("no private key {object} on {token} (module {module_name})")));
+        }
+        let mut candidates = Vec::new();
+        for key in &found {
+            candidates.push((*key, public_half(&session, *key, &name)?));
+        }
+        let chosen = match certificate_key {
+            Some(want) => candidates.iter().position(|(_, (_, spki))| spki.as_ref() == want),
+            None if candidates.len() == 1 => Some(0),
+            None => {
                 return Err(unavailable(format!(
                     "{} private keys match {object} on {token}: name one with both object= and id=",
-                    more.len()
+                    candidates.len()
                 )))
             }
         };
-        let (kind, spki) = public_half(&session, key, &name)?;
+        let Some(chosen) = chosen else {
+            return Err(Error::credentials(
+                Some(Verdict::KeyMismatch),
+                format!(
+                    "the certificate's public key is not that of the private key {object} on {token} ({} \
+                     key(s) match the URI; key and certificate from different issuances?)",
+                    candidates.len()
+                ),
+            ));
+        };
+        let (key, (kind, spki)) = candidates.swap_remove(chosen);
         let pool = Pool {
             ctx,
             slot,
@@ -512,7 +547,9 @@ fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri, module_name: &str) -> Result<Slot, E
     let mut seen = Vec::new();
     for slot in slots {
         let Ok(info) = ctx.get_token_info(slot) else { continue };
-        seen.push(format!("'{}'", info.label()));
+        if !info.label().trim().is_empty() {
+            seen.push(format!("'{}'", info.label().trim_end()));
+        }
         let ok = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have.trim_end());
         if ok(&uri.token, info.label())
             && ok(&uri.manufacturer, info.manufacturer_id())

@@ -294,14 +294,20 @@ impl Material {
         }
         let trust = digest_of(&parts);
         let mut all: Vec<&[u8]> = vec![&trust];
-        // The token's state is not material: a token key changes when what names it does.
+        // A token key changes when what names it does, or after it failed (it is found again).
         let token_name;
         match &self.identity {
             None => {}
             Some(IdentityBytes::Pem { chain, key, .. }) => all.extend([chain.as_slice(), key.as_slice()]),
             Some(IdentityBytes::Combined { pem, .. }) => all.extend([pem.as_slice(), b"--combined--".as_slice()]),
             Some(IdentityBytes::Token { chain, key }) => {
-                token_name = format!("--pkcs11--{}--{}--{}", key.uri, key.module.display(), key.pin);
+                token_name = format!(
+                    "--pkcs11--{}--{}--{}--{}",
+                    key.uri,
+                    key.module.display(),
+                    key.pin,
+                    super::pkcs11::failure_epoch()
+                );
                 all.extend([chain.as_slice(), token_name.as_bytes()]);
             }
         }
