@@ -96,6 +96,9 @@ enum tw_result
   TW_BAD_PEM = 20,
   // A reload would change our own SPIFFE ID; refused unless allow_identity_change is set.
   TW_IDENTITY_CHANGED = 21,
+  // Our private key's PKCS#11 token is absent, refuses login, lacks the key object, or
+  // failed while signing.
+  TW_KEY_UNAVAILABLE = 22,
   // A required pointer argument was NULL.
   TW_NULL_ARGUMENT = 1000,
   // An argument is out of range or not valid UTF-8.
@@ -492,6 +495,20 @@ tw_result tw_profile_builder_set_identity_pem(tw_profile_builder *builder,
 tw_result tw_profile_builder_set_identity_files(tw_profile_builder *builder,
                                                 const char *chain_path,
                                                 const char *key_path);
+
+// Our certificate chain from a file, and a private key that stays on a PKCS#11 token:
+// `key_uri` is an RFC 7512 URI (`pkcs11:token=svc;object=echo-key`, or `id=%01`),
+// `module_path` the token's PKCS#11 library (e.g. libsofthsm2.so). The user PIN is read from
+// the environment variable `pin_env` or the file `pin_file` (exactly one non-NULL) at every
+// load, never kept. The URI is checked here; the token is opened by `tw_profile_builder_build`
+// (`TW_KEY_UNAVAILABLE` when it is absent, refuses login or lacks the key). Replaces any
+// identity set before. Strings are copied. Any thread.
+tw_result tw_profile_builder_set_identity_pkcs11(tw_profile_builder *builder,
+                                                 const char *chain_path,
+                                                 const char *key_uri,
+                                                 const char *module_path,
+                                                 const char *pin_env,
+                                                 const char *pin_file);
 
 // Adds trusted CA certificates from PEM bytes (copied).
 tw_result tw_profile_builder_add_trust_pem(tw_profile_builder *builder,
