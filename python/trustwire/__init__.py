@@ -22,6 +22,7 @@ from ._native import (
     IdentityChanged,
     Io,
     KeyMismatch,
+    KeyUnavailable,
     MethodNotAllowed,
     NameMismatch,
     NoPeerCertificate,
@@ -198,4 +199,5 @@ __all__ = [
     "KeyMismatch",
     "BadPem",
     "IdentityChanged",
+    "KeyUnavailable",
 ]

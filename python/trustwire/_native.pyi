@@ -10,6 +10,7 @@ __all__ = [
     "BadKeyUsage",
     "BadPem",
     "IdentityChanged",
+    "KeyUnavailable",
     "BadSignature",
     "CallContext",
     "Client",
@@ -100,6 +101,7 @@ class Io(HandshakeError): ...
 class KeyMismatch(HandshakeError): ...
 class BadPem(HandshakeError): ...
 class IdentityChanged(HandshakeError): ...
+class KeyUnavailable(HandshakeError): ...
 
 @final
 class Event:
@@ -139,6 +141,9 @@ class TlsConfig:
         server_spiffe_id: Optional[str] = None,
         reload_interval: Optional[float] = None,
         require_fresh_crls: bool = False,
+        pkcs11_module: Optional[Union[str, os.PathLike[str]]] = None,
+        pkcs11_pin_env: Optional[str] = None,
+        pkcs11_pin_file: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> TlsConfig: ...
     @staticmethod
     def from_file(path: Union[str, os.PathLike[str]], *, reload_interval: Optional[float] = None) -> TlsConfig: ...
