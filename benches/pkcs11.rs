@@ -139,7 +139,7 @@ fn main() {
     ca.issue(&server_request()).unwrap().write(d, "file-server").unwrap();
     let trust = || vec![PemSource::Path(d.join("ca.pem"))];
     let token_sources = |sessions: usize| Sources {
-        identity: IdentitySource::Pkcs11 { chain: d.join("token-server.pem"), key: spec(sessions) },
+        identity: IdentitySource::Pkcs11 { chain: d.join("token-server.pem"), key: Box::new(spec(sessions)) },
         trust: trust(),
         ..Sources::default()
     };

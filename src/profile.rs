@@ -280,9 +280,10 @@ impl ProfileFile {
                 }
                 Some(IdentitySection { cert: Some(c), key: Some(k), combined: None, pkcs11, .. }) => {
                     match (k.to_str().filter(|k| is_pkcs11_uri(k)), pkcs11) {
-                    (Some(uri), Some(p11)) => {
-                        IdentitySource::Pkcs11 { chain: self.path(c), key: p11.key_spec(uri, |p| self.path(p))? }
-                    }
+                    (Some(uri), Some(p11)) => IdentitySource::Pkcs11 {
+                        chain: self.path(c),
+                        key: Box::new(p11.key_spec(uri, |p| self.path(p))?),
+                    },
                     (Some(_), None) => return Err(Error::config(
                         "[identity] key is a pkcs11: URI: add [identity.pkcs11] with module and pin_file or pin_env",
                     )),

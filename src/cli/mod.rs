@@ -105,6 +105,8 @@ enum Command {
     },
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum PkiCommand {
     /// Create a CA: writes DIR/ca.pem and DIR/ca.key.
@@ -277,7 +279,7 @@ impl Creds {
         }
         if let (Some(chain), Some(key)) = (&self.cert, &self.key) {
             sources.identity = match key.to_str().filter(|k| is_pkcs11_uri(k)) {
-                Some(uri) => IdentitySource::Pkcs11 { chain: chain.clone(), key: self.pkcs11.spec(uri)? },
+                Some(uri) => IdentitySource::Pkcs11 { chain: chain.clone(), key: Box::new(self.pkcs11.spec(uri)?) },
                 None if self.pkcs11.given() => {
                     return Err(Error::config(
                         "--pkcs11-module and --pkcs11-pin-* go with --key pkcs11:…, not with a key file",

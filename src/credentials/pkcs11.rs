@@ -183,7 +183,8 @@ impl Pkcs11Uri {
             }
             *slot = Some(text(value, attr)?);
         }
-        for part in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        // Nothing a query may say is accepted: the first query attribute is the error.
+        if let Some(part) = query.unwrap_or_default().split('&').find(|p| !p.is_empty()) {
             let attr = part.split_once('=').map(|(a, _)| a).unwrap_or(part);
             return Err(err(match attr {
                 "pin-source" | "pin-value" => {

@@ -30,7 +30,7 @@ pub enum IdentitySource {
     /// PEM bytes handed in through the API.
     Pem { chain: Vec<u8>, key: Vec<u8> },
     /// A chain file and a private key that stays on a PKCS#11 token.
-    Pkcs11 { chain: PathBuf, key: Pkcs11KeySpec },
+    Pkcs11 { chain: PathBuf, key: Box<Pkcs11KeySpec> },
 }
 
 /// A PEM (or, for bundles, JSON) source for CA certificates or CRLs.
@@ -162,7 +162,7 @@ pub(crate) enum IdentityBytes {
     /// Key and chain in one PEM, and its file.
     Combined { pem: Vec<u8>, file: PathBuf },
     /// A chain, and a key found on a token at each load.
-    Token { chain: Vec<u8>, key: Pkcs11KeySpec },
+    Token { chain: Vec<u8>, key: Box<Pkcs11KeySpec> },
 }
 
 /// The raw bytes of every source, read at one moment.

@@ -298,7 +298,7 @@ pub unsafe extern "C" fn tw_profile_builder_set_identity_pkcs11(
             sessions: None,
         };
         let key = section.key_spec(uri, Path::to_path_buf)?;
-        b.sources.identity = IdentitySource::Pkcs11 { chain, key };
+        b.sources.identity = IdentitySource::Pkcs11 { chain, key: Box::new(key) };
         Ok(())
     })
 }

@@ -258,7 +258,7 @@ impl PyTlsConfig {
                     Pkcs11Section { module, pin_env: pkcs11_pin_env, pin_file: pkcs11_pin_file, sessions: None };
                 let uri = token_uri.as_deref().unwrap_or_default();
                 let key = section.key_spec(uri, Path::to_path_buf).map_err(|e| to_pyerr(py, e))?;
-                IdentitySource::Pkcs11 { chain, key }
+                IdentitySource::Pkcs11 { chain, key: Box::new(key) }
             }
             _ if token_flags => {
                 return Err(config_error(py, "pkcs11_module and pkcs11_pin_* go with key=\"pkcs11:…\""));
