@@ -469,7 +469,7 @@ impl TokenKey {
             Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => {
                 return Err(unavailable(format!(
-                    "{token} (module {module_name}) refused login: wrong PIN (from the {})",
+                    "{token} (module {module_name}) refused login: wrong PIN ({})",
                     spec.pin
                 )))
             }

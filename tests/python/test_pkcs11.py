@@ -64,6 +64,27 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, str]]:
            "client_cert": str(ca / "client.pem"), "client_key": str(ca / "client.key")}
 
 
+# First in the module: login state belongs to the process, and once a key of this token is in
+# use a wrong PIN can no longer be told apart (the token answers "already logged in").
+def test_token_refusals_are_key_unavailable(token: Dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TW_PY_PIN", "000000")
+    with pytest.raises(trustwire.CredentialsError, match="wrong PIN") as e:
+        trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=server-key", ca=token["ca"],
+                            pkcs11_module=token["module"], pkcs11_pin_env="TW_PY_PIN")
+    assert e.value.verdict == "key_unavailable"
+    monkeypatch.setenv("TW_PY_PIN", PIN)
+    with pytest.raises(trustwire.CredentialsError, match="no private key object 'missing' on token 'py'") as e:
+        trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=missing", ca=token["ca"],
+                            pkcs11_module=token["module"], pkcs11_pin_env="TW_PY_PIN")
+    assert e.value.verdict == "key_unavailable"
+    with pytest.raises(trustwire.CredentialsError, match="nowhere.so") as e:
+        trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=server-key", ca=token["ca"],
+                            pkcs11_module="/nowhere.so", pkcs11_pin_env="TW_PY_PIN")
+    assert e.value.verdict == "key_unavailable"
+    with pytest.raises(trustwire.ConfigError, match="pkcs11_module"):
+        trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=server-key", ca=token["ca"])
+
+
 def test_server_with_a_token_key_answers_calls(token: Dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TW_PY_PIN", PIN)
     tls = trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=server-key", ca=token["ca"],
@@ -83,19 +104,3 @@ def test_server_with_a_token_key_answers_calls(token: Dict[str, str], monkeypatc
     by_file = trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;id=%0a", ca=token["ca"],
                                   pkcs11_module=token["module"], pkcs11_pin_file=str(Path(token["dir"]) / "pin"))
     assert by_file.serial == tls.serial
-
-
-def test_token_refusals_are_key_unavailable(token: Dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TW_PY_PIN", "000000")
-    with pytest.raises(trustwire.KeyUnavailable, match="wrong PIN"):
-        trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=server-key", ca=token["ca"],
-                            pkcs11_module=token["module"], pkcs11_pin_env="TW_PY_PIN")
-    monkeypatch.setenv("TW_PY_PIN", PIN)
-    with pytest.raises(trustwire.KeyUnavailable, match="no private key object 'missing' on token 'py'"):
-        trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=missing", ca=token["ca"],
-                            pkcs11_module=token["module"], pkcs11_pin_env="TW_PY_PIN")
-    with pytest.raises(trustwire.KeyUnavailable, match="nowhere.so"):
-        trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=server-key", ca=token["ca"],
-                            pkcs11_module="/nowhere.so", pkcs11_pin_env="TW_PY_PIN")
-    with pytest.raises(trustwire.ConfigError, match="pkcs11_module"):
-        trustwire.TlsConfig(cert=token["cert"], key="pkcs11:token=py;object=server-key", ca=token["ca"])
