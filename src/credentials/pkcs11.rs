@@ -249,12 +249,18 @@ fn module(path: &Path) -> Result<Pkcs11, Error> {
 }
 
 fn read_pin(source: &PinSource) -> Result<AuthPin, Error> {
+    // Trimmed in place and moved into the secret, which wipes it when dropped: no copy is left.
     let pin = match source {
         PinSource::File(p) => {
-            let text = std::fs::read_to_string(p)
+            let mut text = std::fs::read_to_string(p)
                 .map_err(|e| unavailable(format!("cannot read the PIN file {}: {e}", p.display())))?;
-            let t = text.strip_suffix('\n').unwrap_or(&text);
-            t.strip_suffix('\r').unwrap_or(t).to_string()
+            if text.ends_with('\n') {
+                text.pop();
+            }
+            if text.ends_with('\r') {
+                text.pop();
+            }
+            text
         }
         PinSource::Env(v) => {
             std::env::var(v).map_err(|_| unavailable(format!("the PIN variable ${v} is not set (or not UTF-8)")))?
