@@ -78,6 +78,7 @@ bench: deps
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
 	$(CARGO) bench --bench rotation
 	$(CARGO) bench --bench proxy
+	$(CARGO) bench --bench pkcs11
 	$(CARGO) bench -p trustwire-c --bench c_client
 	$(MAKE) --no-print-directory bench-python
 

@@ -48,8 +48,6 @@
 // Longest reason or error text a hook may write, with its NUL.
 #define TW_HOOK_TEXT_MAX 512
 
-
-
 // Result of every fallible call. Numbers are stable and never reused: 1–999 are the failure
 // catalogue's verdicts (the same names as the Python exceptions and the metric labels),
 // 1000 and up are API and call errors. `tw_result_name()` gives the stable name.
@@ -101,6 +99,9 @@ enum tw_result
   TW_BAD_PEM = 20,
   // A reload would change our own SPIFFE ID; refused unless allow_identity_change is set.
   TW_IDENTITY_CHANGED = 21,
+  // Our private key's PKCS#11 token is absent, refuses login, lacks the key object, or
+  // failed while signing.
+  TW_KEY_UNAVAILABLE = 22,
   // A required pointer argument was NULL.
   TW_NULL_ARGUMENT = 1000,
   // An argument is out of range or not valid UTF-8.
@@ -557,6 +558,20 @@ tw_result tw_profile_builder_set_workload_api(tw_profile_builder *builder,
                                               const char *svid_spiffe_id,
                                               const char *svid_hint);
 
+// Our certificate chain from a file, and a private key that stays on a PKCS#11 token:
+// `key_uri` is an RFC 7512 URI (`pkcs11:token=svc;object=echo-key`, or `id=%01`),
+// `module_path` the token's PKCS#11 library (e.g. libsofthsm2.so). The user PIN is read from
+// the environment variable `pin_env` or the file `pin_file` (exactly one non-NULL) at every
+// load, never kept. The URI is checked here; the token is opened by `tw_profile_builder_build`
+// (`TW_KEY_UNAVAILABLE` when it is absent, refuses login or lacks the key). Replaces any
+// identity set before. Strings are copied. Any thread.
+tw_result tw_profile_builder_set_identity_pkcs11(tw_profile_builder *builder,
+                                                 const char *chain_path,
+                                                 const char *key_uri,
+                                                 const char *module_path,
+                                                 const char *pin_env,
+                                                 const char *pin_file);
+
 // Adds trusted CA certificates from PEM bytes (copied).
 tw_result tw_profile_builder_add_trust_pem(tw_profile_builder *builder,
                                            const uint8_t *pem,
@@ -627,7 +642,7 @@ tw_result tw_profile_builder_set_connection_hook(tw_profile_builder *builder,
                                                  tw_free_fn free_user_data);
 
 // Runs `hook` on every call the method rules allow, before its handler, in every server made
-// from this profile and on its proxy routes (see `tw_call_hook_fn`). NULL removes a hook set
+// from this profile (see `tw_call_hook_fn`). NULL removes a hook set
 // before; `free_user_data` as for `tw_profile_builder_set_connection_hook`.
 tw_result tw_profile_builder_set_call_hook(tw_profile_builder *builder,
                                            tw_call_hook_fn hook,

@@ -16,6 +16,9 @@ command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
 # make test-packaging builds a project against the installed library with pkg-config.
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+# tests/pkcs11.rs: a software PKCS#11 token, and OpenSC's pkcs11-tool to generate keys on it.
+command -v softhsm2-util >/dev/null 2>&1 || need_apt+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"

@@ -54,11 +54,14 @@ pub enum Verdict {
     BadPem = 20,
     /// A reload would change our own SPIFFE ID (or trust domain); refused unless allowed.
     IdentityChanged = 21,
+    /// Our private key's token (PKCS#11) is absent, refuses login, lacks the key object, or
+    /// failed while signing.
+    KeyUnavailable = 22,
 }
 
 impl Verdict {
     /// Every verdict, in number order.
-    pub const ALL: [Verdict; 21] = [
+    pub const ALL: [Verdict; 22] = [
         Verdict::UnknownIssuer,
         Verdict::BadSignature,
         Verdict::Expired,
@@ -80,6 +83,7 @@ impl Verdict {
         Verdict::KeyMismatch,
         Verdict::BadPem,
         Verdict::IdentityChanged,
+        Verdict::KeyUnavailable,
     ];
 
     /// The stable snake_case name (`unknown_issuer`, …).
@@ -106,6 +110,7 @@ impl Verdict {
             Verdict::KeyMismatch => "key_mismatch",
             Verdict::BadPem => "bad_pem",
             Verdict::IdentityChanged => "identity_changed",
+            Verdict::KeyUnavailable => "key_unavailable",
         }
     }
 

@@ -229,6 +229,25 @@ impl DevCa {
     /// Issues a leaf certificate with a fresh key.
     pub fn issue(&self, req: &IssueRequest) -> Result<Credential, Error> {
         let key = req.key_type.generate()?;
+        let params = self.leaf_params(req, req.key_type == KeyType::Rsa2048)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
+        Ok(Credential { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
+    /// Issues a leaf certificate for a key held elsewhere (a PKCS#11 token, say), from its
+    /// public key as DER SubjectPublicKeyInfo; returns the certificate PEM. `req.key_type` is
+    /// not used: the key is the one given.
+    pub fn issue_for_public_key(&self, req: &IssueRequest, spki_der: &[u8]) -> Result<String, Error> {
+        use x509_parser::prelude::FromDer;
+        let public = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| Error::config(format!("not a usable public key (SubjectPublicKeyInfo): {e}")))?;
+        let is_rsa = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
+            .is_ok_and(|(_, k)| k.algorithm.algorithm.to_id_string() == "1.2.840.113549.1.1.1");
+        let params = self.leaf_params(req, is_rsa)?;
+        Ok(params.signed_by(&public, &self.issuer).map_err(pki_err)?.pem())
+    }
+
+    fn leaf_params(&self, req: &IssueRequest, rsa: bool) -> Result<CertificateParams, Error> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, req.name.clone());
@@ -249,7 +268,7 @@ impl DevCa {
             params.subject_alt_names.push(SanType::URI(uri.clone().try_into().map_err(pki_err)?));
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        if req.key_type == KeyType::Rsa2048 {
+        if rsa {
             params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
         }
         params.extended_key_usages = match req.usage {
@@ -263,8 +282,7 @@ impl DevCa {
         params.not_after =
             to_offset(req.not_after.unwrap_or(now + Duration::from_secs(86_400 * u64::from(req.days.max(1)))));
         params.serial_number = Some(random_serial());
-        let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
-        Ok(Credential { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(params)
     }
 }
 

@@ -6,12 +6,19 @@
 //! cert = "certs/svc.pem"        # chain, leaf first
 //! key = "certs/svc.key"
 //! # or: combined = "svc.pem"    # key and chain in one file
+//! # or: key = "pkcs11:token=svc;object=echo-key"  # a key that stays on a PKCS#11 token (RFC
+//! #     7512 URI: token=, object= and/or id=%xx…), with [identity.pkcs11] below
 //! # or: workload_api = "unix:///run/spire/sockets/agent.sock"  # SVID, bundles and CRLs from a
 //! #     SPIRE agent (also "tcp://IP:PORT", or "env": $SPIFFE_ENDPOINT_SOCKET); rotates as pushed
 //! # svid = "spiffe://example.org/ns/prod/echo"  # which SVID, when the agent returns several
 //! # svid_hint = "internal"       # or choose it by the hint SPIRE gives it
 //! allow_identity_change = false # true: a reload may change our SPIFFE ID (refused by default)
 //! expiry_warning_days = 7        # warn when our certificate has less left (0: never)
+//!
+//! # [identity.pkcs11]            # with key = "pkcs11:…"
+//! # module = "/usr/lib/softhsm/libsofthsm2.so"
+//! # pin_file = "svc.pin"         # or: pin_env = "SVC_PIN" (never the PIN itself)
+//! # sessions = 8                 # signing sessions at most (handshakes signing at once)
 //!
 //! [trust]
 //! trust_domain = "example.org"  # what `ca` vouches for (default: our own SPIFFE ID's domain)
@@ -50,6 +57,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::credentials::pkcs11::{is_pkcs11_uri, PinSource, Pkcs11KeySpec, Pkcs11Uri, DEFAULT_SESSIONS};
 use crate::credentials::{
     CredentialStore, FederatedSource, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec,
 };
@@ -92,6 +100,42 @@ pub struct IdentitySection {
     /// Warn (log, `Expiring` event) when our certificate has less than this many days left
     /// (default 7; 0: never).
     pub expiry_warning_days: Option<u32>,
+    /// The token holding the key, when `key` is a `pkcs11:` URI.
+    pub pkcs11: Option<Pkcs11Section>,
+}
+
+/// `[identity.pkcs11]`: the module and PIN for a `key = "pkcs11:…"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Section {
+    pub module: PathBuf,
+    pub pin_file: Option<PathBuf>,
+    pub pin_env: Option<String>,
+    pub sessions: Option<usize>,
+}
+
+impl Pkcs11Section {
+    /// The token key `uri` names, with this section's module and PIN; `path` resolves the
+    /// module and PIN file (relative to the profile's directory).
+    pub fn key_spec(&self, uri: &str, path: impl Fn(&Path) -> PathBuf) -> Result<Pkcs11KeySpec, Error> {
+        let uri = Pkcs11Uri::parse(uri)?;
+        let pin = match (&self.pin_file, &self.pin_env) {
+            (Some(f), None) => PinSource::File(path(f)),
+            (None, Some(v)) if !v.is_empty() => PinSource::Env(v.clone()),
+            (None, None) => {
+                return Err(Error::config(
+                    "[identity.pkcs11] needs the PIN's source: pin_file = \"…\" or pin_env = \"VAR\"",
+                ))
+            }
+            _ => return Err(Error::config("[identity.pkcs11]: give pin_file or pin_env, not both")),
+        };
+        let sessions = match self.sessions {
+            None => DEFAULT_SESSIONS,
+            Some(n @ 1..=256) => n,
+            Some(n) => return Err(Error::config(format!("[identity.pkcs11] sessions = {n}: use 1 to 256"))),
+        };
+        Ok(Pkcs11KeySpec { uri, module: path(&self.module), pin, sessions })
+    }
 }
 
 /// A path, or a list of them.
@@ -241,8 +285,22 @@ impl ProfileFile {
                 Some(IdentitySection { combined: Some(c), cert: None, key: None, .. }) => {
                     IdentitySource::Combined(self.path(c))
                 }
-                Some(IdentitySection { cert: Some(c), key: Some(k), combined: None, .. }) => {
-                    IdentitySource::Files { chain: self.path(c), key: self.path(k) }
+                Some(IdentitySection { cert: Some(c), key: Some(k), combined: None, pkcs11, .. }) => {
+                    match (k.to_str().filter(|k| is_pkcs11_uri(k)), pkcs11) {
+                    (Some(uri), Some(p11)) => IdentitySource::Pkcs11 {
+                        chain: self.path(c),
+                        key: Box::new(p11.key_spec(uri, |p| self.path(p))?),
+                    },
+                    (Some(_), None) => return Err(Error::config(
+                        "[identity] key is a pkcs11: URI: add [identity.pkcs11] with module and pin_file or pin_env",
+                    )),
+                    (None, Some(_)) => {
+                        return Err(Error::config(
+                            "[identity.pkcs11] is set but [identity] key is a file: use key = \"pkcs11:…\"",
+                        ))
+                    }
+                    (None, None) => IdentitySource::Files { chain: self.path(c), key: self.path(k) },
+                }
                 }
                 Some(_) => return Err(Error::config("[identity] needs either cert and key, or combined (not both)")),
             };

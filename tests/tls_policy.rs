@@ -348,7 +348,8 @@ fn verdict_names_are_stable() {
             "io",
             "key_mismatch",
             "bad_pem",
-            "identity_changed"
+            "identity_changed",
+            "key_unavailable"
         ]
     );
     for (i, v) in Verdict::ALL.iter().enumerate() {

@@ -127,7 +127,7 @@ fn the_first_context_carries_the_svid_bundle_federated_bundles_and_crls() {
     assert_eq!(first.crls(), &[CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes()).unwrap()]);
     // The chain and key make a TLS identity as they are.
     let profile = trustwire::TlsProfile::new(
-        Some(s.identity()),
+        Some(s.identity().unwrap()),
         trustwire::tls::TrustBundle { roots: first.bundle().to_vec(), ..Default::default() },
     );
     profile.server().expect("the served SVID works as a server identity");
@@ -631,7 +631,7 @@ plugins {{
         "{failed_before:?}"
     );
     let profile = trustwire::TlsProfile::new(
-        Some(first.svid().identity()),
+        Some(first.svid().identity().unwrap()),
         trustwire::tls::TrustBundle { roots: first.bundle().to_vec(), ..Default::default() },
     );
     profile.server().expect("SPIRE's SVID works as a server identity");

@@ -23,6 +23,7 @@ from ._native import (
     IdentityChanged,
     Io,
     KeyMismatch,
+    KeyUnavailable,
     MethodNotAllowed,
     NameMismatch,
     NoPeerCertificate,
@@ -200,4 +201,5 @@ __all__ = [
     "KeyMismatch",
     "BadPem",
     "IdentityChanged",
+    "KeyUnavailable",
 ]

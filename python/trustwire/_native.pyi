@@ -10,6 +10,7 @@ __all__ = [
     "BadKeyUsage",
     "BadPem",
     "IdentityChanged",
+    "KeyUnavailable",
     "BadSignature",
     "CallContext",
     "CallMetadata",
@@ -102,6 +103,7 @@ class Io(HandshakeError): ...
 class KeyMismatch(HandshakeError): ...
 class BadPem(HandshakeError): ...
 class IdentityChanged(HandshakeError): ...
+class KeyUnavailable(HandshakeError): ...
 
 @final
 class Event:
@@ -145,6 +147,9 @@ class TlsConfig:
         svid_spiffe_id: Optional[str] = None,
         svid_hint: Optional[str] = None,
         authorize_peer: Optional[Callable[[PeerIdentity], Union[bool, str]]] = None,
+        pkcs11_module: Optional[Union[str, os.PathLike[str]]] = None,
+        pkcs11_pin_env: Optional[str] = None,
+        pkcs11_pin_file: Optional[Union[str, os.PathLike[str]]] = None,
     ) -> TlsConfig: ...
     @staticmethod
     def from_file(path: Union[str, os.PathLike[str]], *, reload_interval: Optional[float] = None) -> TlsConfig: ...

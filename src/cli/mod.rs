@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::credentials::pkcs11::{is_pkcs11_uri, Pkcs11KeySpec, TokenKey};
 use crate::credentials::{CredentialStore, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec};
 use crate::error::Error;
 use crate::pki::{DevCa, IssueRequest, KeyType, Usage};
@@ -103,6 +104,8 @@ enum Command {
     },
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum PkiCommand {
     /// Create a CA: writes DIR/ca.pem and DIR/ca.key.
@@ -142,9 +145,56 @@ enum PkiCommand {
         #[arg(long, value_name = "USE", default_value = "both")]
         usage: String,
         /// Key algorithm: p256, p384, ed25519 or rsa2048.
-        #[arg(long, value_name = "TYPE", default_value = "p256")]
+        #[arg(long, value_name = "TYPE", default_value = "p256", conflicts_with = "key")]
         key_type: String,
+        /// Certify a key that stays on a PKCS#11 token instead of a fresh one: a URI such as
+        /// pkcs11:token=svc;object=echo-key (with --pkcs11-module and a PIN flag). Only
+        /// DIR/NAME.pem is written.
+        #[arg(long, value_name = "URI")]
+        key: Option<String>,
+        #[command(flatten)]
+        pkcs11: Pkcs11Flags,
     },
+}
+
+/// The token of a `--key pkcs11:…`.
+#[derive(Args, Debug, Clone, Default)]
+struct Pkcs11Flags {
+    /// The PKCS#11 module (shared library) of the token holding --key pkcs11:…, e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, value_name = "FILE")]
+    pkcs11_module: Option<PathBuf>,
+    /// Read the token's user PIN from FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "pkcs11_pin_env")]
+    pkcs11_pin_file: Option<PathBuf>,
+    /// Read the token's user PIN from the environment variable VAR.
+    #[arg(long, value_name = "VAR")]
+    pkcs11_pin_env: Option<String>,
+}
+
+impl Pkcs11Flags {
+    fn given(&self) -> bool {
+        self.pkcs11_module.is_some() || self.pkcs11_pin_file.is_some() || self.pkcs11_pin_env.is_some()
+    }
+
+    /// The token key `uri` names, on the module and with the PIN these flags give.
+    fn spec(&self, uri: &str) -> Result<Pkcs11KeySpec, Error> {
+        let Some(module) = &self.pkcs11_module else {
+            return Err(Error::config(format!("--key {uri} needs --pkcs11-module FILE (the token's PKCS#11 library)")));
+        };
+        let section = crate::profile::Pkcs11Section {
+            module: module.clone(),
+            pin_file: self.pkcs11_pin_file.clone(),
+            pin_env: self.pkcs11_pin_env.clone(),
+            sessions: None,
+        };
+        section.key_spec(uri, Path::to_path_buf).map_err(|e| match e {
+            Error::Config { message } if message.contains("PIN's source") => Error::config(format!(
+                "--key {uri} needs the token's PIN: --pkcs11-pin-file FILE or --pkcs11-pin-env VAR"
+            )),
+            other => other,
+        })
+    }
 }
 
 /// How a long-running command picks up new credentials. Files are always watched; SIGHUP
@@ -170,9 +220,12 @@ struct Creds {
     /// Our certificate chain (PEM, leaf first); with --key, replaces the profile's [identity].
     #[arg(long, value_name = "FILE", requires = "key")]
     cert: Option<PathBuf>,
-    /// Our private key (PEM), with --cert.
-    #[arg(long, value_name = "FILE", requires = "cert")]
+    /// Our private key (PEM), with --cert; or a key that stays on a PKCS#11 token, as a URI
+    /// (pkcs11:token=svc;object=echo-key) with --pkcs11-module and --pkcs11-pin-file/-env.
+    #[arg(long, value_name = "FILE|URI", requires = "cert")]
     key: Option<PathBuf>,
+    #[command(flatten)]
+    pkcs11: Pkcs11Flags,
     /// Take our SVID and key, our trust domain's bundle, federated bundles and CRLs from the
     /// SPIFFE Workload API at ADDR (a SPIRE agent): unix:///path, tcp://IP:PORT, or env
     /// ($SPIFFE_ENDPOINT_SOCKET). Replaces the profile's [identity]; rotates as the agent pushes.
@@ -230,8 +283,18 @@ impl Creds {
             sources.trust = self.ca.iter().cloned().map(PemSource::Path).collect();
         }
         if let (Some(chain), Some(key)) = (&self.cert, &self.key) {
-            sources.identity = IdentitySource::Files { chain: chain.clone(), key: key.clone() };
+            sources.identity = match key.to_str().filter(|k| is_pkcs11_uri(k)) {
+                Some(uri) => IdentitySource::Pkcs11 { chain: chain.clone(), key: Box::new(self.pkcs11.spec(uri)?) },
+                None if self.pkcs11.given() => {
+                    return Err(Error::config(
+                        "--pkcs11-module and --pkcs11-pin-* go with --key pkcs11:…, not with a key file",
+                    ))
+                }
+                None => IdentitySource::Files { chain: chain.clone(), key: key.clone() },
+            };
             sources.workload_api = None;
+        } else if self.pkcs11.given() {
+            return Err(Error::config("--pkcs11-module and --pkcs11-pin-* go with --cert FILE --key pkcs11:…"));
         }
         if let Some(addr) = &self.workload_api {
             sources.identity = IdentitySource::None;
@@ -432,7 +495,7 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
             ca.write(&dir)?;
             say!("wrote {} and {}", dir.join("ca.pem").display(), dir.join("ca.key").display());
         }
-        PkiCommand::Issue { dir, name, spiffe_id, dns, ip, days, usage, key_type } => {
+        PkiCommand::Issue { dir, name, spiffe_id, dns, ip, days, usage, key_type, key, pkcs11 } => {
             if name.contains('/') || name.contains("..") || name.is_empty() || name == "." {
                 return Err(Error::config(format!("--name '{name}' must be a plain file name")));
             }
@@ -468,8 +531,25 @@ fn pki(cmd: PkiCommand) -> Result<(), Error> {
             req.dns = dns;
             req.ips = ip;
             req.days = days;
-            let (cert, key) = ca.issue(&req)?.write(&dir, &name)?;
-            say!("wrote {} and {} for {spiffe_id}", cert.display(), key.display());
+            match key {
+                Some(uri) if is_pkcs11_uri(&uri) => {
+                    let token_key = TokenKey::open(&pkcs11.spec(&uri)?, None)?;
+                    let pem = ca.issue_for_public_key(&req, token_key.public_key_der())?;
+                    let cert = dir.join(format!("{name}.pem"));
+                    crate::pki::write_atomic(&cert, pem.as_bytes(), false)?;
+                    say!("wrote {} for {spiffe_id}, certifying the token key {uri}", cert.display());
+                }
+                Some(other) => {
+                    return Err(Error::config(format!("--key '{other}' must be a pkcs11: URI (a token key)")));
+                }
+                None if pkcs11.given() => {
+                    return Err(Error::config("--pkcs11-module and --pkcs11-pin-* go with --key pkcs11:…"));
+                }
+                None => {
+                    let (cert, key) = ca.issue(&req)?.write(&dir, &name)?;
+                    say!("wrote {} and {} for {spiffe_id}", cert.display(), key.display());
+                }
+            }
         }
     }
     Ok(())

@@ -12,12 +12,14 @@
 //! When the trust bundle or a CRL changes, established connections whose peer the new material
 //! refuses are closed (after their calls in flight finish), unless that is turned off.
 
+pub mod pkcs11;
 mod preflight;
 mod sources;
 mod watch;
 pub mod workload;
 
-use sources::{read_material, Material};
+pub use pkcs11::{PinSource, Pkcs11KeySpec, Pkcs11Uri};
+use sources::{read_material, IdentityBytes, Material};
 pub use sources::{FederatedSource, IdentitySource, PemSource, Sources, WorkloadApiSpec};
 
 use std::path::PathBuf;
@@ -666,12 +668,25 @@ fn naming_files(e: Error, sources: &Sources) -> Error {
 /// Parses the identity, the trust material by trust domain and the CRLs, and checks them.
 fn validate(m: &Material, sources: &Sources, template: &TlsProfile) -> Result<Loaded, Error> {
     let (material_digest, trust_digest) = m.digests();
-    let identity = match &m.identity {
-        None => None,
-        Some((chain, Some(key), _)) => Some(Identity::from_pem(chain, key).map_err(|e| naming_files(e, sources))?),
-        Some((combined, None, _)) => Some(Identity::from_combined_pem(combined).map_err(|e| naming_files(e, sources))?),
+    let (identity, key_file) = match &m.identity {
+        None => (None, None),
+        Some(IdentityBytes::Pem { chain, key, key_file }) => {
+            (Some(Identity::from_pem(chain, key).map_err(|e| naming_files(e, sources))?), key_file.as_deref())
+        }
+        Some(IdentityBytes::Combined { pem, file }) => {
+            (Some(Identity::from_combined_pem(pem).map_err(|e| naming_files(e, sources))?), Some(file.as_path()))
+        }
+        Some(IdentityBytes::Token { chain, key }) => {
+            let chain = crate::tls::parse_certs(chain, "certificate chain")?;
+            let what = format!("the key {} on the PKCS#11 token", key.uri);
+            let leaf = X509Certificate::from_der(chain[0].as_ref()).map_err(|e| {
+                Error::credentials(Some(Verdict::UnsupportedCertificate), format!("our certificate: {e}"))
+            })?;
+            let signing = pkcs11::TokenKey::open(key, Some(leaf.1.public_key().raw))?.into_signing_key();
+            (Some(Identity::from_signing_key(chain, signing, &what)?), None)
+        }
     };
-    let insecure_key_file = m.identity.as_ref().and_then(|(_, _, path)| path.as_deref()).and_then(readable_by_others);
+    let insecure_key_file = key_file.and_then(readable_by_others);
     let mut trust = TrustBundle {
         require_fresh_crls: template.trust.require_fresh_crls,
         trust_domain: sources.trust_domain.clone().or_else(|| template.trust.trust_domain.clone()),

@@ -136,8 +136,7 @@ fn server_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfil
         .with_protocol_versions(versions)
         .map_err(tls_config_error)?
         .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(tls_config_error)?;
+        .with_cert_resolver(identity.resolver());
     let resolved = trust.resolve(view.local_trust_domain().as_ref())?;
     let verifier = ServerVerifier {
         verifiers: trust::server_verifiers(&resolved, trust)?,
@@ -178,8 +177,7 @@ fn client_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfil
         .map_err(tls_config_error)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedServer(peer_cert)))
-        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
-        .map_err(tls_config_error)?;
+        .with_client_cert_resolver(identity.resolver());
     run(client, server, "client")
 }
 

@@ -11,6 +11,7 @@ use aws_lc_rs::digest;
 use base64::Engine;
 use rustls_pki_types::CertificateDer;
 
+use super::pkcs11::{PinSource, Pkcs11KeySpec};
 use super::workload::{SvidSelector, WorkloadApiAddress, X509Context};
 use crate::error::{Error, Verdict};
 use crate::tls::spiffe::{SpiffeId, TrustDomain};
@@ -28,6 +29,8 @@ pub enum IdentitySource {
     Combined(PathBuf),
     /// PEM bytes handed in through the API.
     Pem { chain: Vec<u8>, key: Vec<u8> },
+    /// A chain file and a private key that stays on a PKCS#11 token.
+    Pkcs11 { chain: PathBuf, key: Box<Pkcs11KeySpec> },
 }
 
 /// A PEM (or, for bundles, JSON) source for CA certificates or CRLs.
@@ -119,6 +122,12 @@ impl Sources {
         match &self.identity {
             IdentitySource::Files { chain, key } => out.extend([chain.clone(), key.clone()]),
             IdentitySource::Combined(p) => out.push(p.clone()),
+            IdentitySource::Pkcs11 { chain, key } => {
+                out.push(chain.clone());
+                if let PinSource::File(p) = &key.pin {
+                    out.push(p.clone());
+                }
+            }
             IdentitySource::None | IdentitySource::Pem { .. } => {}
         }
         let federated = self.federation.values().flat_map(|f| f.ca.iter().chain(&f.bundle));
@@ -171,8 +180,15 @@ fn read_sources(sources: &[PemSource], what: &str, exts: &[&str]) -> Result<Vec<
 /// Bytes read from one file (or handed in), with what to call them in messages.
 pub(crate) type Named = (String, Vec<u8>);
 
-/// (chain PEM, key PEM or `None` for a combined file, the file holding the key)
-pub(crate) type IdentityBytes = (Vec<u8>, Option<Vec<u8>>, Option<PathBuf>);
+/// Our identity's bytes as read.
+pub(crate) enum IdentityBytes {
+    /// A chain and a key, with the file holding the key when there is one.
+    Pem { chain: Vec<u8>, key: Vec<u8>, key_file: Option<PathBuf> },
+    /// Key and chain in one PEM, and its file.
+    Combined { pem: Vec<u8>, file: PathBuf },
+    /// A chain, and a key found on a token at each load.
+    Token { chain: Vec<u8>, key: Box<Pkcs11KeySpec> },
+}
 
 /// The raw bytes of every source, read at one moment.
 pub(crate) struct Material {
@@ -215,14 +231,27 @@ pub(crate) fn read_material(sources: &Sources, workload: Option<&X509Context>) -
             }
             let svid = context.svid();
             let chain = svid.chain().iter().flat_map(|c| pem_block("CERTIFICATE", c.as_ref())).collect();
-            Some((chain, Some(pem_block("PRIVATE KEY", svid.key().secret_pkcs8_der())), None))
+            Some(IdentityBytes::Pem {
+                chain,
+                key: pem_block("PRIVATE KEY", svid.key().secret_pkcs8_der()),
+                key_file: None,
+            })
         }
         (None, _, IdentitySource::None) => None,
-        (None, _, IdentitySource::Files { chain, key }) => {
-            Some((read(chain, "certificate chain")?, Some(read(key, "private key")?), Some(key.clone())))
+        (None, _, IdentitySource::Files { chain, key }) => Some(IdentityBytes::Pem {
+            chain: read(chain, "certificate chain")?,
+            key: read(key, "private key")?,
+            key_file: Some(key.clone()),
+        }),
+        (None, _, IdentitySource::Combined(p)) => {
+            Some(IdentityBytes::Combined { pem: read(p, "combined key and chain")?, file: p.clone() })
         }
-        (None, _, IdentitySource::Combined(p)) => Some((read(p, "combined key and chain")?, None, Some(p.clone()))),
-        (None, _, IdentitySource::Pem { chain, key }) => Some((chain.clone(), Some(key.clone()), None)),
+        (None, _, IdentitySource::Pem { chain, key }) => {
+            Some(IdentityBytes::Pem { chain: chain.clone(), key: key.clone(), key_file: None })
+        }
+        (None, _, IdentitySource::Pkcs11 { chain, key }) => {
+            Some(IdentityBytes::Token { chain: read(chain, "certificate chain")?, key: key.clone() })
+        }
     };
     let mut federation = Vec::new();
     for (td, f) in &sources.federation {
@@ -290,9 +319,22 @@ impl Material {
         }
         let trust = digest_of(&parts);
         let mut all: Vec<&[u8]> = vec![&trust];
-        if let Some((chain, key, _)) = &self.identity {
-            all.push(chain);
-            all.push(key.as_deref().unwrap_or(b"--combined--"));
+        // A token key changes when what names it does, or after it failed (it is found again).
+        let token_name;
+        match &self.identity {
+            None => {}
+            Some(IdentityBytes::Pem { chain, key, .. }) => all.extend([chain.as_slice(), key.as_slice()]),
+            Some(IdentityBytes::Combined { pem, .. }) => all.extend([pem.as_slice(), b"--combined--".as_slice()]),
+            Some(IdentityBytes::Token { chain, key }) => {
+                token_name = format!(
+                    "--pkcs11--{}--{}--{}--{}",
+                    key.uri,
+                    key.module.display(),
+                    key.pin,
+                    super::pkcs11::failure_epoch()
+                );
+                all.extend([chain.as_slice(), token_name.as_bytes()]);
+            }
         }
         (digest_of(&all), trust)
     }

@@ -45,17 +45,13 @@ pub enum MinVersion {
     Tls12,
 }
 
-/// Our certificate chain (leaf first) and its private key.
-#[derive(Debug)]
+/// Our certificate chain (leaf first) and its private key: key material in memory, or a key
+/// that signs elsewhere (a PKCS#11 token) and never shows itself.
+#[derive(Clone, Debug)]
 pub struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
-}
-
-impl Clone for Identity {
-    fn clone(&self) -> Self {
-        Identity { chain: self.chain.clone(), key: self.key.clone_key() }
-    }
+    /// The chain with its signing key, checked to belong together.
+    certified: Arc<CertifiedKey>,
 }
 
 impl Identity {
@@ -63,7 +59,7 @@ impl Identity {
     pub fn from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, Error> {
         let chain = parse_certs(chain_pem, "certificate chain")?;
         let key = parse_key(key_pem, "private key")?;
-        Self::checked(chain, key)
+        Self::from_der(chain, key)
     }
 
     /// From one PEM holding the key and the chain, as SPIFFE's file delivery writes them.
@@ -76,26 +72,54 @@ impl Identity {
         Self::from_pem(&read(chain, "certificate chain")?, &read(key, "private key")?)
     }
 
-    /// Checks the key is usable and belongs to the leaf certificate.
-    fn checked(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self, Error> {
-        let ck = CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()).map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => Error::credentials(
+    /// From a DER chain and key; checks the key is usable and belongs to the leaf certificate.
+    pub fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self, Error> {
+        let signing = provider().key_provider.load_private_key(key).map_err(|e| {
+            Error::credentials(Some(Verdict::UnsupportedCertificate), format!("the private key cannot be used: {e}"))
+        })?;
+        Self::from_signing_key(chain, signing, "the private key")
+    }
+
+    /// From a chain and a key that signs on our behalf (e.g. on a PKCS#11 token). The key must
+    /// state its public half, and it must be the leaf certificate's: `what` names the key in
+    /// the error when it is not.
+    pub fn from_signing_key(
+        chain: Vec<CertificateDer<'static>>,
+        key: Arc<dyn rustls::sign::SigningKey>,
+        what: &str,
+    ) -> Result<Self, Error> {
+        if chain.is_empty() {
+            return Err(Error::credentials(Some(Verdict::BadPem), "the certificate chain is empty"));
+        }
+        let certified = CertifiedKey::new(chain.clone(), key);
+        certified.keys_match().map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => Error::credentials(
                 Some(Verdict::KeyMismatch),
-                "the private key does not match the certificate's public key \
-                     (key and certificate from different issuances?)",
+                format!(
+                    "{what} does not match the certificate's public key (key and certificate from different \
+                     issuances?)"
+                ),
+            ),
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown) => Error::credentials(
+                Some(Verdict::KeyMismatch),
+                format!("{what} does not state its public key, so it cannot be checked against the certificate"),
             ),
             other => Error::credentials(
                 Some(Verdict::UnsupportedCertificate),
-                format!("the private key cannot be used: {other}"),
+                format!("{what} cannot be used with the certificate: {other}"),
             ),
         })?;
-        drop(ck);
-        Ok(Identity { chain, key })
+        Ok(Identity { chain, certified: Arc::new(certified) })
     }
 
     /// The leaf certificate's fields.
     pub fn leaf_info(&self) -> Result<CertificateInfo, Error> {
         CertificateInfo::from_der(&self.chain[0])
+    }
+
+    /// The chain and key as rustls resolves them for every handshake.
+    pub(crate) fn resolver(&self) -> Arc<rustls::sign::SingleCertAndKey> {
+        Arc::new(rustls::sign::SingleCertAndKey::from(self.certified.clone()))
     }
 }
 
@@ -155,8 +179,7 @@ impl TlsProfile {
             .with_protocol_versions(self.versions())
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
             .with_client_cert_verifier(verifier.clone())
-            .with_single_cert(identity.chain.clone(), identity.key.clone_key())
-            .map_err(|e| Error::credentials(None, format!("identity cannot be used: {e}")))?;
+            .with_cert_resolver(identity.resolver());
         // No resumption: every connection is verified against the trust material in force, and
         // no tickets are sent that nobody (brpc included) would use.
         config.session_storage = Arc::new(NoServerSessionStorage {});
@@ -209,9 +232,7 @@ impl TlsProfile {
             .with_custom_certificate_verifier(verifier.clone());
         let leaf = self.identity.as_ref().and_then(|id| id.leaf_info().ok());
         let mut config = match &self.identity {
-            Some(id) => builder
-                .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
-                .map_err(|e| Error::credentials(None, format!("identity cannot be used: {e}")))?,
+            Some(id) => builder.with_client_cert_resolver(id.resolver()),
             None => builder.with_no_client_auth(),
         };
         config.resumption = rustls::client::Resumption::disabled();

@@ -41,7 +41,7 @@ thread_local! {
     static DIAGNOSIS: RefCell<Option<Diagnosis>> = const { RefCell::new(None) };
 }
 
-fn record(verdict: Verdict, message: String) {
+pub(crate) fn record(verdict: Verdict, message: String) {
     DIAGNOSIS.with(|d| *d.borrow_mut() = Some(Diagnosis { verdict, message }));
 }
 

@@ -16,6 +16,10 @@
  *                                         IDs ending in /blocked) and a call hook (Peer is for
  *                                         IDs ending in /admin; log_id 13 gets 2001); prints
  *                                         "hooks N freed" (hook calls) after stopping
+ *   peer pkcs11 CHAIN URI MODULE PIN_FILE CA
+ *                                         serves like `server`, its key on a PKCS#11 token (set
+ *                                         with the builder); prints "error NAME: MESSAGE" when
+ *                                         the profile cannot be built
  *
  * Built with -std=c11 -Wall -Wextra -Werror and run under ASan/UBSan. */
 #define _POSIX_C_SOURCE 200809L
@@ -204,6 +208,27 @@ static int hooked(const char *cert, const char *key, const char *ca) {
     return rc;
 }
 
+/* A server whose key stays on a PKCS#11 token, set through the builder. A profile that cannot
+ * be built prints "error NAME: MESSAGE" and exits 0, so the caller sees the result code. */
+static int pkcs11_server(const char *chain, const char *uri, const char *module, const char *pin_file,
+                         const char *ca) {
+    tw_profile_builder *b = NULL;
+    OK(tw_profile_builder_new(&b));
+    tw_result r = tw_profile_builder_set_identity_pkcs11(b, chain, uri, module, NULL, pin_file);
+    if (r == TW_OK) r = tw_profile_builder_add_trust_path(b, ca);
+    tw_profile *p = NULL;
+    if (r == TW_OK) {
+        r = tw_profile_builder_build(b, &p);
+    } else {
+        tw_profile_builder_free(b);
+    }
+    if (r != TW_OK) {
+        printf("error %s: %s\n", tw_result_name(r), tw_last_error_message());
+        return 0;
+    }
+    return serve(p);
+}
+
 static int token(const char *token, const char *key_id, const char *secret, const char *audience, const char *max_age) {
     char spiffe_id[256];
     uint64_t not_after = 0;
@@ -236,6 +261,8 @@ int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "proxy") == 0) return proxy(argv[2]);
     if (argc == 5 && strcmp(argv[1], "workload") == 0) return workload(argv[2], argv[3], argv[4]);
     if (argc == 5 && strcmp(argv[1], "hooked") == 0) return hooked(argv[2], argv[3], argv[4]);
+    if (argc == 7 && strcmp(argv[1], "pkcs11") == 0)
+        return pkcs11_server(argv[2], argv[3], argv[4], argv[5], argv[6]);
     fprintf(stderr, "usage: peer client PROFILE ADDRESS MESSAGE | server PROFILE | token TOKEN KEY_ID SECRET AUDIENCE MAX_AGE | proxy CONFIG\n");
     return 2;
 }

@@ -16,9 +16,13 @@ pub const TD: &str = "example.org";
 pub const SERVER_ID: &str = "spiffe://example.org/ns/test/server";
 pub const CLIENT_ID: &str = "spiffe://example.org/ns/test/client";
 
-/// Directory of the brpc captures (CI has shared/ beside the checkout).
+/// Directory of the brpc captures (CI has shared/ beside the checkout; a checkout elsewhere,
+/// such as a git worktree, names it with TRUSTWIRE_CAPTURES).
 pub fn captures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/brpc")
+    match std::env::var_os("TRUSTWIRE_CAPTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/brpc"),
+    }
 }
 
 pub fn capture(name: &str) -> Vec<u8> {

@@ -14,7 +14,7 @@ from conftest import ECHO, Env
 
 
 def test_one_class_per_core_verdict_and_exported() -> None:
-    assert len(_native.VERDICTS) == 21
+    assert len(_native.VERDICTS) == 22
     for name, code, class_name in _native.VERDICTS:
         cls = getattr(trustwire, class_name)
         assert class_name in trustwire.__all__
@@ -24,7 +24,7 @@ def test_one_class_per_core_verdict_and_exported() -> None:
         assert issubclass(cls, trustwire.TrustwireError)
         assert (cls.verdict, cls.code) == (name, code)
         assert cls.__module__ == "trustwire"
-    assert [v[1] for v in _native.VERDICTS] == list(range(1, 22))
+    assert [v[1] for v in _native.VERDICTS] == list(range(1, 23))
 
 
 def test_hierarchy() -> None:

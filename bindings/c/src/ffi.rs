@@ -51,6 +51,7 @@ pub fn verdict_result(v: Verdict) -> tw_result {
         Verdict::KeyMismatch => TW_KEY_MISMATCH,
         Verdict::BadPem => TW_BAD_PEM,
         Verdict::IdentityChanged => TW_IDENTITY_CHANGED,
+        Verdict::KeyUnavailable => TW_KEY_UNAVAILABLE,
         // The catalogue only grows; a verdict this table does not know yet is still a
         // credentials failure, and its name is in the message.
         _ => TW_CREDENTIALS,
@@ -296,6 +297,7 @@ pub fn result_cname(r: tw_result) -> &'static CStr {
         TW_KEY_MISMATCH => c"key_mismatch",
         TW_BAD_PEM => c"bad_pem",
         TW_IDENTITY_CHANGED => c"identity_changed",
+        TW_KEY_UNAVAILABLE => c"key_unavailable",
         TW_NULL_ARGUMENT => c"null_argument",
         TW_INVALID_ARGUMENT => c"invalid_argument",
         TW_INVALID_CONFIG => c"invalid_config",
@@ -333,7 +335,7 @@ pub extern "C" fn tw_result_name(result: u32) -> *const c_char {
     known.map(result_cname).unwrap_or(c"unknown").as_ptr()
 }
 
-const KNOWN: [tw_result; 45] = {
+const KNOWN: [tw_result; 46] = {
     use tw_result::*;
     [
         TW_OK,
@@ -358,6 +360,7 @@ const KNOWN: [tw_result; 45] = {
         TW_KEY_MISMATCH,
         TW_BAD_PEM,
         TW_IDENTITY_CHANGED,
+        TW_KEY_UNAVAILABLE,
         TW_NULL_ARGUMENT,
         TW_INVALID_ARGUMENT,
         TW_INVALID_CONFIG,

@@ -94,6 +94,9 @@ pub enum tw_result {
     TW_BAD_PEM = 20,
     /// A reload would change our own SPIFFE ID; refused unless allow_identity_change is set.
     TW_IDENTITY_CHANGED = 21,
+    /// Our private key's PKCS#11 token is absent, refuses login, lacks the key object, or
+    /// failed while signing.
+    TW_KEY_UNAVAILABLE = 22,
     /// A required pointer argument was NULL.
     TW_NULL_ARGUMENT = 1000,
     /// An argument is out of range or not valid UTF-8.

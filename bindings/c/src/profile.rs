@@ -2,7 +2,7 @@
 //! built with setters, served by a rotating credential store.
 
 use std::ffi::{c_char, c_void, CString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::ThreadId;
@@ -12,7 +12,9 @@ use tw::credentials::{CredentialStore, Event, IdentitySource, PemSource, Sources
 use tw::tls::{ClientTls, MinVersion, ServerTls, TlsProfile, TrustBundle};
 use tw::{Error, Policy, Verdict};
 
-use crate::ffi::{self, arg, bytes_arg, guard, guard_value, out, out_box, str_arg, str_array_arg, Failure, UserData};
+use crate::ffi::{
+    self, arg, bytes_arg, guard, guard_value, opt_str_arg, out, out_box, str_arg, str_array_arg, Failure, UserData,
+};
 use crate::hooks::{tw_call_hook_fn, tw_connection_hook_fn, tw_free_fn, CHook};
 use crate::tw_result;
 
@@ -302,6 +304,39 @@ pub unsafe extern "C" fn tw_profile_builder_set_workload_api(
     })
 }
 
+/// Our certificate chain from a file, and a private key that stays on a PKCS#11 token:
+/// `key_uri` is an RFC 7512 URI (`pkcs11:token=svc;object=echo-key`, or `id=%01`),
+/// `module_path` the token's PKCS#11 library (e.g. libsofthsm2.so). The user PIN is read from
+/// the environment variable `pin_env` or the file `pin_file` (exactly one non-NULL) at every
+/// load, never kept. The URI is checked here; the token is opened by `tw_profile_builder_build`
+/// (`TW_KEY_UNAVAILABLE` when it is absent, refuses login or lacks the key). Replaces any
+/// identity set before. Strings are copied. Any thread.
+#[no_mangle]
+pub unsafe extern "C" fn tw_profile_builder_set_identity_pkcs11(
+    builder: *mut tw_profile_builder,
+    chain_path: *const c_char,
+    key_uri: *const c_char,
+    module_path: *const c_char,
+    pin_env: *const c_char,
+    pin_file: *const c_char,
+) -> tw_result {
+    guard(|| {
+        let b = unsafe { builder_mut(builder) }?;
+        let chain = PathBuf::from(unsafe { str_arg(chain_path, "chain_path") }?);
+        let uri = unsafe { str_arg(key_uri, "key_uri") }?;
+        let module = PathBuf::from(unsafe { str_arg(module_path, "module_path") }?);
+        let section = tw::profile::Pkcs11Section {
+            module,
+            pin_env: unsafe { opt_str_arg(pin_env, "pin_env") }?.map(str::to_string),
+            pin_file: unsafe { opt_str_arg(pin_file, "pin_file") }?.map(PathBuf::from),
+            sessions: None,
+        };
+        let key = section.key_spec(uri, Path::to_path_buf)?;
+        b.sources.identity = IdentitySource::Pkcs11 { chain, key: Box::new(key) };
+        Ok(())
+    })
+}
+
 /// Adds trusted CA certificates from PEM bytes (copied).
 #[no_mangle]
 pub unsafe extern "C" fn tw_profile_builder_add_trust_pem(
@@ -567,8 +602,10 @@ pub unsafe extern "C" fn tw_profile_builder_build(
                 "no trust: add the CA certificates that vouch for peers (tw_profile_builder_add_trust_*)",
             ));
         }
-        let any_file = matches!(b.sources.identity, IdentitySource::Files { .. } | IdentitySource::Combined(_))
-            || b.sources.trust.iter().chain(&b.sources.crls).any(|s| matches!(s, PemSource::Path(_)));
+        let any_file = matches!(
+            b.sources.identity,
+            IdentitySource::Files { .. } | IdentitySource::Combined(_) | IdentitySource::Pkcs11 { .. }
+        ) || b.sources.trust.iter().chain(&b.sources.crls).any(|s| matches!(s, PemSource::Path(_)));
         let mut options = b.options;
         if !any_file {
             options.watch = false;

@@ -711,3 +711,149 @@ fn c_hooks_refuse_peers_and_calls_with_their_own_reasons() {
     // Three connections reached the connection hook, four calls the call hook.
     assert!(rest.contains("hooks 7 freed 2"), "{rest}");
 }
+
+/// A SoftHSM2 token store in `dir` with one P-256 key generated on it, and that key's
+/// certificate (issued from its public half: no private key file is written). None, with a
+/// message, when SoftHSM2 or pkcs11-tool is missing (a failure with TRUSTWIRE_REQUIRE_PEERS=1).
+fn softhsm_key(pki: &Pki) -> Option<(PathBuf, PathBuf)> {
+    let module = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    let have_tool =
+        Command::new("sh").args(["-c", "command -v pkcs11-tool"]).output().is_ok_and(|o| o.status.success());
+    let (Some(module), true) = (module, have_tool) else {
+        assert!(!required(), "SoftHSM2 and pkcs11-tool are required (TRUSTWIRE_REQUIRE_PEERS=1); run scripts/deps.sh");
+        eprintln!("skipped: SoftHSM2 or pkcs11-tool not found");
+        return None;
+    };
+    let d = pki.dir.path();
+    std::fs::create_dir_all(d.join("tokens")).unwrap();
+    std::fs::write(d.join("softhsm2.conf"), format!("directories.tokendir = {}\n", d.join("tokens").display()))
+        .unwrap();
+    std::fs::write(d.join("pin"), "7531\n").unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.env("SOFTHSM2_CONF", d.join("softhsm2.conf")).output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(Command::new("softhsm2-util").args([
+        "--init-token",
+        "--free",
+        "--label",
+        "c",
+        "--so-pin",
+        "0000",
+        "--pin",
+        "7531",
+    ]));
+    run(Command::new("pkcs11-tool").arg("--module").arg(&module).args([
+        "--token-label",
+        "c",
+        "--login",
+        "--pin",
+        "7531",
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "c-key",
+    ]));
+    Some((module, d.join("softhsm2.conf")))
+}
+
+/// A C server whose key is on a PKCS#11 token, through a profile file (tw_profile_load_file)
+/// and through tw_profile_builder_set_identity_pkcs11; a wrong PIN is TW_KEY_UNAVAILABLE.
+#[test]
+fn c_server_with_a_token_key() {
+    if peer_program().is_none() {
+        return;
+    }
+    let pki = Pki::new();
+    let Some((module, conf)) = softhsm_key(&pki) else { return };
+    let d = pki.dir.path();
+    // The certificate, issued from the token key's public half by the CLI.
+    // Built beside the library by `cargo build --release` (make test builds it first).
+    let cli = lib_dir().join("trustwire");
+    let out = Command::new(&cli)
+        .env("SOFTHSM2_CONF", &conf)
+        .args(["pki", "issue", "--dir"])
+        .arg(d)
+        .args(["--name", "token-server", "--spiffe-id", "spiffe://example.org/token-server", "--dns", "localhost"])
+        .args(["--key", "pkcs11:token=c;object=c-key", "--pkcs11-module"])
+        .arg(&module)
+        .arg("--pkcs11-pin-file")
+        .arg(d.join("pin"))
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (build it with cargo build --release)", cli.display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!d.join("token-server.key").exists());
+    std::fs::write(
+        d.join("token.toml"),
+        format!(
+            "[identity]\ncert = \"token-server.pem\"\nkey = \"pkcs11:token=c;object=c-key\"\n\n[identity.pkcs11]\nmodule = \
+             \"{}\"\npin_file = \"pin\"\n\n[trust]\nca = [\"ca.pem\"]\n",
+            module.display()
+        ),
+    )
+    .unwrap();
+    let client_cred = pki.issue("client", "spiffe://example.org/client");
+    let client_profile = pki.profile(&client_cred, &[]);
+    // SoftHSM keeps its allocations until the process ends; only its own leaks are ignored.
+    std::fs::write(d.join("lsan.supp"), "leak:libsofthsm2\nleak:libcrypto\n").unwrap();
+    let peer = |args: &[&std::ffi::OsStr]| {
+        let mut cmd = Command::new(peer_program().unwrap());
+        sanitizer_env(&mut cmd)
+            .env("SOFTHSM2_CONF", &conf)
+            .env("LSAN_OPTIONS", format!("suppressions={}", d.join("lsan.supp").display()))
+            .args(args)
+            .stdin(Stdio::piped());
+        spawn_with_first_line(&mut cmd)
+    };
+    let pem = d.join("token-server.pem");
+    let ca = d.join("ca.pem");
+    let pin = d.join("pin");
+    for args in [
+        vec![std::ffi::OsString::from("server"), d.join("token.toml").into_os_string()],
+        vec![
+            "pkcs11".into(),
+            pem.clone().into_os_string(),
+            "pkcs11:token=c;object=c-key".into(),
+            module.clone().into_os_string(),
+            pin.clone().into_os_string(),
+            ca.clone().into_os_string(),
+        ],
+    ] {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        let (child, stdout, first) = peer(&args);
+        let port: u16 = first.strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{first}"));
+        let mut profile = client_profile.clone();
+        profile.server_name = Some("localhost".into());
+        let client = Client::new(format!("127.0.0.1:{port}"), profile.client().unwrap(), ClientOptions::default());
+        let r = block_on(async move {
+            let r = client.call("example.EchoService", "Echo", "to a token", CallOptions::default()).await;
+            let id = client.server_identity().await;
+            (r, id)
+        });
+        assert_eq!(&r.0.unwrap().payload[..], b"to a token");
+        assert_eq!(r.1.unwrap().unwrap().spiffe_id.as_deref(), Some("spiffe://example.org/token-server"));
+        finish(child, stdout);
+    }
+    std::fs::write(d.join("wrong-pin"), "0000\n").unwrap();
+    let wrong = d.join("wrong-pin");
+    let (child, stdout, first) = peer(&[
+        "pkcs11".as_ref(),
+        pem.as_os_str(),
+        "pkcs11:token=c;object=c-key".as_ref(),
+        module.as_os_str(),
+        wrong.as_os_str(),
+        ca.as_os_str(),
+    ]);
+    assert!(first.starts_with("error key_unavailable:") && first.contains("wrong PIN"), "{first}");
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,6 +1,6 @@
 //! `TlsConfig`: a credential store built from paths, bytes or a profile file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,9 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use trustwire::authz::PeerDecision;
+use trustwire::credentials::pkcs11::is_pkcs11_uri;
 use trustwire::credentials::{
     CredentialStore, Event, IdentitySource, PemSource, Sources, StoreOptions, Use, WorkloadApiSpec,
 };
+use trustwire::profile::Pkcs11Section;
 use trustwire::tls::{ClientTls, ServerTls, TlsProfile, TrustBundle};
 use trustwire::{Error, Policy, Verdict};
 
@@ -224,7 +226,7 @@ fn options(reload_interval: Option<f64>) -> PyResult<StoreOptions> {
 #[pymethods]
 impl PyTlsConfig {
     #[new]
-    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false, workload_api=None, svid_spiffe_id=None, svid_hint=None, authorize_peer=None))]
+    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false, workload_api=None, svid_spiffe_id=None, svid_hint=None, authorize_peer=None, pkcs11_module=None, pkcs11_pin_env=None, pkcs11_pin_file=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -242,6 +244,9 @@ impl PyTlsConfig {
         svid_spiffe_id: Option<String>,
         svid_hint: Option<String>,
         authorize_peer: Option<Py<PyAny>>,
+        pkcs11_module: Option<PathBuf>,
+        pkcs11_pin_env: Option<String>,
+        pkcs11_pin_file: Option<PathBuf>,
     ) -> PyResult<Self> {
         let workload_api = match workload_api {
             None if svid_spiffe_id.is_some() || svid_hint.is_some() => {
@@ -262,7 +267,28 @@ impl PyTlsConfig {
                 Some(spec)
             }
         };
+        let token_uri = key.and_then(|k| k.extract::<String>().ok()).filter(|k| is_pkcs11_uri(k));
+        let token_flags = pkcs11_module.is_some() || pkcs11_pin_env.is_some() || pkcs11_pin_file.is_some();
         let identity = match (cert, key) {
+            (Some(c), Some(_)) if token_uri.is_some() => {
+                let PemSource::Path(chain) = pem_source(c)? else {
+                    return Err(config_error(py, "with a pkcs11: key, cert must be a path to the chain file"));
+                };
+                let Some(module) = pkcs11_module else {
+                    return Err(config_error(
+                        py,
+                        "key is a pkcs11: URI: give pkcs11_module (the token's PKCS#11 library)",
+                    ));
+                };
+                let section =
+                    Pkcs11Section { module, pin_env: pkcs11_pin_env, pin_file: pkcs11_pin_file, sessions: None };
+                let uri = token_uri.as_deref().unwrap_or_default();
+                let key = section.key_spec(uri, Path::to_path_buf).map_err(|e| to_pyerr(py, e))?;
+                IdentitySource::Pkcs11 { chain, key: Box::new(key) }
+            }
+            _ if token_flags => {
+                return Err(config_error(py, "pkcs11_module and pkcs11_pin_* go with key=\"pkcs11:…\""));
+            }
             (None, None) => IdentitySource::None,
             (Some(c), Some(k)) => match (pem_source(c)?, pem_source(k)?) {
                 (PemSource::Path(chain), PemSource::Path(key)) => IdentitySource::Files { chain, key },

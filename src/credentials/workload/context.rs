@@ -113,8 +113,8 @@ impl X509Svid {
     }
 
     /// The chain and key as our TLS identity.
-    pub fn identity(&self) -> Identity {
-        Identity { chain: self.chain.clone(), key: PrivateKeyDer::Pkcs8(self.key.clone_key()) }
+    pub fn identity(&self) -> Result<Identity, Error> {
+        Identity::from_der(self.chain.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))
     }
 }
 
