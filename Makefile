@@ -40,7 +40,7 @@ test: deps
 # then its tests, the stub check and strict typing of the package and examples.
 python: deps
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "maturin>=1.7,<2" pytest "mypy==2.4.1"
+	$(PY) -m pip install -q --upgrade pip "maturin>=1.7,<2" pytest "mypy==2.4.1" "grpcio>=1.60"
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pip install -q --no-build-isolation .
 
 # The abi3 wheel users install (target/wheels), and the Python suite run against it in a fresh
@@ -54,7 +54,7 @@ wheel: python
 test-wheel: wheel
 	rm -rf $(WHEEL_VENV)
 	python3 -m venv $(WHEEL_VENV)
-	$(WHEEL_VENV)/bin/python -m pip install -q pytest target/wheels/trustwire-*-abi3-*.whl
+	$(WHEEL_VENV)/bin/python -m pip install -q pytest "$$(ls target/wheels/trustwire-*-abi3-*.whl)[testing]"
 	cd tests/python && ../../$(WHEEL_VENV)/bin/python -c 'import trustwire, sys; assert "site-packages" in trustwire.__file__, trustwire.__file__'
 	$(WHEEL_VENV)/bin/python -m pytest tests/python -q -p no:cacheprovider
 

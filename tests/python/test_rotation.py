@@ -177,3 +177,32 @@ def test_workload_api_settings_are_checked(env: Env) -> None:
     with pytest.raises(trustwire.ConfigError, match="not both"):
         cert, key = env.files("svc")
         trustwire.TlsConfig(workload_api="unix:///tmp/x.sock", cert=cert, key=key, ca=env.ca_path)
+
+
+def test_the_testing_workload_api_server_serves_and_rotates_svids(env: Env) -> None:
+    from trustwire.testing import WorkloadApiServer
+
+    server_id, client_id = "spiffe://example.org/ns/test/api", "spiffe://example.org/ns/test/web"
+    with WorkloadApiServer(env.pki) as agent:
+        agent.add_svid(server_id, hint="api")
+        agent.add_svid(client_id, hint="web")
+        server_tls = trustwire.TlsConfig(workload_api=agent.address, svid_hint="api", allow=[client_id])
+        client_tls = trustwire.TlsConfig(workload_api=agent.address, svid_hint="web", server_spiffe_id=server_id)
+        server = trustwire.Server(server_tls)
+        server.register(*ECHO, lambda p, c: c.peer.serial.encode())
+        with server:
+            address = f"127.0.0.1:{server.port}"
+            for _ in range(3):
+                new_server, new_client = agent.rotate()
+                assert wait_for(lambda: (server_tls.serial, client_tls.serial) == (new_server.serial, new_client.serial), 10)
+                with trustwire.Client(address, client_tls) as c:
+                    assert c.call(*ECHO, b"who", timeout=5).decode() == new_client.serial
+        assert agent.streams_opened == 2, "one stream per config carried every rotation"
+
+        import grpc
+
+        with grpc.insecure_channel(agent.address.replace("unix://", "unix:")) as channel:
+            fetch = channel.unary_stream("/SpiffeWorkloadAPI/FetchX509SVID")
+            with pytest.raises(grpc.RpcError) as refused:
+                next(iter(fetch(b"", timeout=5)))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
