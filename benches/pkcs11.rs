@@ -84,6 +84,24 @@ fn signatures(key: &dyn rustls::sign::SigningKey, threads: usize, secs: f64) -> 
     count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// CPU time this process has used (both ends of every handshake run here, SoftHSM included).
+fn process_cpu() -> Duration {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Full handshakes per second with `callers` concurrent connectors, and the process CPU (µs)
+/// each took, client and server together.
+async fn handshakes_cpu(addr: String, tls: ClientTls, callers: usize, secs: f64) -> (f64, f64) {
+    let cpu = process_cpu();
+    let start = Instant::now();
+    let rate = handshakes(addr, tls, callers, secs).await;
+    let n = rate * start.elapsed().as_secs_f64();
+    (rate, (process_cpu() - cpu).as_secs_f64() * 1e6 / n.max(1.0))
+}
+
 /// Full handshakes per second with `callers` concurrent connectors.
 async fn handshakes(addr: String, tls: ClientTls, callers: usize, secs: f64) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
@@ -193,11 +211,13 @@ fn main() {
             handshakes(a.clone(), client_tls.clone(), 8, 0.3).await;
         }
         let (mut file8, mut token8, mut token1, mut pool1) = (0.0, 0.0, 0.0, 0.0);
-        let mut token8b = 0.0;
+        let (mut token8b, mut file_cpu, mut token_cpu) = (0.0, 0.0, 0.0);
         for _ in 0..ROUNDS {
             let r = ROUNDS as f64;
-            file8 += handshakes(file_addr.clone(), client_tls.clone(), 8, secs).await / r;
-            token8 += handshakes(token_addr.clone(), client_tls.clone(), 8, secs).await / r;
+            let (rate, cpu) = handshakes_cpu(file_addr.clone(), client_tls.clone(), 8, secs).await;
+            (file8, file_cpu) = (file8 + rate / r, file_cpu + cpu / r);
+            let (rate, cpu) = handshakes_cpu(token_addr.clone(), client_tls.clone(), 8, secs).await;
+            (token8, token_cpu) = (token8 + rate / r, token_cpu + cpu / r);
             token1 += handshakes(token_addr.clone(), client_tls.clone(), 1, secs).await / r;
             token8b += handshakes(token_addr.clone(), client_tls.clone(), 8, secs).await / r;
             pool1 += handshakes(token1_addr.clone(), client_tls.clone(), 8, secs).await / r;
@@ -211,7 +231,12 @@ fn main() {
         row("2. SoftHSM key: 8 concurrent vs 1", token1, token8_all);
         row("3. SoftHSM key, 8 conc.: default pool vs 1 session", pool1, token8b);
         println!(
-            "BENCH_JSON {{\"file_8\":{file8:.1},\"token_8\":{token8:.1},\"token_vs_file\":{:.4},\"token_1\":{token1:.1},\"token_8_vs_1\":{:.4},\"pool_1_session_8\":{pool1:.1},\"pool_vs_one_session\":{:.4}}}",
+            "CPU per full handshake, both ends in this process: file key {file_cpu:.0} µs, SoftHSM key {token_cpu:.0} µs \
+             ({:.2}x)",
+            token_cpu / file_cpu
+        );
+        println!(
+            "BENCH_JSON {{\"file_cpu_us_per_handshake\":{file_cpu:.1},\"token_cpu_us_per_handshake\":{token_cpu:.1},\"file_8\":{file8:.1},\"token_8\":{token8:.1},\"token_vs_file\":{:.4},\"token_1\":{token1:.1},\"token_8_vs_1\":{:.4},\"pool_1_session_8\":{pool1:.1},\"pool_vs_one_session\":{:.4}}}",
             token8 / file8,
             token8_all / token1,
             token8b / pool1
