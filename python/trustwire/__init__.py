@@ -47,6 +47,7 @@ from ._native import (
 )
 from ._native import Proxy
 from ._native import verify_identity_token as _verify_identity_token
+from . import aio
 from ._rpc import Client, Response, Server
 
 import dataclasses as _dataclasses

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -13,6 +14,7 @@ from typing import (
     Any,
     Awaitable,
     Callable,
+    Coroutine,
     Optional,
     Protocol,
     Tuple,
@@ -96,6 +98,9 @@ class Server:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._stopped.set()
+        # trustwire.aio.Server: coroutine handlers run in the application's loop instead.
+        self._user_loop: Optional[asyncio.AbstractEventLoop] = None
+        self._pending: "set[concurrent.futures.Future[Any]]" = set()
 
     def method(self, service: str, method: str) -> Callable[[H], H]:
         """Decorator registering a handler for ``service`` (full name) and ``method``."""
@@ -114,7 +119,7 @@ class Server:
             try:
                 result = handler(payload, ctx)
                 if inspect.isawaitable(result):
-                    result = asyncio.run_coroutine_threadsafe(_as_coroutine(result), self._handler_loop()).result()
+                    result = self._await(_within_deadline(result, ctx.deadline))
                 return _response_pair(result)
             except RpcError:
                 raise
@@ -152,7 +157,28 @@ class Server:
         self._native.set_authorize(run)
         return hook
 
+    def _await(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Runs ``coro`` on the handlers' loop from a worker thread and waits for its result."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._handler_loop())
+        with self._lock:
+            self._pending.add(fut)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise RpcError(2003, "the server is stopping: the handler was cancelled") from None
+        finally:
+            with self._lock:
+                self._pending.discard(fut)
+
+    def _cancel_pending(self) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        for fut in pending:
+            fut.cancel()
+
     def _handler_loop(self) -> asyncio.AbstractEventLoop:
+        if self._user_loop is not None:
+            return self._user_loop
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
@@ -229,6 +255,17 @@ class Server:
 
 async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+async def _within_deadline(awaitable: Awaitable[Any], deadline: Optional[float]) -> Any:
+    """Awaits a handler, cancelling it once the caller's deadline has passed (the caller is
+    answered ERPCTIMEDOUT, 1008, which it no longer waits for)."""
+    if deadline is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(_as_coroutine(awaitable), max(0.0, deadline - time.time()))
+    except asyncio.TimeoutError:
+        raise RpcError(1008, "the caller's deadline passed: the handler was cancelled") from None
 
 
 def _settle(fut: "asyncio.Future[Tuple[bytes, bytes]]", result: Optional[Tuple[bytes, bytes]], error: Optional[BaseException]) -> None:
