@@ -142,6 +142,10 @@ pub struct GenerationInfo {
     pub trust_domains: Vec<TrustDomainInfo>,
     /// Our private key's file when users other than its owner can read it: (path, mode).
     pub insecure_key_file: Option<(PathBuf, u32)>,
+    /// Our certificate's issuer is outside our own trust bundle (separate client and server
+    /// CAs): then so may the next generation's be. A store whose certificate chained to its
+    /// bundle refuses a reload that breaks that (e.g. a CA rotation dropping our own issuer).
+    pub issuer_outside_bundle: bool,
     material_digest: Vec<u8>,
     trust_digest: Vec<u8>,
 }
@@ -268,6 +272,7 @@ struct Loaded {
     domains: Vec<(String, usize, Option<SystemTime>)>,
     /// Our private key's file when other users can read it: (path, mode).
     insecure_key_file: Option<(PathBuf, u32)>,
+    issuer_outside_bundle: bool,
 }
 
 impl CredentialStore {
@@ -297,7 +302,7 @@ impl CredentialStore {
         }
         template.trust = TrustBundle { require_fresh_crls: template.trust.require_fresh_crls, ..Default::default() };
         let loaded = read_material(&sources, context.as_deref())
-            .and_then(|m| load(&m, &sources, &template, role, &options.name))
+            .and_then(|m| load(&m, &sources, &template, role, &options.name, true))
             .inspect_err(|e| {
                 telemetry::reload_rejected(&options.name, e.verdict());
             })?;
@@ -423,7 +428,8 @@ impl CredentialStore {
             // Same bad material as last time: already reported.
             return Err(Error::credentials(None, "the sources still hold the material rejected before"));
         }
-        let loaded = match load(&material, &sources, &inner.template, inner.role, &inner.options.name)
+        let outside_ok = current.issuer_outside_bundle || current.certificate.is_none();
+        let loaded = match load(&material, &sources, &inner.template, inner.role, &inner.options.name, outside_ok)
             .and_then(|l| check_identity_change(&current, &l, &inner.options).map(|()| l))
         {
             Ok(l) => l,
@@ -619,20 +625,30 @@ fn info_of(loaded: &Loaded, number: u64) -> GenerationInfo {
             })
             .collect(),
         insecure_key_file: loaded.insecure_key_file.clone(),
+        issuer_outside_bundle: loaded.issuer_outside_bundle,
         material_digest: loaded.material_digest.clone(),
         trust_digest: loaded.trust_digest.clone(),
     }
 }
 
 /// Reads, parses and validates; nothing is published here.
-fn load(m: &Material, sources: &Sources, template: &TlsProfile, role: Use, store: &str) -> Result<Loaded, Error> {
-    let loaded = validate(m, sources, template)?;
+/// `outside_ok`: our certificate may have an issuer outside our bundle (at the first load, or
+/// when the generation in service already has one).
+fn load(
+    m: &Material,
+    sources: &Sources,
+    template: &TlsProfile,
+    role: Use,
+    store: &str,
+    outside_ok: bool,
+) -> Result<Loaded, Error> {
+    let mut loaded = validate(m, sources, template)?;
     if let Some(id) = &loaded.identity {
         if role.server() {
-            preflight::server(id, &loaded.trust, template)?;
+            loaded.issuer_outside_bundle |= preflight::server(id, &loaded.trust, template, outside_ok)?;
         }
         if role.client() {
-            preflight::client(id, &loaded.trust, template)?;
+            loaded.issuer_outside_bundle |= preflight::client(id, &loaded.trust, template, outside_ok)?;
         }
     }
     tracing::debug!(store, "credentials validated");
@@ -765,6 +781,7 @@ fn validate(m: &Material, sources: &Sources, template: &TlsProfile) -> Result<Lo
         trust_digest,
         domains: resolved.domain_summaries(),
         insecure_key_file,
+        issuer_outside_bundle: false,
     })
 }
 

@@ -125,8 +125,14 @@ fn tls_config_error(e: TlsError) -> Error {
 
 /// Our identity as a server, verified the way our clients verify servers (CA set of our trust
 /// domain, CRLs in force), by a client holding the new trust bundle.
-pub(super) fn server(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
-    outside_our_bundle(server_against(identity, trust, template), identity, trust, "server")
+/// `Ok(true)` when our issuer is outside `trust` and `outside_ok` let that pass.
+pub(super) fn server(
+    identity: &Identity,
+    trust: &TrustBundle,
+    template: &TlsProfile,
+    outside_ok: bool,
+) -> Result<bool, Error> {
+    outside_our_bundle(server_against(identity, trust, template), identity, trust, "server", outside_ok)
 }
 
 fn server_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
@@ -155,8 +161,13 @@ fn server_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfil
 
 /// Our identity as a client, verified the way our servers verify clients, by a server holding
 /// the new trust bundle.
-pub(super) fn client(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
-    outside_our_bundle(client_against(identity, trust, template), identity, trust, "client")
+pub(super) fn client(
+    identity: &Identity,
+    trust: &TrustBundle,
+    template: &TlsProfile,
+    outside_ok: bool,
+) -> Result<bool, Error> {
+    outside_our_bundle(client_against(identity, trust, template), identity, trust, "client", outside_ok)
 }
 
 fn client_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfile) -> Result<(), Error> {
@@ -252,15 +263,17 @@ fn run(client: ClientConfig, server: ServerConfig, role: &str) -> Result<(), Err
 /// intermediate, a mistake every peer would hit too), check what we can without the issuer:
 /// each certificate in the chain signed by the next, every one within its validity window, the
 /// leaf's extended key usage for `role`; the key was checked against the certificate already.
-/// Then the peer side must trust our issuer, which is logged.
+/// Then the peer side must trust our issuer, which is logged. Only when `outside_ok`: a store
+/// whose certificate chained to its bundle keeps refusing a reload that would break that.
 fn outside_our_bundle(
     checked: Result<(), Error>,
     identity: &Identity,
     trust: &TrustBundle,
     role: &str,
-) -> Result<(), Error> {
-    let Err(e) = checked else { return Ok(()) };
-    if e.verdict() != Some(Verdict::UnknownIssuer) {
+    outside_ok: bool,
+) -> Result<bool, Error> {
+    let Err(e) = checked else { return Ok(false) };
+    if e.verdict() != Some(Verdict::UnknownIssuer) || !outside_ok {
         return Err(e);
     }
     let parsed = identity
@@ -317,5 +330,5 @@ fn outside_our_bundle(
         issuer = %top.issuer(),
         "our certificate's issuer is not in our trust bundle: peers must trust it to accept us as a {role}"
     );
-    Ok(())
+    Ok(true)
 }
