@@ -18,6 +18,7 @@ use std::sync::Arc;
 use tracing::{error, info};
 
 use crate::error::{codes, Verdict};
+use crate::rpc::panic_message;
 use crate::telemetry;
 use crate::tls::identity::PeerIdentity;
 use crate::tls::policy::{MethodDecision, Policy};
@@ -138,10 +139,6 @@ impl PartialEq for Hooks {
 
 impl Eq for Hooks {}
 
-fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
-    p.downcast_ref::<&str>().copied().or_else(|| p.downcast_ref::<String>().map(String::as_str)).unwrap_or("?")
-}
-
 /// Runs the peer hook, if any: `Err(reason)` refuses the peer. A panic refuses it too.
 pub(crate) fn check_peer(hooks: &Hooks, peer: &PeerIdentity) -> Result<(), String> {
     let Some(hook) = &hooks.peer else { return Ok(()) };
@@ -149,7 +146,7 @@ pub(crate) fn check_peer(hooks: &Hooks, peer: &PeerIdentity) -> Result<(), Strin
         Ok(PeerDecision::Allow) => Ok(()),
         Ok(PeerDecision::Deny(why)) => Err(format!("the connection hook refused peer {}: {why}", peer.display_name())),
         Err(p) => {
-            let why = panic_text(p.as_ref());
+            let why = panic_message(&p);
             error!(peer = %peer, "the connection hook panicked, so the peer is refused: {why}");
             Err(format!("the connection hook failed ({why}), so peer {} is refused", peer.display_name()))
         }
@@ -179,17 +176,7 @@ pub fn authorize_call(
             info!(scope, peer = %peer, service = %truncate(name), method = %truncate(method),
                 verdict = verdict.name(), "call denied: {why}");
             telemetry::call_refused(scope, verdict);
-            return Err(Refusal {
-                code: codes::ERPCAUTH,
-                verdict,
-                text: format!(
-                    "{}: peer {} may not call {}/{}",
-                    verdict.name(),
-                    peer.display_name(),
-                    truncate(service),
-                    truncate(method)
-                ),
-            });
+            return Err(Refusal { code: codes::ERPCAUTH, verdict, text: refused_text(peer, service, method) });
         }
     }
     let Some(hook) = &policy.hooks.call else { return Ok(()) };
@@ -199,7 +186,7 @@ pub fn authorize_call(
         Ok(CallDecision::Deny { code, text }) => (code, text),
         Err(p) => {
             error!(scope, peer = %peer, service = %truncate(service), method = %truncate(method),
-                "the call hook panicked, so the call is denied: {}", panic_text(p.as_ref()));
+                "the call hook panicked, so the call is denied: {}", panic_message(&p));
             (codes::ERPCAUTH, String::new())
         }
     };
@@ -207,20 +194,25 @@ pub fn authorize_call(
     info!(scope, peer = %peer, service = %truncate(service), method = %truncate(method), code,
         verdict = verdict.name(), "call denied by the call hook: {text}");
     telemetry::call_refused(scope, verdict);
+    // A hook must not turn a refusal into success: code 0 is ERPCAUTH.
+    let code = if code == 0 { codes::ERPCAUTH } else { code };
     let text = match (code, text.is_empty()) {
-        (codes::ERPCAUTH, true) => format!(
-            "{}: peer {} may not call {}/{}",
-            verdict.name(),
-            peer.display_name(),
-            truncate(service),
-            truncate(method)
-        ),
+        (codes::ERPCAUTH, true) => refused_text(peer, service, method),
         (codes::ERPCAUTH, false) => format!("{}: {text}", verdict.name()),
         _ => text,
     };
-    // A hook must not turn a refusal into success: code 0 is ERPCAUTH.
-    let code = if code == 0 { codes::ERPCAUTH } else { code };
     Err(Refusal { code, verdict, text })
+}
+
+/// What a caller refused by a rule (or by a hook that gave no text) is told: which call, not why.
+fn refused_text(peer: &PeerIdentity, service: &str, method: &str) -> String {
+    format!(
+        "{}: peer {} may not call {}/{}",
+        Verdict::MethodNotAllowed.name(),
+        peer.display_name(),
+        truncate(service),
+        truncate(method)
+    )
 }
 
 /// A peer-supplied name cut to [`MAX_ECHOED_NAME`] bytes (on a character boundary), with `…`

@@ -144,7 +144,7 @@ class Server:
             try:
                 result = hook(peer, service, method, metadata)
                 if inspect.isawaitable(result):
-                    result = asyncio.run_coroutine_threadsafe(_as_coroutine(result), self._handler_loop()).result()
+                    result = self._await(_as_coroutine(result))
                 if not isinstance(result, bool):
                     raise TypeError(f"an authorize hook returns True or False, not {type(result).__name__}")
                 return result
