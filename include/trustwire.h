@@ -882,6 +882,11 @@ int64_t tw_peer_not_before(const tw_peer *peer);
 // The certificate's not-after, Unix seconds.
 int64_t tw_peer_not_after(const tw_peer *peer);
 
+// True once the caller can no longer receive this call's answer: its connection closed (it
+// went away, or lost our trust). A handler doing long work on a thread of its own can poll
+// this and stop early, then consume the responder as usual. Any thread; false for NULL.
+bool tw_responder_cancelled(const tw_responder *responder);
+
 // Answers the call with `payload` and `attachment` (copied; NULL with length 0 for none) and
 // consumes the responder (and the call). Any thread. An answer for a caller that has gone
 // (timed out, disconnected) is dropped; that is still TW_OK.

@@ -352,6 +352,8 @@ public:
     // `code`: a brpc error code (1003 EREQUEST, 2001 EINTERNAL, ...) or your own, not 0.
     void fail(int32_t code, const std::string& text) { detail::check(tw_responder_fail(take(), code, text.c_str())); }
     explicit operator bool() const noexcept { return r_ != nullptr; }
+    // True once the caller's connection has closed: the answer would reach nobody.
+    bool cancelled() const noexcept { return r_ != nullptr && tw_responder_cancelled(r_); }
 
 private:
     tw_responder* take() {

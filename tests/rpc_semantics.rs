@@ -769,3 +769,55 @@ async fn a_call_unanswered_at_a_clean_close_is_retried_once() {
     assert!(matches!(err, Error::Transport { .. }), "{err:?}");
     assert_eq!(accepted.load(Ordering::SeqCst), 4, "exactly one retry");
 }
+
+/// A handler doing long work learns that its caller went away (the connection closed), so it can
+/// stop instead of working for nobody; a caller still connected is not cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_is_cancelled_when_its_callers_connection_closes() {
+    let pki = Pki::new();
+    let mut server = Server::new(pki.server_profile().server().unwrap());
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    server.register("t.Slow", "Work", move |req: Request| {
+        let seen = seen_tx.clone();
+        let g = g.clone();
+        async move {
+            let _ = seen.send("started");
+            tokio::select! {
+                _ = req.cancelled.cancelled() => {
+                    let _ = seen.send("cancelled");
+                    Err(Status::new(codes::ELOGOFF, "the caller went away"))
+                }
+                _ = async { g.acquire().await.map(|p| p.forget()) } => {
+                    let _ = seen.send("finished");
+                    Ok(Response::new(req.payload))
+                }
+            }
+        }
+    });
+    let server = server.bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr();
+
+    // Connected throughout: the handler runs to the end.
+    let mut kept = raw_tls(&pki.client_profile(), addr).await;
+    kept.write_all(&request_frame(1, "t.Slow", "Work", b"kept".to_vec()).to_bytes().unwrap()).await.unwrap();
+    kept.flush().await.unwrap();
+    assert_eq!(bounded("started", seen_rx.recv()).await, Some("started"));
+    gate.add_permits(1);
+    assert_eq!(bounded("finished", seen_rx.recv()).await, Some("finished"));
+    assert_eq!(&decode(&read_frame(&mut kept).await.expect("an answer")).payload[..], b"kept");
+
+    // Gone mid-call: the handler sees the cancellation, whichever way the caller left.
+    for clean in [true, false] {
+        let mut s = raw_tls(&pki.client_profile(), addr).await;
+        s.write_all(&request_frame(2, "t.Slow", "Work", b"lost".to_vec()).to_bytes().unwrap()).await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(bounded("started", seen_rx.recv()).await, Some("started"));
+        if clean {
+            s.shutdown().await.unwrap();
+        }
+        drop(s);
+        assert_eq!(bounded("cancelled", seen_rx.recv()).await, Some("cancelled"), "clean close: {clean}");
+    }
+}

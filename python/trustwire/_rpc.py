@@ -119,7 +119,7 @@ class Server:
             try:
                 result = handler(payload, ctx)
                 if inspect.isawaitable(result):
-                    result = self._await(_within_deadline(result, ctx.deadline))
+                    result = self._await(_within_deadline(result, ctx.deadline), ctx)
                 return _response_pair(result)
             except RpcError:
                 raise
@@ -157,14 +157,19 @@ class Server:
         self._native.set_authorize(run)
         return hook
 
-    def _await(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Runs ``coro`` on the handlers' loop from a worker thread and waits for its result."""
+    def _await(self, coro: Coroutine[Any, Any, Any], ctx: Optional[CallContext] = None) -> Any:
+        """Runs ``coro`` on the handlers' loop from a worker thread and waits for its result.
+        With ``ctx``, the coroutine is cancelled when the caller's connection closes."""
         fut = asyncio.run_coroutine_threadsafe(coro, self._handler_loop())
         with self._lock:
             self._pending.add(fut)
+        if ctx is not None:
+            ctx.add_cancel_callback(fut.cancel)
         try:
             return fut.result()
         except concurrent.futures.CancelledError:
+            if ctx is not None and ctx.cancelled():
+                raise RpcError(2003, "the caller went away: the handler was cancelled") from None
             raise RpcError(2003, "the server is stopping: the handler was cancelled") from None
         finally:
             with self._lock:

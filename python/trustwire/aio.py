@@ -14,8 +14,10 @@ The model is ``grpc.aio.server()``::
         await server.wait_closed()
 
 Coroutine handlers run in the loop that called :meth:`Server.start`; one past the caller's
-deadline is cancelled and the caller answered ERPCTIMEDOUT (1008). Plain (sync) handlers still
-work and run on trustwire's worker threads, never blocking the loop. TLS, verification, policy
+deadline is cancelled and the caller answered ERPCTIMEDOUT (1008), and one whose caller's
+connection closes is cancelled too (``ctx.cancelled()`` is then True). Plain (sync) handlers
+still work and run on trustwire's worker threads, never blocking the loop; they can poll
+``ctx.cancelled()`` or register ``ctx.add_cancel_callback(fn)``. TLS, verification, policy
 and hooks are the core's, as for :class:`trustwire.Server`.
 """
 

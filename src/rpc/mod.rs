@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+pub use tokio_util::sync::CancellationToken;
 
 pub use client::{CallOptions, Client, ClientOptions};
 pub use server::{RunningServer, Server, ServerOptions};
@@ -40,6 +41,10 @@ pub struct Request {
     pub authentication_data: Option<Bytes>,
     /// The verified peer.
     pub peer: Arc<PeerIdentity>,
+    /// Cancelled when the caller can no longer receive the answer: its connection closed (the
+    /// peer went away, or it lost our trust). A handler doing long work can select on
+    /// `cancelled.cancelled()` and stop; one that ignores it is answered into the void.
+    pub cancelled: CancellationToken,
 }
 
 /// A successful answer.

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::{response_frame, CatchUnwind, Handler, HandlerFuture, Request};
+use super::{response_frame, CancellationToken, CatchUnwind, Handler, HandlerFuture, Request};
 use crate::authz::truncate;
 use crate::error::{codes, Error, Side, Verdict};
 use crate::limits::{Admission, ConnectionLimits, Established};
@@ -551,6 +551,8 @@ async fn serve_connection<S>(
     let timer = tokio::time::sleep_until(deadline(quiet_since, None).unwrap_or_else(Instant::now).into());
     tokio::pin!(timer);
     let mut paused: Option<&'static str> = None;
+    // Cancelled once nobody can receive this connection's answers, for handlers that stop then.
+    let gone = CancellationToken::new();
     'conn: loop {
         let blocked = loop {
             if held.is_over() {
@@ -569,7 +571,7 @@ async fn serve_connection<S>(
                     progress_then = held.progress();
                     frame_since = None;
                     let Some(p) = permit.take() else { break 'conn };
-                    dispatch(frame, &peer, &shared, &tx, Charge::new(&held, before - buf.len(), p));
+                    dispatch(frame, &peer, &shared, &tx, &gone, Charge::new(&held, before - buf.len(), p));
                 }
                 Ok(None) => break None,
                 Err(e) => {
@@ -611,10 +613,14 @@ async fn serve_connection<S>(
         let timed = opts.idle_timeout.is_some() || opts.frame_timeout.is_some();
         tokio::select! {
             r = rd.read_buf(&mut buf), if blocked.is_none() => match r {
-                Ok(0) => break 'conn,
+                Ok(0) => {
+                    gone.cancel();
+                    break 'conn;
+                }
                 Ok(_) => {}
                 Err(e) => {
                     debug!(%remote, "read failed: {e}");
+                    gone.cancel();
                     break 'conn;
                 }
             },
@@ -624,6 +630,7 @@ async fn serve_connection<S>(
             _ = &mut stopped => break 'conn,
             d = &mut closing => {
                 info!(%remote, peer = %peer, verdict = d.verdict.name(), "closing: {}", d.message);
+                gone.cancel();
                 break 'conn;
             }
             _ = &mut timer, if timed => {
@@ -661,6 +668,7 @@ async fn serve_connection<S>(
         debug!(%remote, "closing with answers unwritten");
         writer.abort();
     }
+    gone.cancel();
 }
 
 /// Resolves when this connection must close (its peer is no longer trusted, or a certificate
@@ -698,6 +706,7 @@ fn dispatch(
     peer: &Arc<PeerIdentity>,
     shared: &Arc<Shared>,
     tx: &mpsc::UnboundedSender<Outgoing>,
+    gone: &CancellationToken,
     charge: Charge,
 ) {
     let cid = frame.meta.correlation_id.unwrap_or(0);
@@ -763,6 +772,7 @@ fn dispatch(
         payload: frame.payload,
         attachment: frame.attachment,
         peer: peer.clone(),
+        cancelled: gone.clone(),
     };
     let (service_name, method_name) = (request.service.clone(), request.method.clone());
     let shared = shared.clone();

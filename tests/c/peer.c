@@ -99,13 +99,39 @@ static void later(void *user_data, const tw_call *call, tw_responder *responder)
     t->started = 1;
 }
 
+/* Works until its caller goes away, then says so on stdout. */
+static void *work_until_cancelled(void *arg) {
+    tw_responder *responder = arg;
+    for (int i = 0; i < 3000 && !tw_responder_cancelled(responder); i++) {
+        struct timespec ten_ms = {0, 10 * 1000 * 1000};
+        nanosleep(&ten_ms, NULL);
+    }
+    printf(tw_responder_cancelled(responder) ? "caller gone\n" : "caller still there\n");
+    fflush(stdout);
+    OK(tw_responder_fail(responder, 2003, "the caller went away"));
+    return NULL;
+}
+
+static void abandoned(void *user_data, const tw_call *call, tw_responder *responder) {
+    (void)call;
+    later_thread *t = user_data;
+    CHECK(!t->started);
+    CHECK(!tw_responder_cancelled(responder));
+    CHECK(pthread_create(&t->thread, NULL, work_until_cancelled, responder) == 0);
+    t->started = 1;
+    printf("working\n");
+    fflush(stdout);
+}
+
 static int serve(tw_profile *p) {
     tw_server *s = NULL;
     later_thread later_t = {.started = 0};
+    later_thread abandoned_t = {.started = 0};
     OK(tw_server_new(p, &s));
     OK(tw_server_register(s, "example.EchoService", "Echo", echo, NULL));
     OK(tw_server_register(s, "example.EchoService", "Peer", peer_id, NULL));
     OK(tw_server_register(s, "example.EchoService", "Later", later, &later_t));
+    OK(tw_server_register(s, "example.EchoService", "Abandoned", abandoned, &abandoned_t));
     uint16_t port = 0;
     OK(tw_server_start(s, "127.0.0.1:0", &port));
     printf("port %u\n", (unsigned)port);
@@ -113,6 +139,7 @@ static int serve(tw_profile *p) {
     wait_for_stdin_eof();
     OK(tw_server_stop(s));
     if (later_t.started) pthread_join(later_t.thread, NULL);
+    if (abandoned_t.started) pthread_join(abandoned_t.thread, NULL);
     tw_server_free(s);
     tw_profile_free(p);
     printf("stopped\n");

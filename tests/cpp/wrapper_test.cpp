@@ -70,6 +70,7 @@ int main() {
             auto item = std::move(queue.back());
             queue.pop_back();
             guard.unlock();
+            CHECK(!item.second.cancelled());  // its caller is still waiting
             item.second.send("later:" + item.first);
             guard.lock();
         }

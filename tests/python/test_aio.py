@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import typing
 import time
 
 import pytest
@@ -119,3 +120,74 @@ def test_stop_with_grace_cancels_handlers_still_running(env: Env) -> None:
                 await call
 
     asyncio.run(main())
+
+
+def test_a_handler_whose_caller_goes_away_is_cancelled(env: Env) -> None:
+    async def main() -> None:
+        server = trustwire.aio.Server(env.tls("server"))
+        entered, cancelled = asyncio.Event(), asyncio.Event()
+        seen_by_ctx = []
+
+        @server.method(*ECHO)
+        async def forever(payload: bytes, ctx: trustwire.CallContext) -> bytes:
+            entered.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                seen_by_ctx.append(ctx.cancelled())
+                cancelled.set()
+                raise
+            return payload
+
+        await server.start("127.0.0.1:0")
+        try:
+            client = trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client"))
+            call = asyncio.ensure_future(client.acall(*ECHO, b"x"))
+            await asyncio.wait_for(entered.wait(), 5)
+            client.close()  # no deadline: only the closed connection can end the handler
+            await asyncio.wait_for(cancelled.wait(), 10)
+            assert seen_by_ctx == [True]
+            with pytest.raises(trustwire.TrustwireError):
+                await call
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_sync_handler_can_see_its_caller_go_away(env: Env) -> None:
+    import threading
+
+    server = trustwire.Server(env.tls("server"))
+    entered, gone = threading.Event(), threading.Event()
+    polled = []
+
+    @server.method(*ECHO)
+    def wait_for_caller(payload: bytes, ctx: trustwire.CallContext) -> bytes:
+        polled.append(ctx.cancelled())
+        ctx.add_cancel_callback(gone.set)
+        entered.set()
+        gone.wait(30)
+        polled.append(ctx.cancelled())
+        return payload
+
+    server.start("127.0.0.1:0")
+    try:
+        client = trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client"))
+        pending = threading.Thread(target=lambda: _swallow(lambda: client.call(*ECHO, b"x")))
+        pending.start()
+        assert entered.wait(10)
+        client.close()
+        assert gone.wait(10), "the cancel callback ran once the caller's connection closed"
+        pending.join(10)
+        assert polled[0] is False
+    finally:
+        server.stop()
+    assert polled == [False, True]
+
+
+def _swallow(fn: "typing.Callable[[], object]") -> None:
+    try:
+        fn()
+    except trustwire.TrustwireError:
+        pass

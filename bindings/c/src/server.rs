@@ -464,6 +464,14 @@ pub unsafe extern "C" fn tw_peer_not_after(peer: *const tw_peer) -> i64 {
     guard_value(0, || Ok(unsafe { arg(peer, "peer") }?.not_after))
 }
 
+/// True once the caller can no longer receive this call's answer: its connection closed (it
+/// went away, or lost our trust). A handler doing long work on a thread of its own can poll
+/// this and stop early, then consume the responder as usual. Any thread; false for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn tw_responder_cancelled(responder: *const tw_responder) -> bool {
+    guard_value(false, || Ok(unsafe { arg(responder, "responder") }?.call.request.cancelled.is_cancelled()))
+}
+
 /// Answers the call with `payload` and `attachment` (copied; NULL with length 0 for none) and
 /// consumes the responder (and the call). Any thread. An answer for a caller that has gone
 /// (timed out, disconnected) is dropped; that is still TW_OK.

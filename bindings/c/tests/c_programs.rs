@@ -265,6 +265,24 @@ fn c_server_answers_rust_clients() {
     assert_eq!((&r.payload[..], &r.attachment[..]), (&b"hello from Rust"[..], &b"from C"[..]));
     assert_eq!(&call("Peer", "").unwrap().payload[..], b"spiffe://example.org/client");
     assert_eq!(&call("Later", "").unwrap().payload[..], b"answered from a C thread");
+
+    // A handler working on a thread of its own learns that its caller went away.
+    let leaving = Client::new(addr.clone(), pki.profile(&client_cred, &[]).client().unwrap(), ClientOptions::default());
+    let pending = {
+        let leaving = leaving.clone();
+        std::thread::spawn(move || {
+            block_on(async move { leaving.call("example.EchoService", "Abandoned", "", CallOptions::default()).await })
+        })
+    };
+    let mut stdout = stdout;
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "working");
+    leaving.close();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "caller gone");
+    assert!(pending.join().unwrap().is_err(), "the closed client's call failed");
     match call("Missing", "") {
         Err(Error::Rpc { code: 1002, .. }) => {}
         other => panic!("expected ENOMETHOD, got {other:?}"),

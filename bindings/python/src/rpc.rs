@@ -12,7 +12,7 @@ use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use trustwire::authz::{Call, CallDecision};
-use trustwire::rpc::RunningServer;
+use trustwire::rpc::{CancellationToken, RunningServer};
 use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
 use crate::errors::{rpc_status, to_pyerr, transport_error};
@@ -64,30 +64,85 @@ impl PyPeerIdentity {
 }
 
 /// What a handler knows about the call besides its payload.
-#[pyclass(module = "trustwire._native", name = "CallContext", frozen, get_all)]
+#[pyclass(module = "trustwire._native", name = "CallContext", frozen)]
 pub struct PyCallContext {
+    #[pyo3(get)]
     service: String,
+    #[pyo3(get)]
     method: String,
+    #[pyo3(get)]
     peer: Py<PyPeerIdentity>,
+    #[pyo3(get)]
     attachment: Py<PyBytes>,
+    #[pyo3(get)]
     log_id: Option<i64>,
+    #[pyo3(get)]
     request_id: Option<String>,
+    #[pyo3(get)]
     timeout_ms: Option<i32>,
     /// When the caller gives up, as a Unix timestamp (comparable with time.time()).
+    #[pyo3(get)]
     deadline: Option<f64>,
     /// The request's authentication_data, raw (a trustwire proxy's identity token, when one
     /// forwarded the call: `trustwire.verify_identity_token` checks it).
+    #[pyo3(get)]
     authentication_data: Option<Py<PyBytes>>,
+    cancel: Arc<CallCancel>,
+}
+
+/// The caller's connection closing while its call runs: the answer then reaches nobody.
+struct CallCancel {
+    token: CancellationToken,
+    /// Callbacks still to run; None once they have run (later ones run at once).
+    callbacks: Mutex<Option<Vec<Py<PyAny>>>>,
+}
+
+impl CallCancel {
+    fn new(token: CancellationToken) -> Arc<Self> {
+        Arc::new(CallCancel { token, callbacks: Mutex::new(Some(Vec::new())) })
+    }
+
+    /// Runs the callbacks once, with the GIL, on the calling (blocking-pool) thread.
+    fn fire(&self, py: Python<'_>) {
+        let callbacks = self.callbacks.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+        for cb in callbacks {
+            if let Err(e) = cb.call0(py) {
+                e.write_unraisable(py, Some(cb.bind(py)));
+            }
+        }
+    }
 }
 
 #[pymethods]
 impl PyCallContext {
+    /// True once the caller's connection has closed: its answer will reach nobody.
+    fn cancelled(&self) -> bool {
+        self.cancel.token.is_cancelled()
+    }
+
+    /// Calls `callback()` once the caller's connection closes while this call runs (at once
+    /// when it already has). It runs on a trustwire thread: keep it short (e.g. set an event,
+    /// cancel a future).
+    fn add_cancel_callback(&self, py: Python<'_>, callback: Py<PyAny>) -> PyResult<()> {
+        let mut callbacks = self.cancel.callbacks.lock().unwrap_or_else(|p| p.into_inner());
+        match callbacks.as_mut() {
+            Some(list) => {
+                list.push(callback);
+                Ok(())
+            }
+            None => {
+                drop(callbacks);
+                callback.call0(py).map(drop)
+            }
+        }
+    }
+
     fn __repr__(&self) -> String {
         format!("CallContext(service={:?}, method={:?}, log_id={:?})", self.service, self.method, self.log_id)
     }
 }
 
-fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request) -> Result<Response, Status> {
+fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request, cancel: Arc<CallCancel>) -> Result<Response, Status> {
     let build = || -> PyResult<(Py<PyBytes>, Py<PyCallContext>)> {
         let deadline = req.deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
@@ -103,6 +158,7 @@ fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request) -> Result<Resp
             timeout_ms: req.timeout_ms,
             deadline,
             authentication_data: req.authentication_data.as_ref().map(|a| PyBytes::new(py, a).unbind()),
+            cancel,
         };
         Ok((PyBytes::new(py, &req.payload).unbind(), Py::new(py, ctx)?))
     };
@@ -224,9 +280,21 @@ impl PyServer {
             server.register(service, method, move |req: Request| {
                 let handler = handler.clone();
                 async move {
-                    tokio::task::spawn_blocking(move || Python::with_gil(|py| run_handler(py, &handler, req)))
-                        .await
-                        .unwrap_or_else(|_| Err(Status::internal("handler thread failed")))
+                    let cancel = CallCancel::new(req.cancelled.clone());
+                    // Cancellation callbacks run only while the handler does.
+                    let watcher = tokio::spawn({
+                        let cancel = cancel.clone();
+                        async move {
+                            cancel.token.cancelled().await;
+                            let _ = tokio::task::spawn_blocking(move || Python::with_gil(|py| cancel.fire(py))).await;
+                        }
+                    });
+                    let result =
+                        tokio::task::spawn_blocking(move || Python::with_gil(|py| run_handler(py, &handler, req, cancel)))
+                            .await
+                            .unwrap_or_else(|_| Err(Status::internal("handler thread failed")));
+                    watcher.abort();
+                    result
                 }
             });
         }
