@@ -2,7 +2,7 @@
 # against the built module (make test-python).
 
 import os
-from typing import Callable, Final, List, Mapping, Optional, Sequence, Tuple, Union, final
+from typing import Callable, Final, List, Literal, Mapping, Optional, Sequence, Tuple, Union, final
 
 __all__ = [
     "Proxy",
@@ -150,9 +150,15 @@ class TlsConfig:
         pkcs11_module: Optional[Union[str, os.PathLike[str]]] = None,
         pkcs11_pin_env: Optional[str] = None,
         pkcs11_pin_file: Optional[Union[str, os.PathLike[str]]] = None,
+        role: Optional[Literal["server", "client", "both"]] = None,
     ) -> TlsConfig: ...
     @staticmethod
-    def from_file(path: Union[str, os.PathLike[str]], *, reload_interval: Optional[float] = None) -> TlsConfig: ...
+    def from_file(
+        path: Union[str, os.PathLike[str]],
+        *,
+        reload_interval: Optional[float] = None,
+        role: Optional[Literal["server", "client", "both"]] = None,
+    ) -> TlsConfig: ...
     def reload(self) -> int: ...
     def on_event(self, callback: Callable[[Event], object]) -> None: ...
     @property

@@ -175,3 +175,23 @@ def test_connection_refused_is_transport_error(env: Env) -> None:
         with pytest.raises(trustwire.TrustwireError) as e:
             client.call(*ECHO, b"x", timeout=2)
     assert type(e.value) in (trustwire.TransportError, trustwire.Io)
+
+
+def test_a_config_made_for_one_role_is_preflighted_for_that_role_only(env: Env, echo_server: trustwire.Server) -> None:
+    # A certificate that may only authenticate clients: fine for role="client" ...
+    cert, key = env.files("batch", usage="client")
+    client_tls = trustwire.TlsConfig(cert=cert, key=key, ca=env.ca_path, server_name="localhost", role="client")
+    assert client_tls.roles == "client"
+    with trustwire.Client(f"127.0.0.1:{echo_server.port}", client_tls) as client:
+        assert client.call(*ECHO, b"x") == b"x"
+    # ... refused by name for role="server", before anything listens ...
+    with pytest.raises(trustwire.TrustwireError) as e:
+        trustwire.TlsConfig(cert=cert, key=key, ca=env.ca_path, role="server")
+    assert getattr(e.value, "verdict", None) == "bad_key_usage", e.value
+    # ... and a client config handed to a server says what it was made for.
+    both_usage_client = env.tls("frontend", role="client")
+    assert both_usage_client.roles == "client"
+    with pytest.raises(trustwire.ConfigError, match="made for clients"):
+        trustwire.Server(both_usage_client).start("127.0.0.1:0")
+    with pytest.raises(trustwire.ConfigError, match="role must be"):
+        env.tls("frontend", role="proxy")

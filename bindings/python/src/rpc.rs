@@ -289,10 +289,11 @@ impl PyServer {
                             let _ = tokio::task::spawn_blocking(move || Python::with_gil(|py| cancel.fire(py))).await;
                         }
                     });
-                    let result =
-                        tokio::task::spawn_blocking(move || Python::with_gil(|py| run_handler(py, &handler, req, cancel)))
-                            .await
-                            .unwrap_or_else(|_| Err(Status::internal("handler thread failed")));
+                    let result = tokio::task::spawn_blocking(move || {
+                        Python::with_gil(|py| run_handler(py, &handler, req, cancel))
+                    })
+                    .await
+                    .unwrap_or_else(|_| Err(Status::internal("handler thread failed")));
                     watcher.abort();
                     result
                 }

@@ -169,46 +169,91 @@ impl PyEvent {
 pub struct PyTlsConfig {
     store: CredentialStore,
     role: Use,
+    /// Why the role this configuration lacks was refused, when it was tried and failed.
+    refused: Option<String>,
     events: Dispatcher,
 }
 
 impl PyTlsConfig {
     pub fn server_tls(&self, py: Python<'_>) -> PyResult<ServerTls> {
-        self.store.server_tls().map_err(|_| {
-            config_error(py, "this TlsConfig's certificate cannot be used by a server (client-only usage, or no key)")
+        self.store.server_tls().map_err(|_| match &self.refused {
+            Some(why) if self.role == Use::Client => {
+                config_error(py, &format!("this TlsConfig cannot be used by a server: {why}"))
+            }
+            _ if self.role == Use::Client => config_error(
+                py,
+                "this TlsConfig was made for clients (role=\"client\", or a client-only certificate, or no key)",
+            ),
+            _ => config_error(py, "this TlsConfig cannot be used by a server"),
         })
     }
 
     pub fn client_tls(&self, py: Python<'_>) -> PyResult<ClientTls> {
-        self.store.client_tls().map_err(|_| {
-            config_error(py, "this TlsConfig's certificate cannot be used by a client (server-only usage)")
+        self.store.client_tls().map_err(|_| match &self.refused {
+            Some(why) if self.role == Use::Server => {
+                config_error(py, &format!("this TlsConfig cannot be used by a client: {why}"))
+            }
+            _ => {
+                config_error(py, "this TlsConfig was made for servers (role=\"server\", or a server-only certificate)")
+            }
         })
     }
 
-    /// Builds the store for both roles when the certificate allows it, else for the one it
-    /// allows (a certificate marked server-only or client-only), else clients without identity.
-    fn build(py: Python<'_>, sources: Sources, template: TlsProfile, options: StoreOptions) -> PyResult<Self> {
+    /// Builds the store for `role` when given (pre-flighting only what that role needs). Else
+    /// for both roles when the material passes both pre-flights, else for the one it passes (a
+    /// certificate marked client-only, say), remembering why the other failed; without an
+    /// identity, for clients.
+    fn build(
+        py: Python<'_>,
+        sources: Sources,
+        template: TlsProfile,
+        options: StoreOptions,
+        role: Option<Use>,
+    ) -> PyResult<Self> {
         checked_runtime(py)?;
         let has_identity = !matches!(sources.identity, IdentitySource::None) || sources.workload_api.is_some();
-        let result = py.allow_threads(move || -> Result<(CredentialStore, Use), Error> {
+        let result = py.allow_threads(move || -> Result<(CredentialStore, Use, Option<String>), Error> {
             // The store's watcher runs on the shared runtime.
             let _guard = trustwire::runtime::runtime().enter();
+            let make = |role: Use| CredentialStore::new(role, sources.clone(), template.clone(), options.clone());
+            if let Some(role) = role {
+                return make(role).map(|s| (s, role, None));
+            }
             if !has_identity {
-                return CredentialStore::new(Use::Client, sources, template, options).map(|s| (s, Use::Client));
+                return make(Use::Client).map(|s| (s, Use::Client, None));
             }
-            let mut last = None;
-            for role in [Use::Both, Use::Server, Use::Client] {
-                match CredentialStore::new(role, sources.clone(), template.clone(), options.clone()) {
-                    Ok(s) => return Ok((s, role)),
-                    Err(e) if e.verdict() == Some(Verdict::BadKeyUsage) => last = Some(e),
-                    Err(e) => return Err(e),
-                }
+            let both = match make(Use::Both) {
+                Ok(s) => return Ok((s, Use::Both, None)),
+                Err(e) => e,
+            };
+            // Which role failed: the one whose pre-flight still fails alone.
+            let client = match make(Use::Client) {
+                Ok(s) => return Ok((s, Use::Client, Some(both.to_string()))),
+                Err(e) => e,
+            };
+            match make(Use::Server) {
+                Ok(s) => Ok((s, Use::Server, Some(client.to_string()))),
+                // Neither works: the usage error says least; report the other one.
+                Err(_) if both.verdict() == Some(Verdict::BadKeyUsage) => Err(client),
+                Err(_) => Err(both),
             }
-            Err(last.expect("at least one role was tried"))
         });
-        let (store, role) = result.map_err(|e| to_pyerr(py, e))?;
+        let (store, role, refused) = result.map_err(|e| to_pyerr(py, e))?;
         let events = Dispatcher::start(&store);
-        Ok(PyTlsConfig { store, role, events })
+        Ok(PyTlsConfig { store, role, refused, events })
+    }
+}
+
+/// `role=`: "server", "client", "both", or None to take what the material allows.
+fn parse_role(py: Python<'_>, role: Option<&str>) -> PyResult<Option<Use>> {
+    match role {
+        None => Ok(None),
+        Some("server") => Ok(Some(Use::Server)),
+        Some("client") => Ok(Some(Use::Client)),
+        Some("both") => Ok(Some(Use::Both)),
+        Some(other) => {
+            Err(config_error(py, &format!("role must be \"server\", \"client\" or \"both\", not {other:?}")))
+        }
     }
 }
 
@@ -226,7 +271,7 @@ fn options(reload_interval: Option<f64>) -> PyResult<StoreOptions> {
 #[pymethods]
 impl PyTlsConfig {
     #[new]
-    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false, workload_api=None, svid_spiffe_id=None, svid_hint=None, authorize_peer=None, pkcs11_module=None, pkcs11_pin_env=None, pkcs11_pin_file=None))]
+    #[pyo3(signature = (*, cert=None, key=None, ca=None, crl=None, allow=None, rules=None, server_name=None, server_spiffe_id=None, reload_interval=None, require_fresh_crls=false, workload_api=None, svid_spiffe_id=None, svid_hint=None, authorize_peer=None, pkcs11_module=None, pkcs11_pin_env=None, pkcs11_pin_file=None, role=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -247,7 +292,9 @@ impl PyTlsConfig {
         pkcs11_module: Option<PathBuf>,
         pkcs11_pin_env: Option<String>,
         pkcs11_pin_file: Option<PathBuf>,
+        role: Option<&str>,
     ) -> PyResult<Self> {
+        let role = parse_role(py, role)?;
         let workload_api = match workload_api {
             None if svid_spiffe_id.is_some() || svid_hint.is_some() => {
                 return Err(config_error(
@@ -315,17 +362,18 @@ impl PyTlsConfig {
         options.hooks.peer = authorize_peer.map(|hook| -> Arc<dyn trustwire::authz::PeerHook> {
             Arc::new(move |peer: &trustwire::PeerIdentity| Python::with_gil(|py| run_peer_hook(py, &hook, peer)))
         });
-        Self::build(py, sources, template, options)
+        Self::build(py, sources, template, options, role)
     }
 
     /// Loads a TOML profile file (the format the CLI and C API share).
     #[staticmethod]
-    #[pyo3(signature = (path, *, reload_interval=None))]
-    fn from_file(py: Python<'_>, path: PathBuf, reload_interval: Option<f64>) -> PyResult<Self> {
+    #[pyo3(signature = (path, *, reload_interval=None, role=None))]
+    fn from_file(py: Python<'_>, path: PathBuf, reload_interval: Option<f64>, role: Option<&str>) -> PyResult<Self> {
+        let role = parse_role(py, role)?;
         let file = trustwire::profile::ProfileFile::load(&path).map_err(|e| to_pyerr(py, e))?;
         let sources = file.sources().map_err(|e| to_pyerr(py, e))?;
         let template = file.settings().map_err(|e| to_pyerr(py, e))?;
-        Self::build(py, sources, template, options(reload_interval)?)
+        Self::build(py, sources, template, options(reload_interval)?, role)
     }
 
     /// Re-reads the sources now; returns the generation in service afterwards. On failure the
