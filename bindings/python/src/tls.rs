@@ -178,7 +178,7 @@ impl PyTlsConfig {
     pub fn server_tls(&self, py: Python<'_>) -> PyResult<ServerTls> {
         self.store.server_tls().map_err(|_| match &self.refused {
             Some(why) if self.role == Use::Client => {
-                config_error(py, &format!("this TlsConfig cannot be used by a server: {why}"))
+                config_error(py, format!("this TlsConfig cannot be used by a server: {why}"))
             }
             _ if self.role == Use::Client => config_error(
                 py,
@@ -191,7 +191,7 @@ impl PyTlsConfig {
     pub fn client_tls(&self, py: Python<'_>) -> PyResult<ClientTls> {
         self.store.client_tls().map_err(|_| match &self.refused {
             Some(why) if self.role == Use::Server => {
-                config_error(py, &format!("this TlsConfig cannot be used by a client: {why}"))
+                config_error(py, format!("this TlsConfig cannot be used by a client: {why}"))
             }
             _ => {
                 config_error(py, "this TlsConfig was made for servers (role=\"server\", or a server-only certificate)")
@@ -251,9 +251,7 @@ fn parse_role(py: Python<'_>, role: Option<&str>) -> PyResult<Option<Use>> {
         Some("server") => Ok(Some(Use::Server)),
         Some("client") => Ok(Some(Use::Client)),
         Some("both") => Ok(Some(Use::Both)),
-        Some(other) => {
-            Err(config_error(py, &format!("role must be \"server\", \"client\" or \"both\", not {other:?}")))
-        }
+        Some(other) => Err(config_error(py, format!("role must be \"server\", \"client\" or \"both\", not {other:?}"))),
     }
 }
 
