@@ -11,10 +11,13 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import (
+    TYPE_CHECKING,
     Any,
     Awaitable,
     Callable,
     Coroutine,
+    Dict,
+    Mapping,
     Optional,
     Protocol,
     Tuple,
@@ -26,6 +29,9 @@ from typing import (
 
 from . import _native
 from ._native import CallContext, CallMetadata, PeerIdentity, RpcError, TlsConfig
+
+if TYPE_CHECKING:
+    from . import IdentityToken
 
 _log = logging.getLogger("trustwire")
 
@@ -91,7 +97,27 @@ class Server:
     on one event loop thread the server starts for them.
     """
 
-    def __init__(self, tls: TlsConfig) -> None:
+    def __init__(
+        self,
+        tls: TlsConfig,
+        *,
+        identity_token_keys: Optional[Mapping[str, bytes]] = None,
+        identity_token_audience: Optional[str] = None,
+        identity_token_max_age: float = 300.0,
+    ) -> None:
+        """``identity_token_keys`` (key id → secret) and ``identity_token_audience`` (the proxy
+        route in front of this server): a call carrying ``authentication_data`` (a trustwire
+        proxy's identity token) has it verified before its handler runs, and is refused with
+        ERPCAUTH (1004) naming the reason when it fails; :meth:`identity_token` gives a handler
+        the verified token."""
+        if identity_token_keys is not None and not identity_token_audience:
+            raise ValueError("identity_token_audience must name the proxy route in front of this server")
+        if identity_token_audience and identity_token_keys is None:
+            raise ValueError("identity_token_audience goes with identity_token_keys")
+        self._token_keys = None if identity_token_keys is None else dict(identity_token_keys)
+        self._token_audience = identity_token_audience or ""
+        self._token_max_age = identity_token_max_age
+        self._tokens: "Dict[int, IdentityToken]" = {}
         self._native = _native.Server(tls)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
@@ -116,6 +142,11 @@ class Server:
             raise RuntimeError("register handlers before start()")
 
         def run(payload: bytes, ctx: CallContext) -> Tuple[bytes, bytes]:
+            verified = self._token_keys is not None and ctx.authentication_data is not None
+            if verified:
+                token = self._verify_token(ctx.authentication_data or b"", service, method)
+                with self._lock:
+                    self._tokens[id(ctx)] = token
             try:
                 result = handler(payload, ctx)
                 if inspect.isawaitable(result):
@@ -126,8 +157,30 @@ class Server:
             except Exception:
                 _log.exception("handler for %s/%s raised; answered EINTERNAL (2001)", service, method)
                 raise
+            finally:
+                if verified:
+                    with self._lock:
+                        self._tokens.pop(id(ctx), None)
 
         self._native.register(service, method, run)
+
+    def identity_token(self, ctx: CallContext) -> "Optional[IdentityToken]":
+        """The verified identity token of the call ``ctx`` belongs to (the caller a trustwire
+        proxy vouched for), or None when the call carried none or no keys are configured. Valid
+        while the handler runs."""
+        with self._lock:
+            return self._tokens.get(id(ctx))
+
+    def _verify_token(self, data: bytes, service: str, method: str) -> "IdentityToken":
+        from . import IdentityTokenError, verify_identity_token
+
+        try:
+            return verify_identity_token(
+                data, self._token_keys or {}, audience=self._token_audience, max_age=self._token_max_age
+            )
+        except IdentityTokenError as e:
+            _log.warning("call to %s/%s refused: its identity token failed: %s", service, method, e)
+            raise RpcError(1004, f"identity token refused: {e.reason}") from None
 
     def authorize(self, hook: A) -> A:
         """Decorator setting the call hook: ``hook(peer, service, method, metadata)`` runs

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Callable, Optional, Type
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Type
 
 from . import _rpc
-from ._native import TlsConfig
+from ._native import CallContext, TlsConfig
+
+if TYPE_CHECKING:
+    from . import IdentityToken
 
 __all__ = ["Server"]
 
@@ -36,8 +39,21 @@ __all__ = ["Server"]
 class Server:
     """An mTLS baidu_std server whose coroutine handlers run in the caller's event loop."""
 
-    def __init__(self, tls: TlsConfig) -> None:
-        self._server = _rpc.Server(tls)
+    def __init__(
+        self,
+        tls: TlsConfig,
+        *,
+        identity_token_keys: Optional[Mapping[str, bytes]] = None,
+        identity_token_audience: Optional[str] = None,
+        identity_token_max_age: float = 300.0,
+    ) -> None:
+        """The identity-token options are :class:`trustwire.Server`'s."""
+        self._server = _rpc.Server(
+            tls,
+            identity_token_keys=identity_token_keys,
+            identity_token_audience=identity_token_audience,
+            identity_token_max_age=identity_token_max_age,
+        )
         self._closed: Optional[asyncio.Event] = None
 
     def method(self, service: str, method: str) -> Callable[[_rpc.H], _rpc.H]:
@@ -46,6 +62,10 @@ class Server:
 
     def register(self, service: str, method: str, handler: _rpc.Handler) -> None:
         self._server.register(service, method, handler)
+
+    def identity_token(self, ctx: CallContext) -> "Optional[IdentityToken]":
+        """As :meth:`trustwire.Server.identity_token`."""
+        return self._server.identity_token(ctx)
 
     def authorize(self, hook: _rpc.A) -> _rpc.A:
         """The call hook, as :meth:`trustwire.Server.authorize`; an ``async def`` hook runs in

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import threading
 from pathlib import Path
 
@@ -127,3 +128,81 @@ def test_a_token_older_than_max_age_is_refused() -> None:
     assert trustwire.verify_identity_token(token, {"k1": KEY}, audience="in", max_age=3600).spiffe_id == (
         "spiffe://example.org/web"
     )
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out += bytes([low | 0x80])
+        else:
+            return out + bytes([low])
+
+
+def _request(cid: int, payload: bytes, authentication_data: "bytes | None") -> bytes:
+    def field(tag: int, data: bytes) -> bytes:
+        return _varint(tag << 3 | 2) + _varint(len(data)) + data
+
+    meta = field(1, field(1, b"example.EchoService") + field(2, b"Echo")) + _varint(4 << 3) + _varint(cid)
+    if authentication_data is not None:
+        meta += field(7, authentication_data)
+    body = meta + payload
+    return b"PRPC" + len(body).to_bytes(4, "big") + len(meta).to_bytes(4, "big") + body
+
+
+def _answer(s: "ssl.SSLSocket") -> bytes:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = s.recv(n - len(data))
+            assert chunk, "the server closed the connection"
+            data += chunk
+        return data
+
+    header = exactly(12)
+    return exactly(int.from_bytes(header[4:8], "big"))
+
+
+def test_a_server_with_token_keys_verifies_a_proxys_token_before_the_handler(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+    import ssl
+    import time
+
+    pki = TestPKI()
+    server_cred = pki.issue("svc", dns=["localhost"])
+    proxy_cred = pki.issue("proxy", spiffe_id="spiffe://example.org/ns/test/proxy")
+    server_cred.write(tmp_path)
+    proxy_cred.write(tmp_path)
+    (tmp_path / "ca.pem").write_text(pki.ca_pem)
+    tls = trustwire.TlsConfig(cert=tmp_path / "svc.pem", key=tmp_path / "svc.key", ca=tmp_path / "ca.pem")
+    server = trustwire.Server(tls, identity_token_keys={"k1": KEY}, identity_token_audience="in")
+    ran: list[str] = []
+
+    @server.method("example.EchoService", "Echo")
+    def echo(payload: bytes, ctx: trustwire.CallContext) -> bytes:
+        token = server.identity_token(ctx)
+        who = "direct" if token is None else f"via proxy for {token.spiffe_id}"
+        ran.append(who)
+        return who.encode()
+
+    now = int(time.time())
+    body = f"tw2;kid=k1;aud=in;spiffe=spiffe://example.org/web;fp={'ab' * 32};na={now + 3600};iat={now}"
+    good = f"{body};mac={hmac.new(KEY, body.encode(), hashlib.sha256).hexdigest()}".encode()
+    forged = f"{body};mac={'0' * 64}".encode()
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    ctx.load_cert_chain(str(tmp_path / "proxy.pem"), str(tmp_path / "proxy.key"))
+    with server:
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(_request(1, b"", good))
+                assert b"via proxy for spiffe://example.org/web" in _answer(s)
+                s.sendall(_request(2, b"", forged))
+                refused = _answer(s)
+                assert b"identity token refused: bad_mac" in refused and _varint(1004) in refused
+                s.sendall(_request(3, b"", None))
+                assert b"direct" in _answer(s)
+    assert ran == ["via proxy for spiffe://example.org/web", "direct"], "the forged call never reached the handler"
+    with pytest.raises(ValueError, match="audience"):
+        trustwire.Server(tls, identity_token_keys={"k1": KEY})
