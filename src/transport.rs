@@ -26,6 +26,9 @@ pub struct HandshakeInfo {
     pub cipher_suite: String,
     /// e.g. `X25519`, `secp256r1`.
     pub kx_group: Option<String>,
+    /// The server answered our first key share with a HelloRetryRequest (it wanted another
+    /// group): one extra round trip.
+    pub hello_retry: bool,
     /// The peer's chain as sent, leaf first.
     pub peer_chain: Vec<CertificateDer<'static>>,
     /// The verified peer.
@@ -57,6 +60,7 @@ fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
             .unwrap_or_default(),
         cipher_suite: conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default(),
         kx_group: conn.negotiated_key_exchange_group().map(|g| kx_name(g.name())),
+        hello_retry: conn.handshake_kind() == Some(rustls::HandshakeKind::FullWithHelloRetryRequest),
         peer_chain: chain,
         peer,
         generation: 0,

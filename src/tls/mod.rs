@@ -235,7 +235,11 @@ impl TlsProfile {
             Some(id) => builder.with_client_cert_resolver(id.resolver()),
             None => builder.with_no_client_auth(),
         };
-        config.resumption = rustls::client::Resumption::disabled();
+        // No sessions are kept (every connection is verified in full), but the key-exchange
+        // group each server chose is: the next connection to it sends that share first, so a
+        // server that takes only P-256 (stock brpc) costs a HelloRetryRequest once, not always.
+        config.resumption = rustls::client::Resumption::store(Arc::new(KxHints::default()))
+            .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
         Ok(ClientGeneration {
             config: Arc::new(config),
             verifier,
@@ -323,6 +327,44 @@ pub(crate) struct ClientGeneration {
     pub our_identity: Option<String>,
     pub number: u64,
     pub our_not_after: Option<std::time::SystemTime>,
+}
+
+/// Remembers which key-exchange group each server chose, and nothing else: no session keys or
+/// tickets, so no handshake skips verification. Bounded: past [`KxHints::MAX`] names it starts
+/// over (a hint only saves a round trip).
+#[derive(Debug, Default)]
+pub(crate) struct KxHints(std::sync::Mutex<std::collections::HashMap<ServerName<'static>, rustls::NamedGroup>>);
+
+impl KxHints {
+    const MAX: usize = 1024;
+}
+
+impl rustls::client::ClientSessionStore for KxHints {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        let mut hints = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if hints.len() >= Self::MAX && !hints.contains_key(&server_name) {
+            hints.clear();
+        }
+        hints.insert(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(server_name).copied()
+    }
+
+    fn set_tls12_session(&self, _: ServerName<'static>, _: rustls::client::Tls12ClientSessionValue) {}
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(&self, _: ServerName<'static>, _: rustls::client::Tls13ClientSessionValue) {}
+
+    fn take_tls13_ticket(&self, _: &ServerName<'static>) -> Option<rustls::client::Tls13ClientSessionValue> {
+        None
+    }
 }
 
 /// The crypto provider: aws-lc-rs with TLS 1.3's suites and X25519, P-256, P-384 and the
