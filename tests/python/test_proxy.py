@@ -11,20 +11,10 @@ from pathlib import Path
 import pytest
 
 import trustwire
+from baidu_frames import read_frame, request_frame, varint
 from trustwire.testing import TestPKI
 
 KEY = b"0123456789abcdef0123456789abcdef"
-
-
-def _frame(cid: int, payload: bytes) -> bytes:
-    # RpcMeta: request{service_name, method_name}, correlation_id.
-    def field(tag: int, data: bytes) -> bytes:
-        return bytes([tag << 3 | 2, len(data)]) + data
-
-    request = field(1, b"example.EchoService") + field(2, b"Echo")
-    meta = field(1, request) + bytes([4 << 3]) + bytes([cid])
-    body = meta + payload
-    return b"PRPC" + len(body).to_bytes(4, "big") + len(meta).to_bytes(4, "big") + body
 
 
 def _upstream(seen: list[bytes]) -> int:
@@ -74,7 +64,7 @@ def test_in_process_proxy_injects_a_token_python_can_verify(tmp_path: Path) -> N
         ctx.load_cert_chain(str(tmp_path / "caller.pem"), str(tmp_path / "caller.key"))
         with socket.create_connection((host, int(listen_port))) as raw:
             with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                s.sendall(_frame(5, b"\x0a\x02hi"))
+                s.sendall(request_frame("example.EchoService", "Echo", b"\x0a\x02hi", 5))
                 for _ in range(100):
                     if seen:
                         break
@@ -130,40 +120,6 @@ def test_a_token_older_than_max_age_is_refused() -> None:
     )
 
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if n:
-            out += bytes([low | 0x80])
-        else:
-            return out + bytes([low])
-
-
-def _request(cid: int, payload: bytes, authentication_data: "bytes | None") -> bytes:
-    def field(tag: int, data: bytes) -> bytes:
-        return _varint(tag << 3 | 2) + _varint(len(data)) + data
-
-    meta = field(1, field(1, b"example.EchoService") + field(2, b"Echo")) + _varint(4 << 3) + _varint(cid)
-    if authentication_data is not None:
-        meta += field(7, authentication_data)
-    body = meta + payload
-    return b"PRPC" + len(body).to_bytes(4, "big") + len(meta).to_bytes(4, "big") + body
-
-
-def _answer(s: "ssl.SSLSocket") -> bytes:
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = s.recv(n - len(data))
-            assert chunk, "the server closed the connection"
-            data += chunk
-        return data
-
-    header = exactly(12)
-    return exactly(int.from_bytes(header[4:8], "big"))
-
-
 def test_a_server_with_token_keys_verifies_a_proxys_token_before_the_handler(tmp_path: Path) -> None:
     import hashlib
     import hmac
@@ -196,13 +152,13 @@ def test_a_server_with_token_keys_verifies_a_proxys_token_before_the_handler(tmp
     with server:
         with socket.create_connection(("127.0.0.1", server.port)) as raw:
             with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                s.sendall(_request(1, b"", good))
-                assert b"via proxy for spiffe://example.org/web" in _answer(s)
-                s.sendall(_request(2, b"", forged))
-                refused = _answer(s)
-                assert b"identity token refused: bad_mac" in refused and _varint(1004) in refused
-                s.sendall(_request(3, b"", None))
-                assert b"direct" in _answer(s)
+                s.sendall(request_frame("example.EchoService", "Echo", b"", 1, authentication_data=good))
+                assert read_frame(s)[1] == b"via proxy for spiffe://example.org/web"
+                s.sendall(request_frame("example.EchoService", "Echo", b"", 2, authentication_data=forged))
+                refused, _ = read_frame(s)
+                assert b"identity token refused: bad_mac" in refused and varint(1004) in refused
+                s.sendall(request_frame("example.EchoService", "Echo", b"", 3))
+                assert read_frame(s)[1] == b"direct"
     assert ran == ["via proxy for spiffe://example.org/web", "direct"], "the forged call never reached the handler"
     with pytest.raises(ValueError, match="audience"):
         trustwire.Server(tls, identity_token_keys={"k1": KEY})

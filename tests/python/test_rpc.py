@@ -13,6 +13,7 @@ from typing import Tuple
 import pytest
 
 import trustwire
+from baidu_frames import read_frame, request_frame
 from conftest import ECHO, Env, target_binary
 
 
@@ -241,25 +242,13 @@ def test_a_handler_and_the_call_hook_read_the_requests_authentication_data(env: 
         hooked.append(metadata.authentication_data)
         return True
 
-    def field(tag: int, data: bytes) -> bytes:
-        return bytes([tag << 3 | 2, len(data)]) + data
-
-    def frame(cid: int, auth: bytes) -> bytes:
-        meta = field(1, field(1, b"example.EchoService") + field(2, b"Echo")) + bytes([4 << 3, cid]) + field(7, auth)
-        return b"PRPC" + len(meta).to_bytes(4, "big") + len(meta).to_bytes(4, "big") + meta
-
     with server:
         cert, key = env.files("client")
         ctx = ssl.create_default_context(cafile=env.ca_path)
         ctx.load_cert_chain(cert, key)
         with socket.create_connection(("127.0.0.1", server.port)) as raw:
             with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                s.sendall(frame(3, b"tw2;kid=k1;opaque"))
-                data = b""
-                while len(data) < 12 or len(data) < 12 + int.from_bytes(data[4:8], "big"):
-                    chunk = s.recv(65536)
-                    assert chunk, "the server answered"
-                    data += chunk
-    body, meta_len = data[12:], int.from_bytes(data[8:12], "big")
-    assert body[meta_len:] == b"tw2;kid=k1;opaque"
+                s.sendall(request_frame("example.EchoService", "Echo", b"", 3, authentication_data=b"tw2;kid=k1;opaque"))
+                _, payload = read_frame(s)
+    assert payload == b"tw2;kid=k1;opaque"
     assert hooked == [b"tw2;kid=k1;opaque"]
