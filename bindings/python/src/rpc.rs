@@ -93,13 +93,29 @@ pub struct PyCallContext {
 /// The caller's connection closing while its call runs: the answer then reaches nobody.
 struct CallCancel {
     token: CancellationToken,
+    /// Cancelled when the handler returns: callbacks run only while it runs.
+    finished: CancellationToken,
     /// Callbacks still to run; None once they have run (later ones run at once).
     callbacks: Mutex<Option<Vec<Py<PyAny>>>>,
 }
 
 impl CallCancel {
     fn new(token: CancellationToken) -> Arc<Self> {
-        Arc::new(CallCancel { token, callbacks: Mutex::new(Some(Vec::new())) })
+        Arc::new(CallCancel { token, finished: CancellationToken::new(), callbacks: Mutex::new(Some(Vec::new())) })
+    }
+
+    /// Waits, on the shared runtime, for the caller to go or the handler to return; only a call
+    /// that registered a callback pays for it.
+    fn watch(self: &Arc<Self>) {
+        let this = self.clone();
+        trustwire::runtime::runtime().spawn(async move {
+            tokio::select! {
+                _ = this.token.cancelled() => {
+                    let _ = tokio::task::spawn_blocking(move || Python::with_gil(|py| this.fire(py))).await;
+                }
+                _ = this.finished.cancelled() => {}
+            }
+        });
     }
 
     /// Runs the callbacks once, with the GIL, on the calling (blocking-pool) thread.
@@ -128,6 +144,9 @@ impl PyCallContext {
         match callbacks.as_mut() {
             Some(list) => {
                 list.push(callback);
+                if list.len() == 1 {
+                    self.cancel.watch();
+                }
                 Ok(())
             }
             None => {
@@ -281,20 +300,13 @@ impl PyServer {
                 let handler = handler.clone();
                 async move {
                     let cancel = CallCancel::new(req.cancelled.clone());
-                    // Cancellation callbacks run only while the handler does.
-                    let watcher = tokio::spawn({
-                        let cancel = cancel.clone();
-                        async move {
-                            cancel.token.cancelled().await;
-                            let _ = tokio::task::spawn_blocking(move || Python::with_gil(|py| cancel.fire(py))).await;
-                        }
-                    });
+                    let call = cancel.clone();
                     let result = tokio::task::spawn_blocking(move || {
                         Python::with_gil(|py| run_handler(py, &handler, req, cancel))
                     })
                     .await
                     .unwrap_or_else(|_| Err(Status::internal("handler thread failed")));
-                    watcher.abort();
+                    call.finished.cancel();
                     result
                 }
             });
