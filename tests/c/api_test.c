@@ -616,10 +616,17 @@ int main(int argc, char **argv) {
      * learns that the peer refused it; the server's verdict is in its metrics. */
     expect_refusal(c, "Echo", TW_PEER_ALERT, 0);
     CHECK(strstr(tw_last_error_message(), "access_denied") != NULL);
-    char *metrics = NULL;
-    OK(tw_metrics_text(&metrics));
-    CHECK(strstr(metrics, "verdict=\"peer_not_allowed\"") != NULL);
-    tw_string_free(metrics);
+    /* The alert can reach the client before the server's handshake task has counted the
+     * verdict: wait for it rather than race it. */
+    bool counted = false;
+    for (int i = 0; i < 5000 && !counted; i++) {
+        char *metrics = NULL;
+        OK(tw_metrics_text(&metrics));
+        counted = strstr(metrics, "verdict=\"peer_not_allowed\"") != NULL;
+        tw_string_free(metrics);
+        if (!counted) sleep_ms(1);
+    }
+    CHECK(counted);
     for (int i = 0; i < 5000 && log_refusals() == 0; i++) sleep_ms(1);
     CHECK(log_refusals() > 0);
     OK(tw_set_log_callback(TW_LOG_WARN, NULL, NULL));

@@ -8,6 +8,7 @@ import queue
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -37,6 +38,17 @@ class Env:
     def tls(self, name: str, allow: Sequence[str] = (), server_name: Optional[str] = "localhost", **kw: object) -> trustwire.TlsConfig:
         cert, key = self.files(name)
         return trustwire.TlsConfig(cert=cert, key=key, ca=self.ca_path, allow=list(allow), server_name=server_name, **kw)  # type: ignore[arg-type]
+
+
+def eventually_in_metrics(line: str, timeout: float = 5.0) -> bool:
+    """A peer can see a refusal before the refusing side has counted it: wait for the count
+    instead of racing it."""
+    deadline = time.monotonic() + timeout
+    while line not in trustwire.metrics_text():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import trustwire
 from trustwire import _native
 from trustwire.testing import TestPKI
-from conftest import ECHO, Env
+from conftest import ECHO, Env, eventually_in_metrics
 
 
 def test_one_class_per_core_verdict_and_exported() -> None:
@@ -75,7 +75,7 @@ def test_client_refused_by_allow_list_learns_it_as_peer_alert(env: Env) -> None:
         with pytest.raises(trustwire.PeerAlert) as e:
             connect(env, server, env.tls("client"))
         assert e.value.side == "remote"
-    assert 'verdict="peer_not_allowed"' in trustwire.metrics_text()
+    assert eventually_in_metrics('verdict="peer_not_allowed"')
 
 
 def test_expired_server_certificate(env: Env, tmp_path: Path) -> None:
@@ -121,7 +121,7 @@ def test_no_peer_certificate(env: Env, echo_server: trustwire.Server) -> None:
     with pytest.raises(trustwire.PeerAlert) as e:
         connect(env, echo_server, tls)
     assert e.value.alert == "certificate_required"
-    assert 'verdict="no_peer_certificate"' in trustwire.metrics_text()
+    assert eventually_in_metrics('verdict="no_peer_certificate"')
 
 
 def test_method_not_allowed_by_rules(env: Env) -> None:
