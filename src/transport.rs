@@ -11,7 +11,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::error::{Error, Side, Verdict};
 use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
-use crate::tls::verify::{handshake_error, Diagnosed};
+use crate::tls::verify::{handshake_error, Diagnosed, Verified};
 use crate::tls::{ClientTls, ServerTls};
 
 pub use tokio_rustls::client::TlsStream as ClientStream;
@@ -39,7 +39,7 @@ pub struct HandshakeInfo {
     pub our_not_after: Option<std::time::SystemTime>,
 }
 
-fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
+fn info(conn: &rustls::CommonState, verified: Option<Verified>) -> Result<HandshakeInfo, Error> {
     let chain: Vec<CertificateDer<'static>> =
         conn.peer_certificates().map(|c| c.iter().map(|c| c.clone().into_owned()).collect()).unwrap_or_default();
     let leaf = chain.first().ok_or_else(|| Error::Handshake {
@@ -48,7 +48,12 @@ fn info(conn: &rustls::CommonState) -> Result<HandshakeInfo, Error> {
         alert: None,
         message: "the peer presented no certificate".into(),
     })?;
-    let peer = Arc::new(PeerIdentity::from_der(leaf)?);
+    // The verifier's reading of the leaf when it is this leaf (it always is, unless a
+    // verifier other than ours ran), else a reading of our own.
+    let peer = match verified.and_then(|v| v.of(leaf)) {
+        Some(peer) => peer,
+        None => Arc::new(PeerIdentity::from_der(leaf)?),
+    };
     Ok(HandshakeInfo {
         version: conn
             .protocol_version()
@@ -112,13 +117,13 @@ where
 {
     let generation = tls.current.load_full();
     let acceptor = TlsAcceptor::from(generation.config.clone());
-    let handshake = Diagnosed(acceptor.accept(io));
-    let Ok((res, diag)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
+    let handshake = Diagnosed::new(acceptor.accept(io));
+    let Ok((res, diag, verified)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
         return count(Role::Server, Err(timeout_error(tls.handshake_timeout, remote)));
     };
     let stream = res.map_err(|e| handshake_error(&e, diag, None));
     let result = stream.and_then(|s| {
-        let mut i = info(s.get_ref().1)?;
+        let mut i = info(s.get_ref().1, verified)?;
         i.generation = generation.number;
         i.our_not_after = generation.our_not_after;
         Ok((s, i))
@@ -154,13 +159,13 @@ pub async fn handshake_on(
     let name = server_name(tls, addr)?;
     let generation = tls.current.load_full();
     let connector = TlsConnector::from(generation.config.clone());
-    let handshake = Diagnosed(connector.connect(name, tcp));
-    let Ok((res, diag)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
+    let handshake = Diagnosed::new(connector.connect(name, tcp));
+    let Ok((res, diag, verified)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
         return count(Role::Client, Err(timeout_error(tls.handshake_timeout, addr)));
     };
     let stream = res.map_err(|e| handshake_error(&e, diag, generation.our_identity.as_deref()));
     let result = stream.and_then(|s| {
-        let mut i = info(s.get_ref().1)?;
+        let mut i = info(s.get_ref().1, verified)?;
         i.generation = generation.number;
         i.our_not_after = generation.our_not_after;
         Ok((s, i))

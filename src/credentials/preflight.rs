@@ -16,10 +16,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::error::{Error, Verdict};
+use crate::tls::chains::VerifiedChains;
 use crate::tls::policy::Policy;
 use crate::tls::verify::{
-    take_diagnosis, tls12_signature, tls13_signature, verdict_for_tls_error, verify_schemes, ClientVerifier,
-    ServerVerifier,
+    take_diagnosis, take_verified, tls12_signature, tls13_signature, verdict_for_tls_error, verify_schemes,
+    ClientVerifier, ServerVerifier,
 };
 use crate::tls::{provider, trust, Identity, TlsProfile, TrustBundle};
 
@@ -149,6 +150,7 @@ fn server_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfil
         policy: Arc::new(Policy::default()),
         pinned_spiffe_id: None,
         name_optional: false,
+        chains: VerifiedChains::for_bundle(trust),
     };
     let client = ClientConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(versions)
@@ -175,8 +177,11 @@ fn client_against(identity: &Identity, trust: &TrustBundle, template: &TlsProfil
     let versions = template.versions();
     let (peer_cert, peer_key) = throwaway_server()?;
     let resolved = trust.resolve(view.local_trust_domain().as_ref())?;
-    let verifier =
-        ClientVerifier { verifiers: trust::client_verifiers(&resolved, trust)?, policy: Arc::new(Policy::default()) };
+    let verifier = ClientVerifier {
+        verifiers: trust::client_verifiers(&resolved, trust)?,
+        policy: Arc::new(Policy::default()),
+        chains: VerifiedChains::for_bundle(trust),
+    };
     let server = ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(versions)
         .map_err(tls_config_error)?
@@ -210,6 +215,13 @@ fn throwaway_server() -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>
 
 /// Drives both ends in memory until the handshake completes or fails.
 fn run(client: ClientConfig, server: ServerConfig, role: &str) -> Result<(), Error> {
+    let result = drive(client, server, role);
+    // No connection takes the identity the verifiers handed off here.
+    take_verified();
+    result
+}
+
+fn drive(client: ClientConfig, server: ServerConfig, role: &str) -> Result<(), Error> {
     let name = ServerName::try_from("preflight.trustwire.invalid").expect("a valid DNS name");
     let mut c = ClientConnection::new(Arc::new(client), name).map_err(tls_config_error)?;
     let mut s = ServerConnection::new(Arc::new(server)).map_err(tls_config_error)?;

@@ -7,6 +7,7 @@
 pub mod identity;
 pub mod policy;
 pub mod spiffe;
+pub(crate) mod chains;
 pub(crate) mod tracker;
 pub(crate) mod trust;
 pub(crate) mod verify;
@@ -174,7 +175,11 @@ impl TlsProfile {
             .ok_or_else(|| Error::config("a server needs an identity: set a certificate chain and private key"))?;
         let resolved = self.trust.resolve(self.local_trust_domain().as_ref())?;
         let verifiers = trust::client_verifiers(&resolved, &self.trust)?;
-        let verifier = Arc::new(ClientVerifier { verifiers, policy: Arc::new(self.policy.clone()) });
+        let verifier = Arc::new(ClientVerifier {
+            verifiers,
+            policy: Arc::new(self.policy.clone()),
+            chains: chains::VerifiedChains::for_bundle(&self.trust),
+        });
         let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(self.versions())
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
@@ -224,6 +229,7 @@ impl TlsProfile {
             policy: Arc::new(self.policy.clone()),
             pinned_spiffe_id,
             name_optional,
+            chains: chains::VerifiedChains::for_bundle(&self.trust),
         });
         let builder = ClientConfig::builder_with_provider(Arc::new(provider()))
             .with_protocol_versions(self.versions())

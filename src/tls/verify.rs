@@ -25,6 +25,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::{Error, Side, Verdict};
+use crate::tls::chains::{chain_key, VerifiedChains};
 use crate::tls::identity::{rfc3339, CertificateInfo, PeerIdentity};
 use crate::tls::policy::Policy;
 use crate::tls::spiffe::SpiffeId;
@@ -39,6 +40,31 @@ pub struct Diagnosis {
 
 thread_local! {
     static DIAGNOSIS: RefCell<Option<Diagnosis>> = const { RefCell::new(None) };
+    /// The identity a verifier accepted during this poll, with the leaf it was read from: the
+    /// connection takes it instead of parsing the certificate again.
+    static VERIFIED: RefCell<Option<Verified>> = const { RefCell::new(None) };
+}
+
+/// A peer identity as a verifier accepted it, and the certificate it was read from.
+#[derive(Debug)]
+pub(crate) struct Verified {
+    leaf: Vec<u8>,
+    peer: Arc<PeerIdentity>,
+}
+
+impl Verified {
+    /// The identity, if it was read from exactly this certificate.
+    pub(crate) fn of(self, leaf: &CertificateDer<'_>) -> Option<Arc<PeerIdentity>> {
+        (self.leaf == leaf.as_ref()).then_some(self.peer)
+    }
+}
+
+fn hand_off(leaf: &CertificateDer<'_>, peer: Arc<PeerIdentity>) {
+    VERIFIED.with(|v| *v.borrow_mut() = Some(Verified { leaf: leaf.as_ref().to_vec(), peer }));
+}
+
+pub(crate) fn take_verified() -> Option<Verified> {
+    VERIFIED.with(|v| v.borrow_mut().take())
 }
 
 pub(crate) fn record(verdict: Verdict, message: String) {
@@ -49,16 +75,31 @@ pub(crate) fn take_diagnosis() -> Option<Diagnosis> {
     DIAGNOSIS.with(|d| d.borrow_mut().take())
 }
 
-/// Drives a handshake future and returns its output with the diagnosis recorded while it ran.
-pub(crate) struct Diagnosed<F>(pub F);
+/// Drives a handshake future and returns its output with the diagnosis recorded while it ran,
+/// and the identity its verifier accepted.
+pub(crate) struct Diagnosed<F> {
+    future: F,
+    verified: Option<Verified>,
+}
+
+impl<F> Diagnosed<F> {
+    pub(crate) fn new(future: F) -> Self {
+        Diagnosed { future, verified: None }
+    }
+}
 
 impl<F: Future + Unpin> Future for Diagnosed<F> {
-    type Output = (F::Output, Option<Diagnosis>);
+    type Output = (F::Output, Option<Diagnosis>, Option<Verified>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        DIAGNOSIS.with(|d| d.borrow_mut().take());
-        match Pin::new(&mut self.0).poll(cx) {
-            Poll::Ready(out) => Poll::Ready((out, take_diagnosis())),
+        let this = &mut *self;
+        let out = Pin::new(&mut this.future).poll(cx);
+        // Whatever the verifier left belongs to this connection: it ran inside this poll.
+        if let Some(v) = take_verified() {
+            this.verified = Some(v);
+        }
+        match out {
+            Poll::Ready(out) => Poll::Ready((out, take_diagnosis(), this.verified.take())),
             Poll::Pending => {
                 take_diagnosis();
                 Poll::Pending
@@ -149,7 +190,9 @@ impl ClientVerifier {
     pub(crate) fn recheck(&self, chain: &[CertificateDer<'static>]) -> Option<Diagnosis> {
         let (leaf, rest) = chain.split_first()?;
         take_diagnosis();
-        diagnosis_of(self.verify_client_cert(leaf, rest, UnixTime::now()).map(|_| ()))
+        let result = self.verify_client_cert(leaf, rest, UnixTime::now()).map(|_| ());
+        take_verified();
+        diagnosis_of(result)
     }
 }
 
@@ -158,7 +201,43 @@ impl ServerVerifier {
     pub(crate) fn recheck(&self, chain: &[CertificateDer<'static>], name: &ServerName<'static>) -> Option<Diagnosis> {
         let (leaf, rest) = chain.split_first()?;
         take_diagnosis();
-        diagnosis_of(self.verify_server_cert(leaf, rest, name, &[], UnixTime::now()).map(|_| ()))
+        let result = self.verify_server_cert(leaf, rest, name, &[], UnixTime::now()).map(|_| ());
+        take_verified();
+        diagnosis_of(result)
+    }
+
+    /// The chain check proper (webpki, then our diagnosis of a failure), for a cache miss.
+    fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<Arc<PeerIdentity>, TlsError> {
+        let (peer, (inner, trust)) = preselect(&self.verifiers, end_entity, "server")?;
+        let verified = inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        // With `name_optional` the pin is set, and checked next.
+        let verified = match verified {
+            Err(e) if is_name_error(&e) && self.name_optional => Ok(ServerCertVerified::assertion()),
+            other => other,
+        };
+        if let Err(e) = verified {
+            let mut d = diagnose_chain(&e, end_entity, trust, now, "server");
+            if d.verdict == Verdict::NameMismatch {
+                let mut n = peer.dns_sans.iter().map(|d| format!("dns:{d}")).collect::<Vec<_>>();
+                n.extend(peer.ip_sans.iter().map(|i| format!("ip:{i}")));
+                d.message = format!(
+                    "asked for server name '{}', but the server's certificate covers only [{}]; \
+                         set server_name to one of those, or reissue the certificate with that name",
+                    server_name.to_str(),
+                    n.join(", ")
+                );
+            }
+            record(d.verdict, d.message);
+            return Err(e);
+        }
+        Ok(Arc::new(peer))
     }
 }
 
@@ -236,6 +315,7 @@ pub(crate) fn verify_schemes() -> Vec<SignatureScheme> {
 pub(crate) struct ClientVerifier {
     pub verifiers: VerifierSet<dyn ClientCertVerifier>,
     pub policy: Arc<Policy>,
+    pub chains: VerifiedChains,
 }
 
 impl ClientCertVerifier for ClientVerifier {
@@ -253,16 +333,26 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        let (peer, (inner, trust)) = preselect(&self.verifiers, end_entity, "client")?;
-        if let Err(e) = inner.verify_client_cert(end_entity, intermediates, now) {
-            let d = diagnose_chain(&e, end_entity, trust, now, "client");
-            record(d.verdict, d.message);
-            return Err(e);
-        }
+        let key = chain_key(None, end_entity, intermediates);
+        let peer = match self.chains.get(&key, now) {
+            Some(peer) => peer,
+            None => {
+                let (peer, (inner, trust)) = preselect(&self.verifiers, end_entity, "client")?;
+                if let Err(e) = inner.verify_client_cert(end_entity, intermediates, now) {
+                    let d = diagnose_chain(&e, end_entity, trust, now, "client");
+                    record(d.verdict, d.message);
+                    return Err(e);
+                }
+                let peer = Arc::new(peer);
+                self.chains.insert(key, peer.clone(), end_entity, intermediates, now);
+                peer
+            }
+        };
         if let Err(why) = self.policy.admit(&peer) {
             record(Verdict::PeerNotAllowed, why);
             return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
         }
+        hand_off(end_entity, peer);
         Ok(ClientCertVerified::assertion())
     }
 
@@ -301,6 +391,7 @@ pub(crate) struct ServerVerifier {
     /// SPIFFE's own TLS authorizers do. The chain, its validity and its revocation are checked
     /// all the same (webpki checks the name last, once the chain has verified).
     pub name_optional: bool,
+    pub chains: VerifiedChains,
 }
 
 fn is_name_error(e: &TlsError) -> bool {
@@ -321,28 +412,15 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let (peer, (inner, trust)) = preselect(&self.verifiers, end_entity, "server")?;
-        let verified = inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
-        // With `name_optional` the pin is set, and checked next.
-        let verified = match verified {
-            Err(e) if is_name_error(&e) && self.name_optional => Ok(ServerCertVerified::assertion()),
-            other => other,
-        };
-        if let Err(e) = verified {
-            let mut d = diagnose_chain(&e, end_entity, trust, now, "server");
-            if d.verdict == Verdict::NameMismatch {
-                let mut n = peer.dns_sans.iter().map(|d| format!("dns:{d}")).collect::<Vec<_>>();
-                n.extend(peer.ip_sans.iter().map(|i| format!("ip:{i}")));
-                d.message = format!(
-                    "asked for server name '{}', but the server's certificate covers only [{}]; \
-                     set server_name to one of those, or reissue the certificate with that name",
-                    server_name.to_str(),
-                    n.join(", ")
-                );
+        let key = chain_key(Some(&server_name.to_str()), end_entity, intermediates);
+        let peer = match self.chains.get(&key, now) {
+            Some(peer) => peer,
+            None => {
+                let peer = self.verify_chain(end_entity, intermediates, server_name, ocsp_response, now)?;
+                self.chains.insert(key, peer.clone(), end_entity, intermediates, now);
+                peer
             }
-            record(d.verdict, d.message);
-            return Err(e);
-        }
+        };
         if let Some(pinned) = &self.pinned_spiffe_id {
             if peer.spiffe_id.as_deref() != Some(pinned.as_str()) {
                 record(
@@ -359,6 +437,7 @@ impl ServerCertVerifier for ServerVerifier {
             record(Verdict::PeerNotAllowed, why);
             return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
         }
+        hand_off(end_entity, peer);
         Ok(ServerCertVerified::assertion())
     }
 
