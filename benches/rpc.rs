@@ -37,9 +37,11 @@
 //!    Also, informational: handshake only (transport::connect, then drop) vs TCP connect only.
 //! 4. 1 MiB payload echo throughput, 1 connection x 4 callers, MiB/s of payload echoed
 //!    (each call moves 1 MiB each way; the figure counts it once).
+//! 5. Informational: scenarios 3 (8 callers) and 4 with the default suite (AES-128-GCM) in the
+//!    baseline column and AES-256-GCM in the other, against the same mTLS server.
 //!
 //! Environment: BENCH_SECONDS (default 3) = measured seconds per side and scenario;
-//! BENCH_ONLY = comma-separated subset of s1,s2,s3,hs,s4,probe; BENCH_RUNTIME = split|shared.
+//! BENCH_ONLY = comma-separated subset of s1,s2,s3,hs,s4,suites,probe; BENCH_RUNTIME = split|shared.
 //!
 //! The last line printed is `BENCH_JSON {...}` with every figure.
 
@@ -761,6 +763,41 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
         json.num("s4_errors", (b.errors + t.errors) as f64);
     }
 
+    // 5 (informational): the two AES-GCM suites side by side, on the same mTLS server: the
+    // default (AES-128-GCM, SHA-256) in the baseline column, AES-256-GCM (SHA-384) in the other.
+    if cfg.wants("suites") {
+        let mut aes256 = client_profile.clone();
+        aes256.cipher_suites = vec!["TLS13_AES_256_GCM_SHA384".into()];
+        let aes256 = aes256.client().expect("AES-256 client TLS");
+        let req = request_frame(small.clone());
+        let a128 = churn_tls_op(tls_addr.clone(), client_tls.clone(), req.clone());
+        let a256 = churn_tls_op(tls_addr.clone(), aes256.clone(), req);
+        let (b, t) = run_pair(&cfg, "suites s3", &a128, &a256, 8, false).await;
+        note_cpu(&mut cpu_rows, &mut json, "suites_s3", "5a. new conn x8: AES-128 | AES-256", "us/conn", &b, &t);
+        rows.push(Row {
+            scenario: "5a. new conn x8: AES-128 | AES-256".into(),
+            unit: "conn/s",
+            baseline: b.rate(),
+            trustwire: t.rate(),
+            higher_better: true,
+            target: None,
+        });
+        let a128 = call_op(Client::new(tls_addr.clone(), client_tls.clone(), opts(1)), big.clone());
+        let a256 = call_op(Client::new(tls_addr.clone(), aes256, opts(1)), big.clone());
+        let (b, t) = run_pair(&cfg, "suites s4", &a128, &a256, 4, false).await;
+        note_cpu(&mut cpu_rows, &mut json, "suites_s4", "5b. 1 MiB echo: AES-128 | AES-256", "us/call", &b, &t);
+        rows.push(Row {
+            scenario: "5b. 1 MiB echo: AES-128 | AES-256".into(),
+            unit: "MiB/s",
+            baseline: b.mib_per_s(),
+            trustwire: t.mib_per_s(),
+            higher_better: true,
+            target: None,
+        });
+        json.num("suites_s4_aes128_mib_per_s", b.mib_per_s());
+        json.num("suites_s4_aes256_mib_per_s", t.mib_per_s());
+    }
+
     // Probe: does dropping a Client close its connection? Counts this process's open fds
     // (client and server ends both live here) around 200 connect-call-drop cycles.
     let mut probe_note = None;
@@ -820,7 +857,8 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
     println!("{}", "-".repeat(104));
     println!(
         "baseline = same server/client code without TLS (insecure-plaintext-bench); ratio = trustwire/baseline \
-         (* = latency: lower is better, ratio >1 means slower)"
+         (* = latency: lower is better, ratio >1 means slower); rows 5a/5b: baseline = mTLS with AES-128-GCM \
+         (the default), trustwire = mTLS with AES-256-GCM"
     );
     if !cpu_rows.is_empty() {
         println!();

@@ -44,6 +44,7 @@
 //!
 //! [tls]
 //! min_version = "1.3"            # "1.2" to also accept TLS 1.2
+//! cipher_suites = ["TLS13_AES_128_GCM_SHA256", "TLS13_AES_256_GCM_SHA384"]  # optional: order and subset
 //! handshake_timeout_ms = 10000
 //! ```
 //!
@@ -221,6 +222,7 @@ pub struct ClientSection {
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     pub min_version: Option<String>,
+    pub cipher_suites: Option<Vec<String>>,
     pub handshake_timeout_ms: Option<u64>,
 }
 
@@ -372,6 +374,11 @@ impl ProfileFile {
         };
         if let Some(ms) = self.tls.handshake_timeout_ms {
             profile.handshake_timeout = Duration::from_millis(ms);
+        }
+        if let Some(names) = &self.tls.cipher_suites {
+            crate::tls::cipher_suites(names)?;
+            profile.cipher_suites = names.clone();
+            profile.crypto()?;
         }
         Ok(profile)
     }

@@ -376,3 +376,49 @@ fn the_expiry_warning_window_is_set_by_the_profile() {
     assert_eq!(load("expiry_warning_days = 0").unwrap(), Duration::ZERO);
     assert!(load("expiry_warning_days = -1").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cipher_suites_prefer_aes_128_gcm_and_a_profile_can_reorder_or_restrict_them() {
+    let pki = Pki::new();
+    let server = echo_server(&pki.server_profile()).await;
+    let addr = server.local_addr().to_string();
+    let suite = |cp: TlsProfile| {
+        let addr = addr.clone();
+        async move {
+            let (_, info) =
+                trustwire::transport::connect(&cp.client().unwrap(), &addr, Duration::from_secs(5)).await.unwrap();
+            info.cipher_suite
+        }
+    };
+    assert_eq!(suite(pki.client_profile()).await, "TLS13_AES_128_GCM_SHA256");
+    let mut cp = pki.client_profile();
+    cp.cipher_suites = vec!["TLS_AES_256_GCM_SHA384".into(), "TLS13_AES_128_GCM_SHA256".into()];
+    assert_eq!(suite(cp).await, "TLS13_AES_256_GCM_SHA384");
+
+    // A server restricted to ChaCha20 refuses a client that offers none of it, by name.
+    let mut sp = pki.server_profile();
+    sp.cipher_suites = vec!["TLS13_CHACHA20_POLY1305_SHA256".into()];
+    let chacha = echo_server(&sp).await;
+    let mut cp = pki.client_profile();
+    cp.cipher_suites = vec!["TLS13_AES_128_GCM_SHA256".into()];
+    let err = echo(&client(chacha.local_addr(), &cp), "x").await.unwrap_err();
+    assert_eq!(err.verdict(), Some(Verdict::PeerAlert), "{err}");
+    assert!(err.to_string().contains("handshake_failure"), "{err}");
+    assert_eq!(echo(&client(chacha.local_addr(), &pki.client_profile()), "c").await.unwrap(), "c");
+
+    let load = |tls: &str| {
+        ProfileFile::parse(&format!("[trust]\nca = [\"{}\"]\n[tls]\n{tls}\n", pki.path("ca.pem").display()))
+            .unwrap()
+            .into_profile()
+    };
+    assert_eq!(
+        load("cipher_suites = [\"TLS13_AES_256_GCM_SHA384\"]").unwrap().cipher_suites,
+        ["TLS13_AES_256_GCM_SHA384"]
+    );
+    let err = load("cipher_suites = [\"TLS_RSA_WITH_RC4_128_MD5\"]").unwrap_err().to_string();
+    assert!(err.contains("unknown cipher suite 'TLS_RSA_WITH_RC4_128_MD5'") && err.contains("known: "), "{err}");
+    let err = load("cipher_suites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]").unwrap_err().to_string();
+    assert!(err.contains("no TLS 1.3 suite"), "{err}");
+    let err = load("cipher_suites = []").unwrap_err().to_string();
+    assert!(err.contains("empty"), "{err}");
+}
