@@ -26,7 +26,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::tls::identity::PeerIdentity;
 
-/// Verified chains remembered per verifier (one per trust domain and generation).
+/// Verified chains remembered per verifier (one per profile, side and trust generation).
 pub const CHAIN_CACHE_ENTRIES: usize = 4096;
 /// How long a verified chain is remembered at most.
 pub const CHAIN_CACHE_TTL: Duration = Duration::from_secs(600);
