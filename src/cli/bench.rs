@@ -39,6 +39,11 @@ const HIST_MAX_US: u64 = 3_600_000_000;
 const SHARDS: usize = 16;
 
 #[derive(Args, Debug)]
+#[command(after_help = "The report on stdout: calls made (succeeded, failed), duration, calls/s of those that \
+succeeded, MiB/s of request and response payloads when there is a payload, latency p50/p90/p99/p99.9/max \
+of the calls that succeeded, and failures counted by verdict name (peer_alert, unknown_issuer, …), else by \
+brpc error code name (ENOMETHOD, …) or kind (timeout, transport). A progress line goes to stderr about once \
+a second. Exit status: 0 when every call succeeded, 1 when any failed, 2 for a usage error.")]
 pub(super) struct BenchArgs {
     /// The server, HOST:PORT.
     addr: String,
@@ -50,12 +55,12 @@ pub(super) struct BenchArgs {
     server: ServerCheck,
     /// Connections the callers share (1 to 1024; at most --concurrency). They are opened
     /// before the clock starts.
-    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "new_connection_per_call",
-          value_parser = clap::value_parser!(u32).range(1..=MAX_CONNECTIONS as i64))]
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "new_connection_per_call")]
+    #[arg(value_parser = clap::value_parser!(u32).range(1..=MAX_CONNECTIONS as i64))]
     connections: u32,
     /// Calls in flight at once, in total (1 to 4096).
-    #[arg(long, value_name = "N", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY as i64))]
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY as i64))]
     concurrency: u32,
     /// Make every call on a new connection, with a full handshake, closed after the call: the
     /// handshake-rate benchmark. A refused handshake counts as a failed call under its verdict.
@@ -64,8 +69,8 @@ pub(super) struct BenchArgs {
     /// Request payload size (default 0, at most 16 MiB). For example.EchoService/Echo the
     /// request is a real EchoRequest whose message is N bytes, so stock brpc echo servers
     /// accept it; for any other method, N raw bytes.
-    #[arg(long, value_name = "N", conflicts_with = "payload_file",
-          value_parser = clap::value_parser!(u32).range(0..=MAX_PAYLOAD as i64))]
+    #[arg(long, value_name = "N", conflicts_with = "payload_file")]
+    #[arg(value_parser = clap::value_parser!(u32).range(0..=MAX_PAYLOAD as i64))]
     payload_bytes: Option<u32>,
     /// Send this file's bytes, as they are, as every request's payload (at most 16 MiB).
     #[arg(long, value_name = "FILE")]
@@ -85,8 +90,8 @@ pub(super) struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Give up on a call after this many milliseconds (connecting included).
-    #[arg(long, value_name = "MS", default_value_t = 5000,
-          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    #[arg(value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     timeout_ms: u64,
 }
 
