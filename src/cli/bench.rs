@@ -164,15 +164,15 @@ impl Tally {
         self.errors.entry(label(&e)).or_insert((0, e)).0 += 1;
     }
 
-    fn merge(&mut self, other: Tally) {
+    fn merge(&mut self, other: &Tally) {
         // Same bounds everywhere, so adding cannot fail.
         let _ = self.hist.add(&other.hist);
         self.ok += other.ok;
         self.failed += other.failed;
         self.sent += other.sent;
         self.received += other.received;
-        for (name, (n, e)) in other.errors {
-            self.errors.entry(name).or_insert((0, e)).0 += n;
+        for (name, (n, e)) in &other.errors {
+            self.errors.entry(name.clone()).or_insert((0, e.clone())).0 += n;
         }
     }
 }
@@ -357,8 +357,7 @@ pub(super) async fn run(a: BenchArgs) -> Result<bool, Error> {
 
     let mut tally = Tally::new()?;
     for shard in &shared.shards {
-        let t = std::mem::replace(&mut *shard.lock().unwrap_or_else(|p| p.into_inner()), Tally::new()?);
-        tally.merge(t);
+        tally.merge(&shard.lock().unwrap_or_else(|p| p.into_inner()));
     }
     let interrupted = interrupted.load(Ordering::Relaxed);
     let aborted = shared.aborted.get().cloned();
