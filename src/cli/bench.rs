@@ -482,7 +482,7 @@ impl Report {
     /// p50, p90, p99, p99.9, max and mean, in microseconds, over the calls that succeeded.
     fn latency(&self) -> Option<[(&'static str, u64); 6]> {
         let h = &self.tally.hist;
-        (h.len() > 0).then(|| {
+        (!h.is_empty()).then(|| {
             [
                 ("p50", h.value_at_quantile(0.5)),
                 ("p90", h.value_at_quantile(0.9)),
