@@ -376,3 +376,26 @@ fn the_expiry_warning_window_is_set_by_the_profile() {
     assert_eq!(load("expiry_warning_days = 0").unwrap(), Duration::ZERO);
     assert!(load("expiry_warning_days = -1").is_err());
 }
+
+/// In TLS 1.3 a refused client's side of the handshake is done before the server judges it, so
+/// calls sent at once race the server's alert: a write that reaches the closed socket fails with
+/// a bare broken pipe or reset. Every call must still get the alert's verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_racing_a_refusal_all_get_its_verdict() {
+    let pki = Pki::new();
+    let server = echo_server_allowing(&pki, &["spiffe://example.org/ns/test/someone-else"]).await;
+    for round in 0..20 {
+        let c = client(server.local_addr(), &pki.client_profile());
+        c.connect().await.unwrap();
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { echo(&c, "hi").await })
+            })
+            .collect();
+        for call in calls {
+            let e = call.await.unwrap().unwrap_err();
+            assert_eq!(e.verdict(), Some(Verdict::PeerAlert), "round {round}: {e}");
+        }
+    }
+}
