@@ -270,26 +270,23 @@ pub(super) async fn run(a: BenchArgs) -> Result<bool, Error> {
                 }
             });
         }
-        let mut setup_error = None;
+        // Each connection that could not be opened counts as one failed call under its verdict.
+        let mut failures = Vec::new();
         while let Some(joined) = opening.join_next().await {
             match joined {
                 Ok(Ok(client)) => clients.push(client),
-                Ok(Err(e)) => {
-                    setup_error.get_or_insert(e);
-                }
-                Err(e) => {
-                    setup_error.get_or_insert(Error::transport(format!("connecting failed: {e}")));
-                }
+                Ok(Err(e)) => failures.push(e),
+                Err(e) => failures.push(Error::transport(format!("connecting failed: {e}"))),
             }
         }
-        if let Some(e) = setup_error {
-            if let Error::Config { .. } = e {
-                return Err(e);
+        if let Some(first) = failures.first().cloned() {
+            if let Error::Config { .. } = first {
+                return Err(first);
             }
             let mut tally = Tally::new()?;
-            tally.error(e.clone());
+            failures.into_iter().for_each(|e| tally.error(e));
             let report =
-                Report { shape, tally, elapsed: Duration::ZERO, unsent: 0, interrupted: false, aborted: Some(e) };
+                Report { shape, tally, elapsed: Duration::ZERO, unsent: 0, interrupted: false, aborted: Some(first) };
             report.print(a.json);
             return Ok(false);
         }
