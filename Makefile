@@ -73,13 +73,15 @@ test-spire: deps
 	TRUSTWIRE_SPIRE_BIN=$(CARGO_TARGET_DIR)/spire-bin $(CARGO) test --release --test workload_api real_spire -- --ignored --test-threads=1
 
 # Throughput and handshake benchmarks; prints a table and JSON with ratios against baselines
-# measured in the same run. Not a test: numbers depend on the machine.
-bench: deps
+# measured in the same run, then `trustwire bench` against serve-echo (scripts/bench-cli.sh).
+# Not a test: numbers depend on the machine.
+bench: deps build
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
 	$(CARGO) bench --bench rotation
 	$(CARGO) bench --bench proxy
 	$(CARGO) bench --bench pkcs11
 	$(CARGO) bench -p trustwire-c --bench c_client
+	bash scripts/bench-cli.sh
 	$(MAKE) --no-print-directory bench-python
 
 # trustwire from Python against grpcio (installed into the bench's own virtualenv) and against

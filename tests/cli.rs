@@ -4,90 +4,11 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::cli::{ok, p, pki_dir, run, serve, Kill};
 use common::trustwire_bin;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(trustwire_bin()).args(args).output().expect("run trustwire")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(out.status.success(), "trustwire {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn p(dir: &Path, f: &str) -> String {
-    dir.join(f).display().to_string()
-}
-
-/// Starts `serve-echo` on an ephemeral port and returns it with the address it printed.
-fn serve(dir: &Path, extra: &[&str]) -> (Kill, String) {
-    let mut args = vec![
-        "serve-echo".to_string(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--cert".into(),
-        p(dir, "echo.pem"),
-        "--key".into(),
-        p(dir, "echo.key"),
-        "--ca".into(),
-        p(dir, "ca.pem"),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut child =
-        Command::new(trustwire_bin()).args(&args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(line.contains("serving"), "unexpected first line: {line}");
-    (Kill(child), addr)
-}
-
-fn pki_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    ok(&["pki", "init", "--dir", &d, "--trust-domain", "example.org"]);
-    ok(&[
-        "pki",
-        "issue",
-        "--dir",
-        &d,
-        "--name",
-        "echo",
-        "--spiffe-id",
-        "spiffe://example.org/ns/prod/echo",
-        "--dns",
-        "localhost",
-        "--ip",
-        "127.0.0.1",
-    ]);
-    ok(&[
-        "pki",
-        "issue",
-        "--dir",
-        &d,
-        "--name",
-        "web",
-        "--spiffe-id",
-        "spiffe://example.org/ns/prod/web",
-        "--usage",
-        "client",
-    ]);
-    ok(&["pki", "issue", "--dir", &d, "--name", "batch", "--spiffe-id", "spiffe://example.org/ns/batch/job"]);
-    dir
-}
 
 #[test]
 fn pki_serve_call_probe_inspect() {
@@ -388,7 +309,7 @@ fn proxy_command_routes_plaintext_brpc_over_mtls_and_drains_on_sigterm() {
     assert!(line.starts_with("route out: listening on "), "{line}");
     let local = line.trim().rsplit(' ').next().unwrap().to_string();
 
-    let captures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/brpc");
+    let captures = common::captures();
     let request = std::fs::read(captures.join("echo_request.bin")).unwrap();
     let want = std::fs::read(captures.join("echo_response.bin")).unwrap();
     let mut s = std::net::TcpStream::connect(&local).unwrap();
@@ -460,6 +381,7 @@ fn every_flag_has_help_text() {
         &["proxy"],
         &["call"],
         &["probe"],
+        &["bench"],
         &["inspect"],
     ];
     for command in commands {

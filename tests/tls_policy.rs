@@ -421,4 +421,26 @@ async fn cipher_suites_prefer_aes_128_gcm_and_a_profile_can_reorder_or_restrict_
     assert!(err.contains("no TLS 1.3 suite"), "{err}");
     let err = load("cipher_suites = []").unwrap_err().to_string();
     assert!(err.contains("empty"), "{err}");
+
+/// In TLS 1.3 a refused client's side of the handshake is done before the server judges it, so
+/// calls sent at once race the server's alert: a write that reaches the closed socket fails with
+/// a bare broken pipe or reset. Every call must still get the alert's verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_racing_a_refusal_all_get_its_verdict() {
+    let pki = Pki::new();
+    let server = echo_server_allowing(&pki, &["spiffe://example.org/ns/test/someone-else"]).await;
+    for round in 0..20 {
+        let c = client(server.local_addr(), &pki.client_profile());
+        c.connect().await.unwrap();
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { echo(&c, "hi").await })
+            })
+            .collect();
+        for call in calls {
+            let e = call.await.unwrap().unwrap_err();
+            assert_eq!(e.verdict(), Some(Verdict::PeerAlert), "round {round}: {e}");
+        }
+    }
 }

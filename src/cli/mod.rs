@@ -4,6 +4,7 @@
 
 #[macro_use]
 mod output;
+mod bench;
 mod demo;
 
 use std::net::IpAddr;
@@ -88,6 +89,9 @@ enum Command {
         #[arg(long, value_name = "N")]
         log_id: Option<i64>,
     },
+    /// Load-test SERVICE/METHOD on any baidu_std server (brpc's rpc_press): calls/s, latency
+    /// percentiles and errors by verdict; exits 1 when any call failed.
+    Bench(Box<bench::BenchArgs>),
     /// Handshake only: show what was negotiated and who the server is, or the verdict.
     Probe {
         /// The server, HOST:PORT.
@@ -388,6 +392,8 @@ where
     };
     init_logging(default_level);
     let rt = crate::runtime::runtime();
+    // `bench` prints its own report, failures included, and then only sets the exit status.
+    let mut status_if_ok = 0;
     let result = match cli.command {
         Command::Demo => rt.block_on(demo::run()),
         Command::Pki(cmd) => pki(cmd),
@@ -406,10 +412,15 @@ where
             })),
         Command::Proxy { config, workload_api } => rt.block_on(proxy(config, workload_api)),
         Command::Probe { addr, creds, server } => rt.block_on(probe(addr, creds, server)),
+        Command::Bench(args) => rt.block_on(bench::run(*args)).map(|clean| {
+            if !clean {
+                status_if_ok = 1;
+            }
+        }),
         Command::Inspect { file } => inspect(&file),
     };
     let status = match result {
-        Ok(()) => 0,
+        Ok(()) => status_if_ok,
         Err(e) => {
             note!("{}", describe_error(&e));
             match e {

@@ -57,6 +57,8 @@ type Pending = HashMap<i64, oneshot::Sender<Result<Frame, Error>>>;
 
 /// How long closing a connection waits to send TLS close_notify to a server that is not reading.
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
+/// How long a failed write waits for the reader to report why the connection ended.
+const WRITE_FAILURE_GRACE: Duration = Duration::from_millis(250);
 
 struct Conn {
     tx: mpsc::UnboundedSender<Bytes>,
@@ -389,6 +391,14 @@ where
                 let _ = tokio::time::timeout(CLOSE_NOTIFY_WAIT, wr.shutdown()).await;
             }
             Err(e) => {
+                // A server that refuses us after the handshake (TLS 1.3) sends its alert and
+                // closes; a write racing that fails with a bare EPIPE or reset. The reader is
+                // about to read the alert, which says why: new calls go elsewhere now, and the
+                // reader's error wins if it comes within the grace period.
+                if let Some(c) = writer_conn.upgrade() {
+                    c.closed.store(true, Ordering::Release);
+                }
+                let _ = tokio::time::timeout(WRITE_FAILURE_GRACE, &mut reader_gone).await;
                 if let Some(c) = writer_conn.upgrade() {
                     c.fail_all(crate::transport::stream_error(&e, ours.as_deref()));
                 }

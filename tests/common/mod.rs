@@ -1,6 +1,7 @@
 //! Shared fixtures: a dev PKI generated at test time, an echo server, clients.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod peers;
 pub mod workload;
 
