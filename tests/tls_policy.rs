@@ -421,6 +421,7 @@ async fn cipher_suites_prefer_aes_128_gcm_and_a_profile_can_reorder_or_restrict_
     assert!(err.contains("no TLS 1.3 suite"), "{err}");
     let err = load("cipher_suites = []").unwrap_err().to_string();
     assert!(err.contains("empty"), "{err}");
+}
 
 /// In TLS 1.3 a refused client's side of the handshake is done before the server judges it, so
 /// calls sent at once race the server's alert: a write that reaches the closed socket fails with
