@@ -210,7 +210,7 @@ impl TlsProfile {
         if let Some(max_age) = self.resumption {
             let crl_deadline =
                 if self.trust.require_fresh_crls { chains::crl_deadline(&self.trust.crls) } else { None };
-            config.ticketer = resume::BoundedTickets::new(max_age, crl_deadline)?;
+            config.ticketer = resume::BoundedTickets::for_generation(max_age, crl_deadline)?;
             config.send_tls13_tickets = 1;
         }
         let our_not_after = identity.leaf_info().ok().map(|i| i.identity.not_after);

@@ -62,7 +62,10 @@ pub(crate) struct BoundedTickets {
 }
 
 impl BoundedTickets {
-    pub(crate) fn new(max_age: Duration, crl_deadline: Option<u64>) -> Result<Arc<dyn ProducesTickets>, Error> {
+    pub(crate) fn for_generation(
+        max_age: Duration,
+        crl_deadline: Option<u64>,
+    ) -> Result<Arc<dyn ProducesTickets>, Error> {
         let inner = rustls::crypto::aws_lc_rs::Ticketer::new()
             .map_err(|e| Error::config(format!("cannot make a session ticket key: {e}")))?;
         Ok(Arc::new(BoundedTickets { inner, max_age: max_age.as_secs(), crl_deadline }))
