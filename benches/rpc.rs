@@ -39,15 +39,20 @@
 //!    (each call moves 1 MiB each way; the figure counts it once).
 //! 5. Informational: scenarios 3 (8 callers) and 4 with the default suite (AES-128-GCM) in the
 //!    baseline column and AES-256-GCM in the other, against the same mTLS server.
+//! 6. Informational: scenario 3 with 8 callers, full handshakes (the default profiles) in the
+//!    baseline column and resumed TLS 1.3 sessions (`resumption` on at both ends, its own mTLS
+//!    server) in the other. The handshakes of the resumed side are counted and printed: a
+//!    connection that found no ticket is a full handshake and shows there.
 //!
 //! Environment: BENCH_SECONDS (default 3) = measured seconds per side and scenario;
-//! BENCH_ONLY = comma-separated subset of s1,s2,s3,hs,s4,suites,probe; BENCH_RUNTIME = split|shared.
+//! BENCH_ONLY = comma-separated subset of s1,s2,s3,hs,s4,suites,resume,probe; BENCH_RUNTIME =
+//! split|shared.
 //!
 //! The last line printed is `BENCH_JSON {...}` with every figure.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -372,6 +377,25 @@ fn churn_tls_op(addr: String, tls: ClientTls, req: Bytes) -> Op {
             let tcp = tcp_connect(&addr).await?;
             let (stream, _info) =
                 trustwire::transport::handshake_on(&tls, tcp, &addr).await.map_err(|e| e.to_string())?;
+            one_call_then_close(stream, &req).await
+        })
+    })
+}
+
+/// As [`churn_tls_op`], counting the handshakes that resumed a session in `kinds.0` and the
+/// full ones in `kinds.1`.
+fn churn_counted_op(addr: String, tls: ClientTls, req: Bytes, kinds: Arc<(AtomicU64, AtomicU64)>) -> Op {
+    Arc::new(move || {
+        let addr = addr.clone();
+        let tls = tls.clone();
+        let req = req.clone();
+        let kinds = kinds.clone();
+        Box::pin(async move {
+            let tcp = tcp_connect(&addr).await?;
+            let (stream, info) =
+                trustwire::transport::handshake_on(&tls, tcp, &addr).await.map_err(|e| e.to_string())?;
+            let kind = if info.resumed { &kinds.0 } else { &kinds.1 };
+            kind.fetch_add(1, Ordering::Relaxed);
             one_call_then_close(stream, &req).await
         })
     })
@@ -798,6 +822,47 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
         json.num("suites_s4_aes256_mib_per_s", t.mib_per_s());
     }
 
+    // 6 (informational): full handshakes (default profiles) vs resumed sessions (`resumption`
+    // on at both ends), new connection + 1 call, 8 callers.
+    let mut resume_note = None;
+    if cfg.wants("resume") {
+        let age = Some(Duration::from_secs(3600));
+        let mut sp = server_profile.clone();
+        sp.resumption = age;
+        let mut s = Server::new(sp.server().expect("resuming server TLS"));
+        trustwire::echo::register(&mut s);
+        let resuming_server: RunningServer =
+            server_rt.spawn(s.bind("127.0.0.1:0")).await.expect("bind task").expect("bind resuming server");
+        let mut cp = client_profile.clone();
+        cp.resumption = age;
+        let resuming_tls = cp.client().expect("resuming client TLS");
+        let req = request_frame(small.clone());
+        let kinds = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let full = churn_tls_op(tls_addr.clone(), client_tls.clone(), req.clone());
+        let resumed = churn_counted_op(resuming_server.local_addr().to_string(), resuming_tls, req, kinds.clone());
+        let (b, t) = run_pair(&cfg, "resume", &full, &resumed, 8, false).await;
+        note_cpu(&mut cpu_rows, &mut json, "resume_c8", "6. new conn x8: full | resumed", "us/conn", &b, &t);
+        rows.push(Row {
+            scenario: "6. new conn + 1 call x8: full | resumed".into(),
+            unit: "conn/s",
+            baseline: b.rate(),
+            trustwire: t.rate(),
+            higher_better: true,
+            target: None,
+        });
+        let (r, f) = (kinds.0.load(Ordering::Relaxed), kinds.1.load(Ordering::Relaxed));
+        json.num("resume_c8_full_conns_per_s", b.rate());
+        json.num("resume_c8_resumed_conns_per_s", t.rate());
+        json.num("resume_c8_ratio", t.rate() / b.rate());
+        json.num("resume_c8_handshakes_resumed", r as f64);
+        json.num("resume_c8_handshakes_full", f as f64);
+        resume_note = Some(format!(
+            "row 6: of the resumed side's {} handshakes (warm-up included), {r} resumed a session and {f} were full{}",
+            r + f,
+            if r < 9 * f { " -- NOT MOSTLY RESUMED, the row does not measure resumption" } else { "" }
+        ));
+    }
+
     // Probe: does dropping a Client close its connection? Counts this process's open fds
     // (client and server ends both live here) around 200 connect-call-drop cycles.
     let mut probe_note = None;
@@ -858,8 +923,12 @@ async fn bench(cfg: Cfg, server_rt: tokio::runtime::Handle) {
     println!(
         "baseline = same server/client code without TLS (insecure-plaintext-bench); ratio = trustwire/baseline \
          (* = latency: lower is better, ratio >1 means slower); rows 5a/5b: baseline = mTLS with AES-128-GCM \
-         (the default), trustwire = mTLS with AES-256-GCM"
+         (the default), trustwire = mTLS with AES-256-GCM; row 6: baseline = full handshakes (default \
+         profiles), trustwire = resumed TLS 1.3 sessions ([tls] resumption at both ends)"
     );
+    if let Some(n) = resume_note {
+        println!("{n}");
+    }
     if !cpu_rows.is_empty() {
         println!();
         println!(

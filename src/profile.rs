@@ -46,6 +46,7 @@
 //! min_version = "1.3"            # "1.2" to also accept TLS 1.2
 //! cipher_suites = ["TLS13_AES_128_GCM_SHA256", "TLS13_AES_256_GCM_SHA384"]  # optional: order and subset
 //! handshake_timeout_ms = 10000
+//! # resumption = { max_age_s = 3600 }  # TLS 1.3 tickets between trustwire peers (off by default)
 //! ```
 //!
 //! Relative paths are relative to the file's directory. Unknown keys are errors, so a typo
@@ -224,6 +225,16 @@ pub struct TlsSection {
     pub min_version: Option<String>,
     pub cipher_suites: Option<Vec<String>>,
     pub handshake_timeout_ms: Option<u64>,
+    /// TLS 1.3 session resumption (off when absent).
+    pub resumption: Option<ResumptionSection>,
+}
+
+/// `[tls] resumption = { max_age_s = N }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumptionSection {
+    /// How long a ticket may be used after the full handshake that verified the peer.
+    pub max_age_s: u64,
 }
 
 impl ProfileFile {
@@ -378,6 +389,11 @@ impl ProfileFile {
         if let Some(names) = &self.tls.cipher_suites {
             crate::tls::cipher_suites(names)?;
             profile.cipher_suites = names.clone();
+        }
+        if let Some(r) = &self.tls.resumption {
+            profile.resumption = Some(Duration::from_secs(r.max_age_s));
+        }
+        if self.tls.cipher_suites.is_some() || self.tls.resumption.is_some() {
             profile.crypto()?;
         }
         Ok(profile)

@@ -11,7 +11,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::error::{Error, Side, Verdict};
 use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
-use crate::tls::verify::{handshake_error, Diagnosed, Verified};
+use crate::tls::verify::{handshake_error, Diagnosed, Diagnosis, Verified};
 use crate::tls::{ClientTls, ServerTls};
 
 pub use tokio_rustls::client::TlsStream as ClientStream;
@@ -37,6 +37,9 @@ pub struct HandshakeInfo {
     pub generation: u64,
     /// Our certificate's not-after in that generation.
     pub our_not_after: Option<std::time::SystemTime>,
+    /// A TLS 1.3 session of this generation was resumed (`[tls] resumption`): no certificate
+    /// verifier ran, and the peer's chain is the one verified when the session was made.
+    pub resumed: bool,
 }
 
 fn info(conn: &rustls::CommonState, verified: Option<Verified>) -> Result<HandshakeInfo, Error> {
@@ -70,7 +73,14 @@ fn info(conn: &rustls::CommonState, verified: Option<Verified>) -> Result<Handsh
         peer,
         generation: 0,
         our_not_after: None,
+        resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
     })
+}
+
+/// A resumed session skipped the verifier: what it would refuse now (a certificate past its
+/// validity, a peer the pin, policy or hook no longer admits) is refused here, as it would be.
+fn refuse(d: Diagnosis) -> Error {
+    Error::Handshake { verdict: d.verdict, side: Side::Local, alert: None, message: d.message }
 }
 
 fn kx_name(g: rustls::NamedGroup) -> String {
@@ -124,6 +134,9 @@ where
     let stream = res.map_err(|e| handshake_error(&e, diag, None));
     let result = stream.and_then(|s| {
         let mut i = info(s.get_ref().1, verified)?;
+        if i.resumed {
+            generation.verifier.check_resumed(&i.peer_chain, &i.peer).map_err(refuse)?;
+        }
         i.generation = generation.number;
         i.our_not_after = generation.our_not_after;
         Ok((s, i))
@@ -166,6 +179,9 @@ pub async fn handshake_on(
     let stream = res.map_err(|e| handshake_error(&e, diag, generation.our_identity.as_deref()));
     let result = stream.and_then(|s| {
         let mut i = info(s.get_ref().1, verified)?;
+        if i.resumed {
+            generation.verifier.check_resumed(&i.peer_chain, &i.peer).map_err(refuse)?;
+        }
         i.generation = generation.number;
         i.our_not_after = generation.our_not_after;
         Ok((s, i))

@@ -119,7 +119,7 @@ impl VerifiedChains {
 
 /// The window in which every certificate sent is valid, in seconds since the epoch; `None`
 /// when one does not parse (nothing is cached then).
-fn validity(end_entity: &CertificateDer<'_>, rest: &[CertificateDer<'_>]) -> Option<(u64, u64)> {
+pub(crate) fn validity(end_entity: &CertificateDer<'_>, rest: &[CertificateDer<'_>]) -> Option<(u64, u64)> {
     let mut from = 0u64;
     let mut until = u64::MAX;
     for c in std::iter::once(end_entity).chain(rest) {

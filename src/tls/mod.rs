@@ -1,12 +1,15 @@
 //! TLS profiles: our identity, the trust bundle and the peer policy, turned into rustls configs.
 //!
 //! Secure by default: servers require and verify a client certificate; clients verify the
-//! server's chain and name; TLS 1.3 only unless TLS 1.2 is asked for; no session resumption, so
-//! every connection is verified against the material in force.
+//! server's chain and name; TLS 1.3 only unless TLS 1.2 is asked for; no session resumption
+//! unless asked for, so every connection is verified against the material in force. With
+//! `resumption`, TLS 1.3 tickets are bounded (see [`resume`]) and a resumed connection is
+//! checked again by the transport (validity, pin, policy and hooks).
 
 pub(crate) mod chains;
 pub mod identity;
 pub mod policy;
+pub(crate) mod resume;
 pub mod spiffe;
 pub(crate) mod tracker;
 pub(crate) mod trust;
@@ -142,7 +145,14 @@ pub struct TlsProfile {
     /// never offered whatever the list says.
     pub cipher_suites: Vec<String>,
     pub handshake_timeout: Duration,
+    /// TLS 1.3 session resumption between trustwire peers, with tickets usable for at most this
+    /// long (1 s to 24 h); `None` (the default): every connection is a full handshake. TLS 1.3
+    /// only: refused with `min_version = Tls12`. See [`resume`] for what invalidates a ticket.
+    pub resumption: Option<Duration>,
 }
+
+/// The longest `resumption` a profile may ask for.
+pub const MAX_RESUMPTION_AGE: Duration = Duration::from_secs(86_400);
 
 impl TlsProfile {
     pub fn new(identity: Option<Identity>, trust: TrustBundle) -> Self {
@@ -155,6 +165,7 @@ impl TlsProfile {
             min_version: MinVersion::Tls13,
             cipher_suites: Vec::new(),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            resumption: None,
         }
     }
 
@@ -190,10 +201,18 @@ impl TlsProfile {
             .map_err(|e| Error::config(format!("TLS versions: {e}")))?
             .with_client_cert_verifier(verifier.clone())
             .with_cert_resolver(identity.resolver());
-        // No resumption: every connection is verified against the trust material in force, and
-        // no tickets are sent that nobody (brpc included) would use.
+        // No session cache ever. Without `resumption` no tickets either: every connection is
+        // verified against the trust material in force, and no tickets are sent that nobody
+        // (brpc included) would use. With it, a ticketer of this generation's own: tickets from
+        // before a change of identity, trust or CRLs do not decrypt, and cost a full handshake.
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
+        if let Some(max_age) = self.resumption {
+            let crl_deadline =
+                if self.trust.require_fresh_crls { chains::crl_deadline(&self.trust.crls) } else { None };
+            config.ticketer = resume::BoundedTickets::for_generation(max_age, crl_deadline)?;
+            config.send_tls13_tickets = 1;
+        }
         let our_not_after = identity.leaf_info().ok().map(|i| i.identity.not_after);
         Ok(ServerGeneration { config: Arc::new(config), verifier, number, our_not_after })
     }
@@ -246,10 +265,11 @@ impl TlsProfile {
             Some(id) => builder.with_client_cert_resolver(id.resolver()),
             None => builder.with_no_client_auth(),
         };
-        // No sessions are kept (every connection is verified in full), but the key-exchange
-        // group each server chose is: the next connection to it sends that share first, so a
-        // server that takes only P-256 (stock brpc) costs a HelloRetryRequest once, not always.
-        config.resumption = rustls::client::Resumption::store(Arc::new(KxHints::default()))
+        // The key-exchange group each server chose is kept: the next connection to it sends that
+        // share first, so a server that takes only P-256 (stock brpc) costs a HelloRetryRequest
+        // once, not always. TLS 1.3 tickets only with `resumption`, in a store of this
+        // generation's own (a change of our material forgets them); TLS 1.2 sessions never.
+        config.resumption = rustls::client::Resumption::store(Arc::new(resume::ClientSessions::new(self.resumption)))
             .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
         Ok(ClientGeneration {
             config: Arc::new(config),
@@ -273,6 +293,7 @@ impl TlsProfile {
 
     /// The provider with this profile's cipher suites, in its order.
     pub(crate) fn crypto(&self) -> Result<Arc<CryptoProvider>, Error> {
+        self.check_resumption()?;
         let mut p = provider();
         if !self.cipher_suites.is_empty() {
             p.cipher_suites = cipher_suites(&self.cipher_suites)?;
@@ -284,6 +305,26 @@ impl TlsProfile {
             ));
         }
         Ok(Arc::new(p))
+    }
+
+    /// `resumption` within bounds, and only where TLS 1.3 is the only version: a TLS 1.2
+    /// session would resume without the checks a resumed TLS 1.3 connection gets.
+    pub(crate) fn check_resumption(&self) -> Result<(), Error> {
+        let Some(age) = self.resumption else { return Ok(()) };
+        if age < Duration::from_secs(1) || age > MAX_RESUMPTION_AGE {
+            return Err(Error::config(format!(
+                "tls.resumption max_age_s = {}: use 1 to {}",
+                age.as_secs(),
+                MAX_RESUMPTION_AGE.as_secs()
+            )));
+        }
+        if self.min_version == MinVersion::Tls12 {
+            return Err(Error::config(
+                "tls.resumption is TLS 1.3 only: remove it, or min_version = \"1.2\" (TLS 1.2 sessions are never \
+                 resumed)",
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn versions(&self) -> &'static [&'static rustls::SupportedProtocolVersion] {
@@ -353,44 +394,6 @@ pub(crate) struct ClientGeneration {
     pub our_identity: Option<String>,
     pub number: u64,
     pub our_not_after: Option<std::time::SystemTime>,
-}
-
-/// Remembers which key-exchange group each server chose, and nothing else: no session keys or
-/// tickets, so no handshake skips verification. Bounded: past [`KxHints::MAX`] names it starts
-/// over (a hint only saves a round trip).
-#[derive(Debug, Default)]
-pub(crate) struct KxHints(std::sync::Mutex<std::collections::HashMap<ServerName<'static>, rustls::NamedGroup>>);
-
-impl KxHints {
-    const MAX: usize = 1024;
-}
-
-impl rustls::client::ClientSessionStore for KxHints {
-    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
-        let mut hints = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if hints.len() >= Self::MAX && !hints.contains_key(&server_name) {
-            hints.clear();
-        }
-        hints.insert(server_name, group);
-    }
-
-    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(server_name).copied()
-    }
-
-    fn set_tls12_session(&self, _: ServerName<'static>, _: rustls::client::Tls12ClientSessionValue) {}
-
-    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
-        None
-    }
-
-    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
-
-    fn insert_tls13_ticket(&self, _: ServerName<'static>, _: rustls::client::Tls13ClientSessionValue) {}
-
-    fn take_tls13_ticket(&self, _: &ServerName<'static>) -> Option<rustls::client::Tls13ClientSessionValue> {
-        None
-    }
 }
 
 /// The crypto provider: aws-lc-rs with TLS 1.3's suites and X25519, P-256, P-384 and the

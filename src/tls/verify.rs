@@ -80,11 +80,13 @@ pub(crate) fn take_diagnosis() -> Option<Diagnosis> {
 pub(crate) struct Diagnosed<F> {
     future: F,
     verified: Option<Verified>,
+    /// When the session this handshake resumes was verified in full (see [`super::resume`]).
+    verified_at: Option<u64>,
 }
 
 impl<F> Diagnosed<F> {
     pub(crate) fn new(future: F) -> Self {
-        Diagnosed { future, verified: None }
+        Diagnosed { future, verified: None, verified_at: None }
     }
 }
 
@@ -93,7 +95,9 @@ impl<F: Future + Unpin> Future for Diagnosed<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        crate::tls::resume::set_verified_at(this.verified_at);
         let out = Pin::new(&mut this.future).poll(cx);
+        this.verified_at = crate::tls::resume::take_verified_at();
         // Whatever the verifier left belongs to this connection: it ran inside this poll.
         if let Some(v) = take_verified() {
             this.verified = Some(v);
@@ -185,7 +189,56 @@ fn diagnosis_of(result: Result<(), TlsError>) -> Option<Diagnosis> {
     )
 }
 
+/// Refuses a verified peer the policy does not admit (allow-list, then the connection hook).
+fn admit_by(policy: &Policy, peer: &PeerIdentity) -> Result<(), TlsError> {
+    if let Err(why) = policy.admit(peer) {
+        record(Verdict::PeerNotAllowed, why);
+        return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
+    }
+    Ok(())
+}
+
+/// What a verifier says of a peer on a resumed session, whose chain it verified when the session
+/// was made: only what may have changed since is checked again — every certificate's validity
+/// now, then `admit` (pin, allow-list, hook) — with the verdicts and messages of a full check.
+fn check_resumed(
+    chain: &[CertificateDer<'static>],
+    peer: &PeerIdentity,
+    role: &str,
+    admit: impl FnOnce(&PeerIdentity) -> Result<(), TlsError>,
+) -> Result<(), Diagnosis> {
+    let (leaf, rest) = chain.split_first().ok_or_else(|| Diagnosis {
+        verdict: Verdict::NoPeerCertificate,
+        message: format!("the resumed session holds no {role} certificate"),
+    })?;
+    let now = UnixTime::now();
+    let outside = match crate::tls::chains::validity(leaf, rest) {
+        Some((from, _)) if now.as_secs() < from => Some(CertificateError::NotValidYet),
+        Some((_, until)) if now.as_secs() > until => Some(CertificateError::Expired),
+        Some(_) => None,
+        None => Some(CertificateError::BadEncoding),
+    };
+    if let Some(ce) = outside {
+        return Err(diagnose_chain(&TlsError::InvalidCertificate(ce), leaf, &TrustSummary::default(), now, role));
+    }
+    take_diagnosis();
+    diagnosis_of(admit(peer)).map_or(Ok(()), Err)
+}
+
 impl ClientVerifier {
+    fn admit(&self, peer: &PeerIdentity) -> Result<(), TlsError> {
+        admit_by(&self.policy, peer)
+    }
+
+    /// Checks the client of a resumed session again (see [`check_resumed`]).
+    pub(crate) fn check_resumed(
+        &self,
+        chain: &[CertificateDer<'static>],
+        peer: &PeerIdentity,
+    ) -> Result<(), Diagnosis> {
+        check_resumed(chain, peer, "client", |p| self.admit(p))
+    }
+
     /// Verifies an already-presented client chain again (after the trust material changed).
     pub(crate) fn recheck(&self, chain: &[CertificateDer<'static>]) -> Option<Diagnosis> {
         let (leaf, rest) = chain.split_first()?;
@@ -197,6 +250,33 @@ impl ClientVerifier {
 }
 
 impl ServerVerifier {
+    /// The pinned SPIFFE ID, then the policy.
+    fn admit(&self, peer: &PeerIdentity) -> Result<(), TlsError> {
+        if let Some(pinned) = &self.pinned_spiffe_id {
+            if peer.spiffe_id.as_deref() != Some(pinned.as_str()) {
+                record(
+                    Verdict::PeerNotAllowed,
+                    format!(
+                        "the server's SPIFFE ID is {}, but this client pins {pinned}",
+                        peer.spiffe_id.as_deref().unwrap_or("absent")
+                    ),
+                );
+                return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
+            }
+        }
+        admit_by(&self.policy, peer)
+    }
+
+    /// Checks the server of a resumed session again (see [`check_resumed`]). Its name was
+    /// checked when the session was made, and the session is only offered to that name.
+    pub(crate) fn check_resumed(
+        &self,
+        chain: &[CertificateDer<'static>],
+        peer: &PeerIdentity,
+    ) -> Result<(), Diagnosis> {
+        check_resumed(chain, peer, "server", |p| self.admit(p))
+    }
+
     /// Verifies an already-presented server chain again, for the name it was dialled by.
     pub(crate) fn recheck(&self, chain: &[CertificateDer<'static>], name: &ServerName<'static>) -> Option<Diagnosis> {
         let (leaf, rest) = chain.split_first()?;
@@ -348,10 +428,7 @@ impl ClientCertVerifier for ClientVerifier {
                 peer
             }
         };
-        if let Err(why) = self.policy.admit(&peer) {
-            record(Verdict::PeerNotAllowed, why);
-            return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
-        }
+        self.admit(&peer)?;
         hand_off(end_entity, peer);
         Ok(ClientCertVerified::assertion())
     }
@@ -421,22 +498,7 @@ impl ServerCertVerifier for ServerVerifier {
                 peer
             }
         };
-        if let Some(pinned) = &self.pinned_spiffe_id {
-            if peer.spiffe_id.as_deref() != Some(pinned.as_str()) {
-                record(
-                    Verdict::PeerNotAllowed,
-                    format!(
-                        "the server's SPIFFE ID is {}, but this client pins {pinned}",
-                        peer.spiffe_id.as_deref().unwrap_or("absent")
-                    ),
-                );
-                return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
-            }
-        }
-        if let Err(why) = self.policy.admit(&peer) {
-            record(Verdict::PeerNotAllowed, why);
-            return Err(TlsError::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
-        }
+        self.admit(&peer)?;
         hand_off(end_entity, peer);
         Ok(ServerCertVerified::assertion())
     }
