@@ -150,10 +150,14 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Writes queued frames until the queue ends, coalescing what is already queued into one TLS
-/// write (up to 256 KiB); a frame that large on its own is written without a copy, in 256 KiB
-/// steps. An item is dropped only once its bytes are written (a server's item carries the call's
-/// in-flight permit and its share of the connection's unwritten-bytes budget), and `progress` is
-/// called after every write, so a reader can tell a slow peer from one that stopped reading.
+/// write (up to 256 KiB); a frame alone in the queue, or too large to join the others, is
+/// written as it is, without a copy (in 256 KiB steps). An item is dropped only once its bytes
+/// are written (a server's item carries the call's in-flight permit and its share of the
+/// connection's unwritten-bytes budget), and `progress` is called after every write, so a
+/// reader can tell a slow peer from one that stopped reading.
+///
+/// Nothing is allocated while the queue is empty: the buffer coalesced frames are copied into
+/// is made for them and freed once they are written, so an idle connection holds none.
 pub(crate) async fn write_queued<W, T>(
     wr: &mut W,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
@@ -165,31 +169,52 @@ where
 {
     use tokio::io::AsyncWriteExt;
     const BATCH: usize = 256 * 1024;
-    let mut batch = bytes::BytesMut::with_capacity(64 * 1024);
-    let mut written: Vec<T> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        if first.as_ref().len() >= BATCH {
-            for chunk in first.as_ref().chunks(BATCH) {
-                wr.write_all(chunk).await?;
-                progress();
+    // Taken off the queue but too large to join the frames before it: written next.
+    let mut carried: Option<T> = None;
+    loop {
+        let first = match carried.take() {
+            Some(item) => item,
+            None => match rx.recv().await {
+                Some(item) => item,
+                None => break,
+            },
+        };
+        let mut len = first.as_ref().len();
+        let mut more: Vec<T> = Vec::new();
+        while len < BATCH {
+            match rx.try_recv() {
+                Ok(next) if len + next.as_ref().len() <= BATCH => {
+                    len += next.as_ref().len();
+                    more.push(next);
+                }
+                Ok(next) => {
+                    carried = Some(next);
+                    break;
+                }
+                Err(_) => break,
             }
-        } else {
-            batch.extend_from_slice(first.as_ref());
-            written.push(first);
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(next) => {
-                        batch.extend_from_slice(next.as_ref());
-                        written.push(next);
-                    }
-                    Err(_) => break,
+        }
+        if more.is_empty() {
+            let bytes = first.as_ref();
+            if bytes.len() <= BATCH {
+                wr.write_all(bytes).await?;
+                progress();
+            } else {
+                for chunk in bytes.chunks(BATCH) {
+                    wr.write_all(chunk).await?;
+                    progress();
                 }
             }
+        } else {
+            let mut batch = Vec::with_capacity(len);
+            batch.extend_from_slice(first.as_ref());
+            for item in &more {
+                batch.extend_from_slice(item.as_ref());
+            }
             wr.write_all(&batch).await?;
-            batch.clear();
-            written.clear();
             progress();
         }
+        drop((first, more));
         wr.flush().await?;
     }
     Ok(())
