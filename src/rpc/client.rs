@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Response;
@@ -399,7 +399,7 @@ where
         let _reader_done = reader_done;
         let conn = reader_conn;
         let mut decoder = Decoder::new(max_body);
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut buf = BytesMut::new();
         // Told when new trust material no longer accepts this server: stop sending new calls
         // here, let the ones in flight finish, then close.
         let mut close_signal = guard.as_ref().map(|g| g.close_signal());
@@ -433,16 +433,12 @@ where
                 }
             };
             tokio::select! {
-                r = rd.read_buf(&mut buf) => match r {
+                r = super::read_frames(&mut rd, &mut buf, &decoder) => match r {
                     Ok(0) => {
                         conn.closed_cleanly.store(true, Ordering::Release);
                         break Error::transport("the server closed the connection");
                     }
-                    Ok(_) => {
-                        if buf.capacity() - buf.len() < 4096 {
-                            buf.reserve(decoder.reserve_hint(&buf).max(16 * 1024));
-                        }
-                    }
+                    Ok(_) => {}
                     Err(e) => break crate::transport::stream_error(&e, conn.ours.as_deref()),
                 },
                 _ = conn.shutdown.notified() => {

@@ -19,7 +19,7 @@ pub use server::{RunningServer, Server, ServerOptions};
 
 use crate::error::codes;
 use crate::tls::identity::PeerIdentity;
-use crate::wire::{Frame, RpcMeta, RpcResponseMeta};
+use crate::wire::{Decoder, Frame, RpcMeta, RpcResponseMeta};
 
 /// One call as a handler sees it.
 #[derive(Clone, Debug)]
@@ -147,6 +147,45 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+/// Room a read buffer that holds part of a frame is given when it runs low, unless the frame's
+/// header asks for more.
+const READ_BUFFER: usize = 16 * 1024;
+/// Spare room below which a read buffer holding part of a frame is grown before the next read.
+const MIN_READ: usize = 4096;
+
+/// Reads what has arrived on `rd` into `buf`, which starts at a frame boundary (`decoder` sizes
+/// the room for a frame in progress). Returns the bytes read; 0 is the end of the stream.
+///
+/// An empty `buf` holds no memory: a connection waiting for its next frame keeps no read
+/// buffer, and one that grew for a large frame is let go once that frame has been taken off
+/// it. The first bytes after a pause are read onto the stack and copied into a buffer just
+/// their size; only a frame that is still incomplete then gets room to grow.
+pub(crate) async fn read_frames<R>(rd: &mut R, buf: &mut bytes::BytesMut, decoder: &Decoder) -> std::io::Result<usize>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use std::mem::MaybeUninit;
+    use tokio::io::{AsyncReadExt, ReadBuf};
+    if !buf.is_empty() {
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(decoder.reserve_hint(buf).max(READ_BUFFER));
+        }
+        return rd.read_buf(buf).await;
+    }
+    *buf = bytes::BytesMut::new();
+    std::future::poll_fn(|cx| {
+        // On the stack for this poll only, so the future waiting on an idle connection holds
+        // none of it. poll_read reads nothing when it is pending, so nothing is lost if the
+        // caller drops this future (it is one branch of a select).
+        let mut scratch = [MaybeUninit::<u8>::uninit(); READ_BUFFER];
+        let mut read = ReadBuf::uninit(&mut scratch);
+        std::task::ready!(Pin::new(&mut *rd).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
 }
 
 /// Writes queued frames until the queue ends, coalescing what is already queued into one TLS

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -526,7 +526,8 @@ async fn serve_connection<S>(
     let max_in_flight = opts.max_in_flight_per_connection.clamp(1, u32::MAX as usize);
     let limit = Arc::new(Semaphore::new(max_in_flight));
     let mut decoder = Decoder::new(opts.max_body);
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    // Empty until bytes arrive, and again whenever a frame boundary empties it (read_frames).
+    let mut buf = BytesMut::new();
     let mut stop_rx = shared.stop_rx.clone();
     let stopped = stop_rx.wait_for(|s| *s);
     tokio::pin!(stopped);
@@ -612,7 +613,7 @@ async fn serve_connection<S>(
         }
         let timed = opts.idle_timeout.is_some() || opts.frame_timeout.is_some();
         tokio::select! {
-            r = rd.read_buf(&mut buf), if blocked.is_none() => match r {
+            r = super::read_frames(&mut rd, &mut buf, &decoder), if blocked.is_none() => match r {
                 Ok(0) => {
                     gone.cancel();
                     break 'conn;
@@ -653,9 +654,6 @@ async fn serve_connection<S>(
                 let next = deadline(quiet_since, frame_since).unwrap_or(now + Duration::from_secs(3600));
                 timer.as_mut().reset(next.into());
             }
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(decoder.reserve_hint(&buf).max(16 * 1024));
         }
     }
     // Let calls already dispatched answer, and their answers be written, before the write side
