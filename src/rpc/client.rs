@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
+use super::queue::{self, Sender};
 use super::Response;
 use crate::error::{codes, Error};
 use crate::telemetry;
@@ -59,7 +60,7 @@ type Pending = HashMap<i64, oneshot::Sender<Result<Frame, Error>>>;
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
 
 struct Conn {
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: Sender<Bytes>,
     /// None once the connection has failed; calls registered before that get its error.
     pending: Mutex<Option<Pending>>,
     closed: AtomicBool,
@@ -362,7 +363,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, mut rx) = queue::queue::<Bytes>();
     let conn = Arc::new(Conn {
         tx,
         pending: Mutex::new(Some(HashMap::new())),

@@ -1,6 +1,7 @@
 //! baidu_std RPC over mTLS: a server that dispatches to async handlers, and a multiplexed client.
 
 mod client;
+mod queue;
 mod server;
 
 use std::collections::BTreeMap;
@@ -199,7 +200,7 @@ where
 /// is made for them and freed once they are written, so an idle connection holds none.
 pub(crate) async fn write_queued<W, T>(
     wr: &mut W,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    rx: &mut queue::Receiver<T>,
     mut progress: impl FnMut(),
 ) -> std::io::Result<()>
 where
@@ -222,15 +223,15 @@ where
         let mut more: Vec<T> = Vec::new();
         while len < BATCH {
             match rx.try_recv() {
-                Ok(next) if len + next.as_ref().len() <= BATCH => {
+                Some(next) if len + next.as_ref().len() <= BATCH => {
                     len += next.as_ref().len();
                     more.push(next);
                 }
-                Ok(next) => {
+                Some(next) => {
                     carried = Some(next);
                     break;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         if more.is_empty() {

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use super::queue::{self, Receiver, Sender};
 use super::{response_frame, CancellationToken, CatchUnwind, Handler, HandlerFuture, Request};
 use crate::authz::truncate;
 use crate::error::{codes, Error, Side, Verdict};
@@ -542,7 +543,7 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let opts = &shared.options;
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (tx, rx) = queue::queue::<Outgoing>();
     let held = Arc::new(Held::new(opts.max_unwritten_bytes));
     let mut writer = tokio::spawn(write_loop(wr, rx, held.clone()));
     let max_in_flight = opts.max_in_flight_per_connection.clamp(1, u32::MAX as usize);
@@ -700,7 +701,7 @@ async fn must_close(signal: &mut Option<crate::tls::tracker::CloseSignal>) -> cr
     }
 }
 
-fn send(tx: &mpsc::UnboundedSender<Outgoing>, frame: Frame, mut charge: Charge) {
+fn send(tx: &Sender<Outgoing>, frame: Frame, mut charge: Charge) {
     match frame.to_bytes() {
         Ok(bytes) => {
             charge.answered(bytes.len());
@@ -712,7 +713,7 @@ fn send(tx: &mpsc::UnboundedSender<Outgoing>, frame: Frame, mut charge: Charge) 
 }
 
 /// Writes queued responses; the write side is closed (close_notify) once the queue ends.
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Outgoing>, held: Arc<Held>) {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: Receiver<Outgoing>, held: Arc<Held>) {
     let progressed = || {
         held.progress.fetch_add(1, Ordering::Release);
     };
@@ -725,7 +726,7 @@ fn dispatch(
     frame: Frame,
     peer: &Arc<PeerIdentity>,
     shared: &Arc<Shared>,
-    tx: &mpsc::UnboundedSender<Outgoing>,
+    tx: &Sender<Outgoing>,
     gone: &CancellationToken,
     charge: Charge,
 ) {
