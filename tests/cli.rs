@@ -388,7 +388,7 @@ fn proxy_command_routes_plaintext_brpc_over_mtls_and_drains_on_sigterm() {
     assert!(line.starts_with("route out: listening on "), "{line}");
     let local = line.trim().rsplit(' ').next().unwrap().to_string();
 
-    let captures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/brpc");
+    let captures = common::captures();
     let request = std::fs::read(captures.join("echo_request.bin")).unwrap();
     let want = std::fs::read(captures.join("echo_response.bin")).unwrap();
     let mut s = std::net::TcpStream::connect(&local).unwrap();
