@@ -4,16 +4,15 @@
 //! tokio's unbounded mpsc would do, but it allocates its first block of 32 slots when it is
 //! made and keeps it for the channel's life: 2.5 KB for every connection on the server (32
 //! answers of 64 bytes, and the channel's cache-padded state), most of what an idle connection
-//! holds outside TLS. This queue holds a `VecDeque` that is empty until something is queued and
-//! that is let go again when a burst larger than a few frames has been written.
+//! holds outside TLS. This queue holds a `VecDeque` that has no room until something is queued
+//! and lets its room go whenever the writer has taken everything: an idle connection's queue is
+//! a few words. (Making room again costs one small allocation per burst, next to the several a
+//! call makes anyway.)
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
-
-/// Slots kept between bursts; a queue that grew beyond them shrinks back to nothing once empty.
-const KEEP: usize = 4;
 
 struct State<T> {
     items: VecDeque<T>,
@@ -109,7 +108,7 @@ impl<T> Receiver<T> {
 
 fn pop<T>(state: &mut State<T>) -> Option<T> {
     let item = state.items.pop_front();
-    if state.items.is_empty() && state.items.capacity() > KEEP {
+    if state.items.is_empty() && state.items.capacity() > 0 {
         state.items = VecDeque::new();
     }
     item
@@ -163,7 +162,7 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_that_grew_lets_its_room_go_once_empty() {
+    fn an_empty_queue_holds_no_room() {
         let (tx, mut rx) = queue::<u64>();
         for i in 0..100 {
             tx.send(i).unwrap();
@@ -172,6 +171,6 @@ mod tests {
         assert_eq!(rx.0.lock().items.capacity(), 0);
         tx.send(1).unwrap();
         assert_eq!(rx.try_recv(), Some(1));
-        assert!(rx.0.lock().items.capacity() <= KEEP);
+        assert_eq!(rx.0.lock().items.capacity(), 0);
     }
 }
