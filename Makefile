@@ -72,14 +72,15 @@ test-spire: deps
 	bash tests/spire/build.sh $(SPIRE_VERSION)
 	TRUSTWIRE_SPIRE_BIN=$(CARGO_TARGET_DIR)/spire-bin $(CARGO) test --release --test workload_api real_spire -- --ignored --test-threads=1
 
-# Throughput and handshake benchmarks; prints a table and JSON with ratios against baselines
-# measured in the same run, then `trustwire bench` against serve-echo (scripts/bench-cli.sh).
-# Not a test: numbers depend on the machine.
+# Throughput, handshake and idle-memory benchmarks; prints a table and JSON with ratios against
+# baselines measured in the same run, then `trustwire bench` against serve-echo
+# (scripts/bench-cli.sh). Not a test: numbers depend on the machine.
 bench: deps build
 	$(CARGO) bench --bench rpc --features insecure-plaintext-bench
 	$(CARGO) bench --bench rotation
 	$(CARGO) bench --bench proxy
 	$(CARGO) bench --bench pkcs11
+	$(CARGO) bench --bench idle --features insecure-plaintext-bench
 	$(CARGO) bench -p trustwire-c --bench c_client
 	bash scripts/bench-cli.sh
 	$(MAKE) --no-print-directory bench-python

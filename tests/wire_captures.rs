@@ -15,7 +15,14 @@ use trustwire::wire::{
     CHECKSUM_CRC32C, HEADER_LEN, MAGIC,
 };
 
-const CAPTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/interop/brpc/");
+/// The brpc captures: shared/ beside the checkout, or TRUSTWIRE_CAPTURES (a git worktree
+/// elsewhere), as tests/common finds them.
+fn captures() -> std::path::PathBuf {
+    match std::env::var_os("TRUSTWIRE_CAPTURES") {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/brpc"),
+    }
+}
 
 /// Every capture the README documents. `every_capture_is_covered` keeps this list honest.
 const ALL: [&str; 14] = [
@@ -43,8 +50,8 @@ const ATTACHMENT: &[u8] = b"my-attachment-bytes";
 const ECHO: &str = "example.EchoService";
 
 fn capture(name: &str) -> Vec<u8> {
-    let path = format!("{CAPTURES}{name}");
-    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read capture {path}: {e}"))
+    let path = captures().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read capture {}: {e}", path.display()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -180,7 +187,7 @@ fn built_from_scratch(name: &str) -> Frame {
 
 #[test]
 fn every_capture_is_covered() {
-    let on_disk: BTreeSet<String> = std::fs::read_dir(CAPTURES)
+    let on_disk: BTreeSet<String> = std::fs::read_dir(captures())
         .expect("capture directory")
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.ends_with(".bin"))
@@ -191,7 +198,7 @@ fn every_capture_is_covered() {
 
 #[test]
 fn sha256sums_match_the_captures() {
-    let sums = std::fs::read_to_string(format!("{CAPTURES}SHA256SUMS")).unwrap();
+    let sums = std::fs::read_to_string(captures().join("SHA256SUMS")).unwrap();
     let mut seen = BTreeSet::new();
     for line in sums.lines().filter(|l| !l.trim().is_empty()) {
         let (digest, name) = line.split_once("  ").expect("`<hex>  <name>` lines");

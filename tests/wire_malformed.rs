@@ -13,14 +13,21 @@ use trustwire::wire::{
     DEFAULT_MAX_BODY, HEADER_LEN,
 };
 
-const CAPTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/interop/brpc/");
+/// The brpc captures: shared/ beside the checkout, or TRUSTWIRE_CAPTURES (a git worktree
+/// elsewhere), as tests/common finds them.
+fn captures() -> std::path::PathBuf {
+    match std::env::var_os("TRUSTWIRE_CAPTURES") {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/interop/brpc"),
+    }
+}
 
 fn capture(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{CAPTURES}{name}")).expect("capture")
+    std::fs::read(captures().join(name)).expect("capture")
 }
 
 fn all_captures() -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(CAPTURES)
+    let mut v: Vec<_> = std::fs::read_dir(captures())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.ends_with(".bin"))

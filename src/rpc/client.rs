@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 
+use super::queue::{self, Sender};
 use super::Response;
 use crate::error::{codes, Error};
 use crate::telemetry;
@@ -61,7 +62,7 @@ const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
 const WRITE_FAILURE_GRACE: Duration = Duration::from_millis(250);
 
 struct Conn {
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: Sender<Bytes>,
     /// None once the connection has failed; calls registered before that get its error.
     pending: Mutex<Option<Pending>>,
     closed: AtomicBool,
@@ -364,7 +365,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, mut rx) = queue::queue::<Bytes>();
     let conn = Arc::new(Conn {
         tx,
         pending: Mutex::new(Some(HashMap::new())),
@@ -409,7 +410,7 @@ where
         let _reader_done = reader_done;
         let conn = reader_conn;
         let mut decoder = Decoder::new(max_body);
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut buf = BytesMut::new();
         // Told when new trust material no longer accepts this server: stop sending new calls
         // here, let the ones in flight finish, then close.
         let mut close_signal = guard.as_ref().map(|g| g.close_signal());
@@ -443,16 +444,12 @@ where
                 }
             };
             tokio::select! {
-                r = rd.read_buf(&mut buf) => match r {
+                r = super::read_frames(&mut rd, &mut buf, &decoder) => match r {
                     Ok(0) => {
                         conn.closed_cleanly.store(true, Ordering::Release);
                         break Error::transport("the server closed the connection");
                     }
-                    Ok(_) => {
-                        if buf.capacity() - buf.len() < 4096 {
-                            buf.reserve(decoder.reserve_hint(&buf).max(16 * 1024));
-                        }
-                    }
+                    Ok(_) => {}
                     Err(e) => break crate::transport::stream_error(&e, conn.ours.as_deref()),
                 },
                 _ = conn.shutdown.notified() => {

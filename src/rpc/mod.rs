@@ -1,6 +1,7 @@
 //! baidu_std RPC over mTLS: a server that dispatches to async handlers, and a multiplexed client.
 
 mod client;
+mod queue;
 mod server;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ pub use server::{RunningServer, Server, ServerOptions};
 
 use crate::error::codes;
 use crate::tls::identity::PeerIdentity;
-use crate::wire::{Frame, RpcMeta, RpcResponseMeta};
+use crate::wire::{Decoder, Frame, RpcMeta, RpcResponseMeta};
 
 /// One call as a handler sees it.
 #[derive(Clone, Debug)]
@@ -149,14 +150,57 @@ pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".into())
 }
 
+/// Room a read buffer that holds part of a frame is given when it runs low, unless the frame's
+/// header asks for more.
+const READ_BUFFER: usize = 16 * 1024;
+/// Spare room below which a read buffer holding part of a frame is grown before the next read.
+const MIN_READ: usize = 4096;
+
+/// Reads what has arrived on `rd` into `buf`, which starts at a frame boundary (`decoder` sizes
+/// the room for a frame in progress). Returns the bytes read; 0 is the end of the stream.
+///
+/// An empty `buf` holds no memory: a connection waiting for its next frame keeps no read
+/// buffer, and one that grew for a large frame is let go once that frame has been taken off
+/// it. The first bytes after a pause are read onto the stack and copied into a buffer just
+/// their size; only a frame that is still incomplete then gets room to grow.
+pub(crate) async fn read_frames<R>(rd: &mut R, buf: &mut bytes::BytesMut, decoder: &Decoder) -> std::io::Result<usize>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use std::mem::MaybeUninit;
+    use tokio::io::{AsyncReadExt, ReadBuf};
+    if !buf.is_empty() {
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(decoder.reserve_hint(buf).max(READ_BUFFER));
+        }
+        return rd.read_buf(buf).await;
+    }
+    *buf = bytes::BytesMut::new();
+    std::future::poll_fn(|cx| {
+        // On the stack for this poll only, so the future waiting on an idle connection holds
+        // none of it. poll_read reads nothing when it is pending, so nothing is lost if the
+        // caller drops this future (it is one branch of a select).
+        let mut scratch = [MaybeUninit::<u8>::uninit(); READ_BUFFER];
+        let mut read = ReadBuf::uninit(&mut scratch);
+        std::task::ready!(Pin::new(&mut *rd).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
+}
+
 /// Writes queued frames until the queue ends, coalescing what is already queued into one TLS
-/// write (up to 256 KiB); a frame that large on its own is written without a copy, in 256 KiB
-/// steps. An item is dropped only once its bytes are written (a server's item carries the call's
-/// in-flight permit and its share of the connection's unwritten-bytes budget), and `progress` is
-/// called after every write, so a reader can tell a slow peer from one that stopped reading.
+/// write (up to 256 KiB); a frame alone in the queue, or too large to join the others, is
+/// written as it is, without a copy (in 256 KiB steps). An item is dropped only once its bytes
+/// are written (a server's item carries the call's in-flight permit and its share of the
+/// connection's unwritten-bytes budget), and `progress` is called after every write, so a
+/// reader can tell a slow peer from one that stopped reading.
+///
+/// Nothing is allocated while the queue is empty: the buffer coalesced frames are copied into
+/// is made for them and freed once they are written, so an idle connection holds none.
 pub(crate) async fn write_queued<W, T>(
     wr: &mut W,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    rx: &mut queue::Receiver<T>,
     mut progress: impl FnMut(),
 ) -> std::io::Result<()>
 where
@@ -165,31 +209,52 @@ where
 {
     use tokio::io::AsyncWriteExt;
     const BATCH: usize = 256 * 1024;
-    let mut batch = bytes::BytesMut::with_capacity(64 * 1024);
-    let mut written: Vec<T> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        if first.as_ref().len() >= BATCH {
-            for chunk in first.as_ref().chunks(BATCH) {
-                wr.write_all(chunk).await?;
-                progress();
+    // Taken off the queue but too large to join the frames before it: written next.
+    let mut carried: Option<T> = None;
+    loop {
+        let first = match carried.take() {
+            Some(item) => item,
+            None => match rx.recv().await {
+                Some(item) => item,
+                None => break,
+            },
+        };
+        let mut len = first.as_ref().len();
+        let mut more: Vec<T> = Vec::new();
+        while len < BATCH {
+            match rx.try_recv() {
+                Some(next) if len + next.as_ref().len() <= BATCH => {
+                    len += next.as_ref().len();
+                    more.push(next);
+                }
+                Some(next) => {
+                    carried = Some(next);
+                    break;
+                }
+                None => break,
             }
-        } else {
-            batch.extend_from_slice(first.as_ref());
-            written.push(first);
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(next) => {
-                        batch.extend_from_slice(next.as_ref());
-                        written.push(next);
-                    }
-                    Err(_) => break,
+        }
+        if more.is_empty() {
+            let bytes = first.as_ref();
+            if bytes.len() <= BATCH {
+                wr.write_all(bytes).await?;
+                progress();
+            } else {
+                for chunk in bytes.chunks(BATCH) {
+                    wr.write_all(chunk).await?;
+                    progress();
                 }
             }
+        } else {
+            let mut batch = Vec::with_capacity(len);
+            batch.extend_from_slice(first.as_ref());
+            for item in &more {
+                batch.extend_from_slice(item.as_ref());
+            }
             wr.write_all(&batch).await?;
-            batch.clear();
-            written.clear();
             progress();
         }
+        drop((first, more));
         wr.flush().await?;
     }
     Ok(())

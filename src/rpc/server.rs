@@ -7,20 +7,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use super::queue::{self, Receiver, Sender};
 use super::{response_frame, CancellationToken, CatchUnwind, Handler, HandlerFuture, Request};
 use crate::authz::truncate;
 use crate::error::{codes, Error, Side, Verdict};
-use crate::limits::{Admission, ConnectionLimits, Established};
+use crate::limits::{Admission, ConnectionLimits, Established, Handshaking};
 use crate::telemetry::{self, Role};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::policy::Policy;
 use crate::tls::tracker::TrackGuard;
 use crate::tls::ServerTls;
+use crate::transport::ServerStream;
 use crate::wire::{DecodeError, Decoder, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
 
 /// Called with the remote address and the error when a handshake is refused or fails.
@@ -350,39 +352,59 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, shared: Arc<
         tokio::spawn(async move {
             match tls {
                 Some(tls) => {
-                    let mut stop_rx = shared.stop_rx.clone();
-                    let handshake = tokio::select! {
-                        r = crate::transport::accept(&tls, tcp) => r,
-                        _ = stop_rx.wait_for(|s| *s) => return,
+                    // Boxed, so the handshake's state (a whole TLS stream, its timeout) is freed
+                    // when the handshake ends instead of sizing this task for as long as the
+                    // connection lives.
+                    let Some((stream, peer, guard, slot)) = Box::pin(handshake(tls, tcp, remote, &shared, slot)).await
+                    else {
+                        return;
                     };
-                    match handshake {
-                        Ok((stream, info)) => {
-                            let Ok(slot) = slot.established() else {
-                                info!(%remote, peer = %info.peer, "connection closed: max_connections reached");
-                                return;
-                            };
-                            debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
-                            let guard =
-                                tls.tracker.register(info.peer_chain, None, info.peer.clone(), info.our_not_after);
-                            serve_connection(stream, info.peer, remote, shared, Some(guard), slot).await
-                        }
-                        Err(e) => {
-                            drop(slot);
-                            let verdict = e.verdict().unwrap_or(Verdict::Io);
-                            info!(%remote, verdict = verdict.name(), side = e.side().map(Side::name).unwrap_or("-"), "handshake refused: {e}");
-                            if let Some(hook) = &shared.options.on_handshake_error {
-                                hook(remote, &e);
-                            }
-                        }
-                    }
+                    serve_connection(tokio::io::split(stream), peer, remote, shared, Some(guard), slot).await
                 }
                 None => {
                     let Ok(slot) = slot.established() else { return };
                     let _ = tcp.set_nodelay(true);
-                    serve_connection(tcp, plaintext_peer(), remote, shared, None, slot).await
+                    serve_connection(tokio::io::split(tcp), plaintext_peer(), remote, shared, None, slot).await
                 }
             }
         });
+    }
+}
+
+/// Runs the TLS handshake of an accepted socket and trades its handshake slot for a
+/// connection's; returns what the connection keeps (the stream, the verified peer, its place
+/// in the tracker), or None when the socket is closed (refused, failed, or the server stops).
+async fn handshake(
+    tls: ServerTls,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    shared: &Shared,
+    slot: Handshaking,
+) -> Option<(ServerStream<TcpStream>, Arc<PeerIdentity>, TrackGuard, Established)> {
+    let mut stop_rx = shared.stop_rx.clone();
+    let handshake = tokio::select! {
+        r = crate::transport::accept(&tls, tcp) => r,
+        _ = stop_rx.wait_for(|s| *s) => return None,
+    };
+    match handshake {
+        Ok((stream, info)) => {
+            let Ok(slot) = slot.established() else {
+                info!(%remote, peer = %info.peer, "connection closed: max_connections reached");
+                return None;
+            };
+            debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
+            let guard = tls.tracker.register(info.peer_chain, None, info.peer.clone(), info.our_not_after);
+            Some((stream, info.peer, guard, slot))
+        }
+        Err(e) => {
+            drop(slot);
+            let verdict = e.verdict().unwrap_or(Verdict::Io);
+            info!(%remote, verdict = verdict.name(), side = e.side().map(Side::name).unwrap_or("-"), "handshake refused: {e}");
+            if let Some(hook) = &shared.options.on_handshake_error {
+                hook(remote, &e);
+            }
+            None
+        }
     }
 }
 
@@ -507,9 +529,11 @@ impl AsRef<[u8]> for Outgoing {
 }
 
 /// Serves one connection until the peer closes, it idles out, a frame takes too long, a fatal
-/// frame error, it must close (trust or a certificate), or stop.
+/// frame error, it must close (trust or a certificate), or stop. It takes the stream split
+/// already, so the future (which lives as long as the connection) holds two pointers rather
+/// than room for a whole TLS stream.
 async fn serve_connection<S>(
-    stream: S,
+    (mut rd, wr): (ReadHalf<S>, WriteHalf<S>),
     peer: Arc<PeerIdentity>,
     remote: SocketAddr,
     shared: Arc<Shared>,
@@ -519,14 +543,14 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let opts = &shared.options;
-    let (mut rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (tx, rx) = queue::queue::<Outgoing>();
     let held = Arc::new(Held::new(opts.max_unwritten_bytes));
     let mut writer = tokio::spawn(write_loop(wr, rx, held.clone()));
     let max_in_flight = opts.max_in_flight_per_connection.clamp(1, u32::MAX as usize);
     let limit = Arc::new(Semaphore::new(max_in_flight));
     let mut decoder = Decoder::new(opts.max_body);
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    // Empty until bytes arrive, and again whenever a frame boundary empties it (read_frames).
+    let mut buf = BytesMut::new();
     let mut stop_rx = shared.stop_rx.clone();
     let stopped = stop_rx.wait_for(|s| *s);
     tokio::pin!(stopped);
@@ -612,7 +636,7 @@ async fn serve_connection<S>(
         }
         let timed = opts.idle_timeout.is_some() || opts.frame_timeout.is_some();
         tokio::select! {
-            r = rd.read_buf(&mut buf), if blocked.is_none() => match r {
+            r = super::read_frames(&mut rd, &mut buf, &decoder), if blocked.is_none() => match r {
                 Ok(0) => {
                     gone.cancel();
                     break 'conn;
@@ -654,9 +678,6 @@ async fn serve_connection<S>(
                 timer.as_mut().reset(next.into());
             }
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(decoder.reserve_hint(&buf).max(16 * 1024));
-        }
     }
     // Let calls already dispatched answer, and their answers be written, before the write side
     // closes; a peer that stopped reading gets no longer than the grace.
@@ -680,7 +701,7 @@ async fn must_close(signal: &mut Option<crate::tls::tracker::CloseSignal>) -> cr
     }
 }
 
-fn send(tx: &mpsc::UnboundedSender<Outgoing>, frame: Frame, mut charge: Charge) {
+fn send(tx: &Sender<Outgoing>, frame: Frame, mut charge: Charge) {
     match frame.to_bytes() {
         Ok(bytes) => {
             charge.answered(bytes.len());
@@ -692,7 +713,7 @@ fn send(tx: &mpsc::UnboundedSender<Outgoing>, frame: Frame, mut charge: Charge) 
 }
 
 /// Writes queued responses; the write side is closed (close_notify) once the queue ends.
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Outgoing>, held: Arc<Held>) {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: Receiver<Outgoing>, held: Arc<Held>) {
     let progressed = || {
         held.progress.fetch_add(1, Ordering::Release);
     };
@@ -705,7 +726,7 @@ fn dispatch(
     frame: Frame,
     peer: &Arc<PeerIdentity>,
     shared: &Arc<Shared>,
-    tx: &mpsc::UnboundedSender<Outgoing>,
+    tx: &Sender<Outgoing>,
     gone: &CancellationToken,
     charge: Charge,
 ) {
