@@ -73,7 +73,7 @@ impl VerifiedChains {
 
     /// An empty cache for verifiers of `bundle`'s material.
     pub(crate) fn for_bundle(bundle: &crate::tls::TrustBundle) -> Self {
-        Self::new(if bundle.require_fresh_crls { crl_deadline(&bundle.crls) } else { None })
+        Self::new(fresh_crl_deadline(bundle))
     }
 
     /// The identity of a chain verified earlier and still usable at `now`.
@@ -131,9 +131,19 @@ pub(crate) fn validity(end_entity: &CertificateDer<'_>, rest: &[CertificateDer<'
     Some((from, until))
 }
 
+/// The moment past which nothing verified against `bundle` may be reused: the earliest
+/// next-update of its CRLs when fresh CRLs are required, else none.
+pub(crate) fn fresh_crl_deadline(bundle: &crate::tls::TrustBundle) -> Option<u64> {
+    if bundle.require_fresh_crls {
+        crl_deadline(&bundle.crls)
+    } else {
+        None
+    }
+}
+
 /// The earliest next-update among `crls` (seconds since the epoch); a CRL without one, or one
 /// that does not parse, gives the present (nothing is cached past it).
-pub(crate) fn crl_deadline(crls: &[rustls_pki_types::CertificateRevocationListDer<'_>]) -> Option<u64> {
+fn crl_deadline(crls: &[rustls_pki_types::CertificateRevocationListDer<'_>]) -> Option<u64> {
     use x509_parser::revocation_list::CertificateRevocationList;
     let now = UNIX_EPOCH.elapsed().map(|d| d.as_secs()).unwrap_or(0);
     crls.iter()

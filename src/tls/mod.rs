@@ -191,10 +191,11 @@ impl TlsProfile {
             .ok_or_else(|| Error::config("a server needs an identity: set a certificate chain and private key"))?;
         let resolved = self.trust.resolve(self.local_trust_domain().as_ref())?;
         let verifiers = trust::client_verifiers(&resolved, &self.trust)?;
+        let crl_deadline = chains::fresh_crl_deadline(&self.trust);
         let verifier = Arc::new(ClientVerifier {
             verifiers,
             policy: Arc::new(self.policy.clone()),
-            chains: chains::VerifiedChains::for_bundle(&self.trust),
+            chains: chains::VerifiedChains::new(crl_deadline),
         });
         let mut config = ServerConfig::builder_with_provider(self.crypto()?)
             .with_protocol_versions(self.versions())
@@ -208,8 +209,6 @@ impl TlsProfile {
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
         if let Some(max_age) = self.resumption {
-            let crl_deadline =
-                if self.trust.require_fresh_crls { chains::crl_deadline(&self.trust.crls) } else { None };
             config.ticketer = resume::BoundedTickets::for_generation(max_age, crl_deadline)?;
             config.send_tls13_tickets = 1;
         }
