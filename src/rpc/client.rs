@@ -75,12 +75,30 @@ struct Conn {
     shutdown: tokio::sync::Notify,
     /// The server ended the connection cleanly (TLS close_notify, then end of stream).
     closed_cleanly: AtomicBool,
+    /// Says, without waiting, whether the connection must close (trust or a certificate).
+    trust: Option<crate::tls::tracker::CloseSignal>,
 }
 
 impl Conn {
     /// The error that closed the connection (e.g. the server refusing our certificate).
     fn failure_or_closed(&self) -> Error {
         self.failure.get().cloned().unwrap_or_else(|| Error::transport("connection closed before the call was sent"))
+    }
+
+    /// Whether a new call may be sent here. The reader also learns of a trust change or an
+    /// expired certificate, but only when it next runs; a call must not go out before then.
+    fn usable(&self) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        match self.trust.as_ref().and_then(|t| t.now()) {
+            Some(d) => {
+                tracing::info!(verdict = d.verdict.name(), "not reusing a connection to the server: {}", d.message);
+                self.closed.store(true, Ordering::Release);
+                false
+            }
+            None => true,
+        }
     }
 
     fn pending_is_empty(&self) -> bool {
@@ -285,7 +303,7 @@ impl Client {
     async fn conn(&self, slot: usize) -> Result<Arc<Conn>, Error> {
         let mut guard = self.inner.slots[slot].lock().await;
         if let Some(c) = guard.as_ref() {
-            if !c.closed.load(Ordering::Acquire) {
+            if c.usable() {
                 return Ok(c.clone());
             }
         }
@@ -375,6 +393,7 @@ where
         failure: std::sync::OnceLock::new(),
         info,
         ours: ours.clone(),
+        trust: guard.as_ref().map(|g| g.close_signal()),
     });
     let reader_conn = conn.clone();
     let writer_conn = Arc::downgrade(&conn);

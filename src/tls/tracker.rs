@@ -61,7 +61,27 @@ pub(crate) struct CloseSignal {
     expires: Option<Expiry>,
 }
 
+impl Expiry {
+    fn diagnosis(&self) -> Diagnosis {
+        Diagnosis {
+            verdict: Verdict::Expired,
+            message: format!("{} certificate expired at {}", self.whose, rfc3339(self.at)),
+        }
+    }
+}
+
 impl CloseSignal {
+    /// Why the connection must close, if it must close already; for a connection about to be
+    /// given a new call, whose own task may not have run since the signal came (a thread's own
+    /// connection waits, unpolled, between that thread's calls).
+    pub fn now(&self) -> Option<Diagnosis> {
+        if let Some(d) = self.closed.as_ref().and_then(|rx| rx.borrow().clone()) {
+            return Some(d);
+        }
+        let e = self.expires.as_ref()?;
+        (SystemTime::now() >= e.at).then(|| e.diagnosis())
+    }
+
     /// Resolves with the reason once the connection must close; never while it may stay open.
     pub async fn wait(&mut self) -> Diagnosis {
         let trust = async {
@@ -86,10 +106,7 @@ impl CloseSignal {
                     _ => break,
                 }
             }
-            Diagnosis {
-                verdict: Verdict::Expired,
-                message: format!("{} certificate expired at {}", e.whose, rfc3339(e.at)),
-            }
+            e.diagnosis()
         };
         tokio::select! {
             d = trust => d,

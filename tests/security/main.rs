@@ -20,3 +20,4 @@ mod f12_unix_listen_paths;
 mod f13_server_free_from_handler;
 mod f14_cli_flags_replace_profile_trust;
 mod f15_cli_panics_on_closed_stdout;
+mod f16_unpolled_connection_outlives_trust;
