@@ -405,8 +405,10 @@ class Client:
         response_type: Optional[Type[M]] = None,
     ) -> Union[bytes, M]:
         """Calls ``service/method`` and waits for the answer (``timeout`` in seconds)."""
-        r = self.call_full(service, method, payload, timeout=timeout, attachment=attachment, log_id=log_id)
-        return _parse(r.payload, response_type)
+        data, _ = self._native.call(
+            service, method, _to_bytes(payload), timeout=timeout, attachment=attachment, log_id=log_id
+        )
+        return _parse(data, response_type)
 
     async def acall_full(
         self,

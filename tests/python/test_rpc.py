@@ -252,3 +252,66 @@ def test_a_handler_and_the_call_hook_read_the_requests_authentication_data(env: 
                 _, payload = read_frame(s)
     assert payload == b"tw2;kid=k1;opaque"
     assert hooked == [b"tw2;kid=k1;opaque"]
+
+
+def _server_handshakes() -> int:
+    total = 0
+    for line in trustwire.metrics_text().splitlines():
+        if line.startswith("trustwire_handshakes_total{") and 'role="server"' in line and 'result="accepted"' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def test_blocking_calls_get_a_connection_per_thread_up_to_a_bound(env: Env, echo_server: trustwire.Server) -> None:
+    import threading
+
+    client = trustwire.Client(f"127.0.0.1:{echo_server.port}", env.tls("client"))
+    before = _server_handshakes()
+    threads_n, calls = 12, 20
+    all_started = threading.Barrier(threads_n)
+    all_done = threading.Barrier(threads_n)
+    answers: dict = {}
+
+    def run(i: int) -> None:
+        got = [client.call(*ECHO, f"{i}-0".encode())]
+        # Every thread is alive (and holds its connection) before any makes its next call.
+        all_started.wait(30)
+        got += [client.call(*ECHO, f"{i}-{k}".encode()) for k in range(1, calls)]
+        answers[i] = got
+        # A thread that exits frees its place for a thread still calling: none exits early.
+        all_done.wait(30)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i in range(threads_n):
+        assert answers.get(i) == [f"{i}-{k}".encode() for k in range(calls)]
+    # Eight threads had connections of their own; the other four shared the client's one.
+    assert _server_handshakes() - before == 9
+
+    # Those threads have exited: the next thread gets a connection of its own, and keeps it.
+    assert client.call(*ECHO, b"main") == b"main"
+    assert client.call(*ECHO, b"again") == b"again"
+    assert _server_handshakes() - before == 10
+    client.close()
+    with pytest.raises(trustwire.TransportError):
+        client.call(*ECHO, b"closed")
+
+
+def test_a_thread_connection_that_the_server_closed_is_replaced(env: Env) -> None:
+    # The server goes away while the calling thread is between calls (its connection unread):
+    # the next call finds the connection closed and goes over a new one, to the new server.
+    first = trustwire.Server(env.tls("server"))
+    first.register(*ECHO, lambda p, c: b"first server")
+    first.start("127.0.0.1:0")
+    port = first.port
+    with trustwire.Client(f"127.0.0.1:{port}", env.tls("client")) as client:
+        assert client.call(*ECHO, b"x") == b"first server"
+        first.stop()
+        second = trustwire.Server(env.tls("server"))
+        second.register(*ECHO, lambda p, c: b"second server")
+        second.start(f"127.0.0.1:{port}")
+        with second:
+            assert client.call(*ECHO, b"x", timeout=10) == b"second server"

@@ -16,7 +16,7 @@ use trustwire::rpc::{CancellationToken, RunningServer};
 use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
 use crate::errors::{rpc_status, to_pyerr, transport_error};
-use crate::rt::{block_on, checked_runtime};
+use crate::rt::{block_on, block_on_here, checked_runtime, here_available, settle_here, thread_token};
 use crate::tls::{unix, PyTlsConfig};
 
 /// The verified identity of the peer.
@@ -403,10 +403,31 @@ impl PendingCall {
 }
 
 /// A client for one endpoint; connects on the first call.
+///
+/// Asynchronous calls share the client's multiplexed connections on trustwire's runtime.
+/// Blocking calls go over a connection of the calling thread's own, which that thread drives
+/// while it waits (`rt::block_on_here`): no hand-off between threads per call. The first
+/// [`THREADS_WITH_OWN_CONNECTION`] threads get one; calls from further threads share the
+/// multiplexed connections.
 #[pyclass(module = "trustwire._native", name = "Client", frozen)]
 pub struct PyClient {
     client: Client,
     closed: AtomicBool,
+    /// What the threads' own clients are made from.
+    address: String,
+    tls: trustwire::tls::ClientTls,
+    options: ClientOptions,
+    threads: Mutex<Vec<ThreadClient>>,
+}
+
+/// Threads of one Client that get a connection of their own for blocking calls.
+pub const THREADS_WITH_OWN_CONNECTION: usize = 8;
+
+struct ThreadClient {
+    thread: std::thread::ThreadId,
+    /// Stops upgrading once the thread has exited (its runtime, and so the connection, with it).
+    alive: std::sync::Weak<()>,
+    client: Client,
 }
 
 fn call_options(timeout: Option<f64>, attachment: Option<Vec<u8>>, log_id: Option<i64>) -> PyResult<CallOptions> {
@@ -424,6 +445,29 @@ impl PyClient {
             return Err(transport_error(py, "the client is closed"));
         }
         Ok(self.client.clone())
+    }
+
+    /// This thread's own client, made on first use while fewer than
+    /// THREADS_WITH_OWN_CONNECTION live threads have one; None when the thread cannot run a
+    /// runtime of its own or the threads are taken.
+    fn thread_client(&self) -> Option<Client> {
+        if !here_available() {
+            return None;
+        }
+        let me = std::thread::current().id();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        threads.retain(|t| t.alive.strong_count() > 0);
+        if let Some(t) = threads.iter().find(|t| t.thread == me) {
+            return Some(t.client.clone());
+        }
+        if threads.len() >= THREADS_WITH_OWN_CONNECTION {
+            return None;
+        }
+        // One connection: a thread has one call in flight at a time.
+        let options = ClientOptions { pool_size: 1, ..self.options.clone() };
+        let client = Client::new(self.address.clone(), self.tls.clone(), options);
+        threads.push(ThreadClient { thread: me, alive: thread_token(), client: client.clone() });
+        Some(client)
     }
 }
 
@@ -444,7 +488,14 @@ impl PyClient {
             pool_size: pool_size.max(1),
             ..ClientOptions::default()
         };
-        Ok(PyClient { client: Client::new(address, tls, options), closed: AtomicBool::new(false) })
+        Ok(PyClient {
+            client: Client::new(address.clone(), tls.clone(), options.clone()),
+            closed: AtomicBool::new(false),
+            address,
+            tls,
+            options,
+            threads: Mutex::new(Vec::new()),
+        })
     }
 
     /// Calls and waits (GIL released); returns (payload, attachment).
@@ -462,7 +513,10 @@ impl PyClient {
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let client = self.live(py)?;
         let opts = call_options(timeout, attachment, log_id)?;
-        let r = block_on(py, async move { client.call(&service, &method, payload, opts).await })?;
+        let r = match self.thread_client() {
+            Some(here) => block_on_here(py, async move { here.call(&service, &method, payload, opts).await })?,
+            None => block_on(py, async move { client.call(&service, &method, payload, opts).await })?,
+        };
         Ok((PyBytes::new(py, &r.payload), PyBytes::new(py, &r.attachment)))
     }
 
@@ -497,6 +551,13 @@ impl PyClient {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.client.close();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in &threads {
+            t.client.close();
+        }
+        // This thread's connection closes now; another thread's when that thread next runs its
+        // runtime (a call on any client) or exits.
+        settle_here();
     }
 
     #[getter]

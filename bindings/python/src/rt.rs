@@ -1,6 +1,7 @@
 //! Waiting on the shared tokio runtime from Python without holding the GIL.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -14,13 +15,24 @@ use crate::errors::{base_error, to_pyerr, transport_error};
 /// How often a blocked call wakes up to let Python handle signals (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
-static RUNTIME_PID: OnceLock<u32> = OnceLock::new();
+static WATCHING_FORKS: OnceLock<()> = OnceLock::new();
+/// Set in a child forked after trustwire was first used (`pthread_atfork`).
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn forked_child() {
+    FORKED.store(true, Ordering::Relaxed);
+}
 
 /// The shared runtime, refusing use in a forked child: its worker threads exist only in the
-/// parent, so anything waiting on them in the child would hang forever.
+/// parent, so anything waiting on them in the child would hang forever. (A fork handler says
+/// so, rather than comparing process ids on every call: getpid is a system call.)
 pub fn checked_runtime(py: Python<'_>) -> PyResult<&'static tokio::runtime::Runtime> {
-    let pid = *RUNTIME_PID.get_or_init(std::process::id);
-    if pid != std::process::id() {
+    WATCHING_FORKS.get_or_init(|| {
+        // SAFETY: registers a handler that only stores to an atomic, which is async-signal-safe
+        // as a fork handler in the child must be.
+        unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
+    });
+    if FORKED.load(Ordering::Relaxed) {
         return Err(base_error(
             py,
             "trustwire cannot be used in a process forked after it started (its runtime threads \
@@ -82,4 +94,69 @@ where
             }
         }
     }
+}
+
+thread_local! {
+    /// This thread's own runtime, for the blocking calls it makes: see [`block_on_here`].
+    static HERE: Option<tokio::runtime::Runtime> =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
+    /// Lives as long as the thread: a weak reference to it says whether the thread is gone.
+    static ALIVE: std::sync::Arc<()> = std::sync::Arc::new(());
+}
+
+/// A token that stops upgrading once this thread has exited.
+pub fn thread_token() -> std::sync::Weak<()> {
+    ALIVE.with(std::sync::Arc::downgrade)
+}
+
+/// Whether this thread can run operations on a runtime of its own: not one of the shared
+/// runtime's threads (a Python handler calling out), and its runtime could be made.
+pub fn here_available() -> bool {
+    tokio::runtime::Handle::try_current().is_err() && HERE.try_with(|rt| rt.is_some()).unwrap_or(false)
+}
+
+/// Runs `fut` on this thread's own current-thread runtime, with the GIL released, waking every
+/// 100 ms for Python's signal handlers (a KeyboardInterrupt drops the operation).
+///
+/// The thread itself waits in epoll for its sockets and runs the tasks of the connections
+/// made on this runtime, so a blocking call costs no hand-off to another thread and back: the
+/// request is written by the calling thread and the kernel wakes it when the answer arrives.
+/// Such connections only make progress while their thread is in a call; what they must do in
+/// between (notice that trust changed, or that the server closed) is done on the next call.
+pub fn block_on_here<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
+where
+    T: Send,
+    F: Future<Output = Result<T, Error>> + Send,
+{
+    checked_runtime(py)?;
+    let mut fut = Box::pin(fut);
+    loop {
+        let polled = py.allow_threads(|| {
+            HERE.try_with(|rt| {
+                rt.as_ref().map(|rt| rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut fut).await }))
+            })
+        });
+        match polled {
+            Ok(Some(Ok(result))) => return result.map_err(|e| to_pyerr(py, e)),
+            Ok(Some(Err(_elapsed))) => py.check_signals()?,
+            _ => return Err(transport_error(py, "this thread's runtime is gone (is the thread exiting?)")),
+        }
+    }
+}
+
+/// Lets this thread's runtime run its tasks for a moment (e.g. a closed client's connections
+/// sending close_notify), if this thread has one.
+pub fn settle_here() {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return;
+    }
+    let _ = HERE.try_with(|rt| {
+        if let Some(rt) = rt {
+            rt.block_on(async {
+                for _ in 0..8 {
+                    tokio::task::yield_now().await;
+                }
+            });
+        }
+    });
 }
