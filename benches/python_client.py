@@ -104,9 +104,11 @@ def main() -> None:
         ctx.load_cert_chain(ccert, ckey)
         tls = trustwire.TlsConfig(cert=ccert, key=ckey, ca=ca, server_name="localhost")
         payload = b"x" * 100
+        big = b"z" * (1 << 20)
 
         results: Dict[str, Tuple[List[float], List[float]]] = {
             "sequential calls/s": ([], []),
+            "sequential 1 MiB echo calls/s": ([], []),
             "new connections/s": ([], []),
             "64 concurrent calls/s (asyncio vs 64 threads)": ([], []),
         }
@@ -162,6 +164,8 @@ def main() -> None:
         for _ in range(ROUNDS):
             results["sequential calls/s"][0].append(rate(lambda: std.call(payload) and None))
             results["sequential calls/s"][1].append(rate(lambda: tw.call(SERVICE, METHOD, payload) and None))
+            results["sequential 1 MiB echo calls/s"][0].append(rate(lambda: std.call(big) and None))
+            results["sequential 1 MiB echo calls/s"][1].append(rate(lambda: tw.call(SERVICE, METHOD, big) and None))
             results["new connections/s"][0].append(rate(std_connect))
             results["new connections/s"][1].append(rate(tw_connect))
             results["64 concurrent calls/s (asyncio vs 64 threads)"][0].append(std_concurrent())

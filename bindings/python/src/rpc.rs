@@ -183,8 +183,8 @@ fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request, cancel: Arc<Ca
     };
     let outcome = build().and_then(|(payload, ctx)| {
         let value = handler.call1(py, (payload, ctx))?;
-        let (payload, attachment): (Vec<u8>, Vec<u8>) = value.extract(py)?;
-        Ok(Response::new(payload).with_attachment(attachment))
+        let (payload, attachment): (Bound<'_, PyAny>, Bound<'_, PyAny>) = value.bind(py).extract()?;
+        Ok(Response::new(to_bytes(&payload)?).with_attachment(to_bytes(&attachment)?))
     });
     outcome.map_err(|e| match rpc_status(py, &e) {
         Some((code, text)) => Status::new(code, text),
@@ -194,6 +194,19 @@ fn run_handler(py: Python<'_>, handler: &Py<PyAny>, req: Request, cancel: Arc<Ca
             e.get_type(py).name().map(|n| n.to_string()).unwrap_or_else(|_| "an exception".into())
         )),
     })
+}
+
+/// Bytes from a Python `bytes` or `bytearray` (anything else that converts to a list of ints is
+/// accepted too, the slow way). pyo3's own `Vec<u8>` conversion walks a `bytes` object one int
+/// at a time, which for a 1 MiB payload costs a million Python calls.
+pub(crate) fn to_bytes(value: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    if let Ok(b) = value.downcast::<PyBytes>() {
+        return Ok(Bytes::copy_from_slice(b.as_bytes()));
+    }
+    if let Ok(b) = value.downcast::<pyo3::types::PyByteArray>() {
+        return Ok(Bytes::from(b.to_vec()));
+    }
+    Ok(Bytes::from(value.extract::<Vec<u8>>()?))
 }
 
 /// What a call carries besides its payload, for an authorization hook.
@@ -430,13 +443,18 @@ struct ThreadClient {
     client: Client,
 }
 
-fn call_options(timeout: Option<f64>, attachment: Option<Vec<u8>>, log_id: Option<i64>) -> PyResult<CallOptions> {
+fn call_options(
+    timeout: Option<f64>,
+    attachment: Option<&Bound<'_, PyAny>>,
+    log_id: Option<i64>,
+) -> PyResult<CallOptions> {
     let timeout = match timeout {
         None => None,
         Some(t) if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
         Some(_) => return Err(pyo3::exceptions::PyValueError::new_err("timeout must be a positive number of seconds")),
     };
-    Ok(CallOptions { timeout, attachment: attachment.map(Bytes::from).unwrap_or_default(), log_id, request_id: None })
+    let attachment = attachment.map(to_bytes).transpose()?.unwrap_or_default();
+    Ok(CallOptions { timeout, attachment, log_id, request_id: None })
 }
 
 impl PyClient {
@@ -506,13 +524,14 @@ impl PyClient {
         py: Python<'py>,
         service: String,
         method: String,
-        payload: Vec<u8>,
+        payload: &Bound<'py, PyAny>,
         timeout: Option<f64>,
-        attachment: Option<Vec<u8>>,
+        attachment: Option<&Bound<'py, PyAny>>,
         log_id: Option<i64>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let client = self.live(py)?;
         let opts = call_options(timeout, attachment, log_id)?;
+        let payload = to_bytes(payload)?;
         let r = match self.thread_client() {
             Some(here) => block_on_here(py, async move { here.call(&service, &method, payload, opts).await })?,
             None => block_on(py, async move { client.call(&service, &method, payload, opts).await })?,
@@ -525,19 +544,20 @@ impl PyClient {
     /// returned handle's `cancel()` comes first (then `done` is never called).
     #[pyo3(signature = (service, method, payload, done, *, timeout=None, attachment=None, log_id=None))]
     #[allow(clippy::too_many_arguments)]
-    fn call_async(
+    fn call_async<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         service: String,
         method: String,
-        payload: Vec<u8>,
+        payload: &Bound<'py, PyAny>,
         done: Py<PyAny>,
         timeout: Option<f64>,
-        attachment: Option<Vec<u8>>,
+        attachment: Option<&Bound<'py, PyAny>>,
         log_id: Option<i64>,
     ) -> PyResult<PendingCall> {
         let client = self.live(py)?;
         let opts = call_options(timeout, attachment, log_id)?;
+        let payload = to_bytes(payload)?;
         let rt = checked_runtime(py)?;
         let completions = completions();
         let task = rt.spawn(async move {
