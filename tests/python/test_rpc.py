@@ -315,3 +315,33 @@ def test_a_thread_connection_that_the_server_closed_is_replaced(env: Env) -> Non
         second.start(f"127.0.0.1:{port}")
         with second:
             assert client.call(*ECHO, b"x", timeout=10) == b"second server"
+
+
+@pytest.mark.skipif(not os.path.exists(target_binary()), reason="build the trustwire binary first (make build)")
+def test_a_thread_connection_to_a_server_that_was_killed_is_replaced(env: Env) -> None:
+    # No close_notify this time: the server process is killed while the thread is between calls.
+    # The next call notices the dead connection before it sends, and goes over a new one.
+    cert, key = env.files("echo")
+    port = free_port()
+
+    def start() -> "subprocess.Popen[bytes]":
+        proc = subprocess.Popen(
+            [target_binary(), "serve-echo", "--listen", f"127.0.0.1:{port}", "--cert", cert, "--key", key, "--ca",
+             env.ca_path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None and "serving" in proc.stdout.readline().decode()
+        return proc
+
+    proc = start()
+    try:
+        with trustwire.Client(f"127.0.0.1:{port}", env.tls("client")) as client:
+            assert client.call(*ECHO, b"one") == b"one"
+            proc.kill()
+            proc.wait(10)
+            proc = start()
+            assert client.call(*ECHO, b"two", timeout=10) == b"two"
+    finally:
+        proc.kill()
+        proc.wait(10)

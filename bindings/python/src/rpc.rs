@@ -16,7 +16,7 @@ use trustwire::rpc::{CancellationToken, RunningServer};
 use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
 use crate::errors::{rpc_status, to_pyerr, transport_error};
-use crate::rt::{block_on, block_on_here, checked_runtime, here_available, settle_here, thread_token};
+use crate::rt::{block_on, block_on_here, catch_up, checked_runtime, here_available, settle_here, thread_token};
 use crate::tls::{unix, PyTlsConfig};
 
 /// The verified identity of the peer.
@@ -533,7 +533,10 @@ impl PyClient {
         let opts = call_options(timeout, attachment, log_id)?;
         let payload = to_bytes(payload)?;
         let r = match self.thread_client() {
-            Some(here) => block_on_here(py, async move { here.call(&service, &method, payload, opts).await })?,
+            Some(here) => block_on_here(py, async move {
+                catch_up().await;
+                here.call(&service, &method, payload, opts).await
+            })?,
             None => block_on(py, async move { client.call(&service, &method, payload, opts).await })?,
         };
         Ok((PyBytes::new(py, &r.payload), PyBytes::new(py, &r.attachment)))

@@ -144,6 +144,16 @@ where
     }
 }
 
+/// Lets the tasks of this thread's runtime take in what arrived while the thread was not in a
+/// call (a server's close, an end of stream), so a call is not put on a connection that is
+/// already gone. The first yield polls the sockets and wakes the tasks they concern; the second
+/// lets those tasks run.
+pub async fn catch_up() {
+    for _ in 0..2 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Lets this thread's runtime run its tasks for a moment (e.g. a closed client's connections
 /// sending close_notify), if this thread has one.
 pub fn settle_here() {
