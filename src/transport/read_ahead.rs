@@ -50,12 +50,18 @@ fn give_back(mut buf: Vec<u8>) {
 
 /// A byte stream whose reads go through a buffer that is filled in large reads and let go when
 /// drained. See the module documentation.
-#[derive(Debug)]
 pub struct ReadAhead<IO> {
     io: IO,
     /// Holds `buf[pos..]` unread; empty (no allocation) when drained.
     buf: Vec<u8>,
     pos: usize,
+}
+
+impl<IO: std::fmt::Debug> std::fmt::Debug for ReadAhead<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the bytes: they are a peer's, and may be secret.
+        f.debug_struct("ReadAhead").field("io", &self.io).field("buffered", &self.buffered()).finish()
+    }
 }
 
 impl<IO> ReadAhead<IO> {
@@ -100,11 +106,18 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
             let spare: &mut [MaybeUninit<u8>] = this.buf.spare_capacity_mut();
             let room = spare.len().min(READ_AHEAD);
             let mut fill = ReadBuf::uninit(&mut spare[..room]);
+            let start = fill.filled().as_ptr();
             match Pin::new(&mut this.io).poll_read(cx, &mut fill) {
                 Poll::Ready(Ok(())) => {
                     let n = fill.filled().len();
-                    // SAFETY: `fill` was built over the vector's spare capacity, and poll_read
-                    // initialised its first `n` bytes.
+                    if fill.filled().as_ptr() != start || n > room {
+                        // A stream may replace the ReadBuf it is handed; its bytes are not in
+                        // our buffer then.
+                        this.release();
+                        return Poll::Ready(Err(io::Error::other("the stream read into a buffer of its own")));
+                    }
+                    // SAFETY: `fill` is still the one built over the vector's spare capacity
+                    // (checked above), and poll_read initialised its first `n <= room` bytes.
                     unsafe { this.buf.set_len(n) };
                     if n == 0 {
                         this.release();
@@ -216,5 +229,26 @@ mod tests {
         assert!(n > 0);
         assert_eq!(r.capacity(), 0);
         assert!(big[..n].iter().all(|&x| x == 7));
+    }
+
+    /// A stream that answers a read with a buffer of its own, as safe code may.
+    struct Swapper;
+
+    impl AsyncRead for Swapper {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let own: &'static mut [u8] = Box::leak(vec![1u8; 2 * READ_AHEAD].into_boxed_slice());
+            *buf = ReadBuf::new(own);
+            buf.set_filled(2 * READ_AHEAD);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_swaps_the_read_buffer_gets_an_error_not_our_memory() {
+        let mut r = ReadAhead::new(Swapper);
+        let mut chunk = [0u8; 4096];
+        let err = r.read(&mut chunk).await.unwrap_err();
+        assert!(err.to_string().contains("buffer of its own"), "{err}");
+        assert_eq!(r.capacity(), 0);
     }
 }

@@ -39,6 +39,37 @@ def test_forked_child_gets_a_clear_error(env: Env, echo_server: trustwire.Server
     client.close()
 
 
+FORK_AND_EXIT = """
+import os, sys, trustwire
+port, ca, cert, key = sys.argv[1:5]
+tls = trustwire.TlsConfig(cert=cert, key=key, ca=ca, server_name="localhost")
+client = trustwire.Client("127.0.0.1:" + port, tls)
+assert client.call("example.EchoService", "Echo", b"parent") == b"parent"
+pid = os.fork()
+if pid == 0:
+    # A normal exit: the interpreter finalizes and thread-local destructors run.
+    sys.exit(0)
+_, status = os.waitpid(pid, 0)
+assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+assert client.call("example.EchoService", "Echo", b"parent again", timeout=5) == b"parent again"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_exiting_normally_leaves_the_parents_connection_alone(env: Env, echo_server: trustwire.Server) -> None:
+    # The child holds a copy of the calling thread's runtime. Dropping it at exit would wait for
+    # the parent's threads (forever) or take the parent's socket out of the epoll set they share
+    # (the parent's next call would wait for an answer it is never told about).
+    cert, key = env.files("client")
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_AND_EXIT, str(echo_server.port), env.ca_path, cert, key],
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == b"ok", out
+
+
 def test_console_script_runs_the_cli(tmp_path) -> None:  # type: ignore[no-untyped-def]
     exe = os.path.join(os.path.dirname(sys.executable), "trustwire")
     assert os.path.exists(exe)

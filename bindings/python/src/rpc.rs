@@ -16,7 +16,9 @@ use trustwire::rpc::{CancellationToken, RunningServer};
 use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
 use crate::errors::{rpc_status, to_pyerr, transport_error};
-use crate::rt::{block_on, block_on_here, catch_up, checked_runtime, here_available, settle_here, thread_token};
+use crate::rt::{
+    block_on, block_on_here, catch_up, checked_runtime, ensure_here, here_allowed, settle_here, thread_token,
+};
 use crate::tls::{unix, PyTlsConfig};
 
 /// The verified identity of the peer.
@@ -433,6 +435,13 @@ pub struct PyClient {
     threads: Mutex<Vec<ThreadClient>>,
 }
 
+/// Dropping a client closes its connections as `close()` does.
+impl Drop for PyClient {
+    fn drop(&mut self) {
+        self.shut();
+    }
+}
+
 /// Threads of one Client that get a connection of their own for blocking calls.
 pub const THREADS_WITH_OWN_CONNECTION: usize = 8;
 
@@ -460,25 +469,45 @@ fn call_options(
 impl PyClient {
     fn live(&self, py: Python<'_>) -> PyResult<Client> {
         if self.closed.load(Ordering::Acquire) {
+            // This thread's connection of this client, if it had one, closes now.
+            settle_here();
             return Err(transport_error(py, "the client is closed"));
         }
         Ok(self.client.clone())
+    }
+
+    /// Closes every connection: the shared ones, this thread's at once, other threads' when
+    /// those threads next run their runtimes (a call on any client) or exit.
+    fn shut(&self) {
+        {
+            let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            // Under the lock, so no thread adds a connection of its own after this.
+            self.closed.store(true, Ordering::Release);
+            for t in threads.drain(..) {
+                t.client.close();
+            }
+        }
+        self.client.close();
+        settle_here();
     }
 
     /// This thread's own client, made on first use while fewer than
     /// THREADS_WITH_OWN_CONNECTION live threads have one; None when the thread cannot run a
     /// runtime of its own or the threads are taken.
     fn thread_client(&self) -> Option<Client> {
-        if !here_available() {
+        if !here_allowed() {
             return None;
         }
         let me = std::thread::current().id();
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
         threads.retain(|t| t.alive.strong_count() > 0);
         if let Some(t) = threads.iter().find(|t| t.thread == me) {
             return Some(t.client.clone());
         }
-        if threads.len() >= THREADS_WITH_OWN_CONNECTION {
+        if threads.len() >= THREADS_WITH_OWN_CONNECTION || !ensure_here() {
             return None;
         }
         // One connection: a thread has one call in flight at a time.
@@ -572,15 +601,7 @@ impl PyClient {
 
     /// Closes the connections; later calls raise TransportError.
     fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.client.close();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in &threads {
-            t.client.close();
-        }
-        // This thread's connection closes now; another thread's when that thread next runs its
-        // runtime (a call on any client) or exits.
-        settle_here();
+        self.shut();
     }
 
     #[getter]

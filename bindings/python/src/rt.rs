@@ -96,23 +96,58 @@ where
     }
 }
 
+/// A thread's own runtime. Dropped at thread exit without waiting for its blocking threads (a
+/// name lookup in progress must not hold the exit up); in a forked child it is not dropped at
+/// all: its epoll instance is the parent's, and deregistering the sockets would take them from
+/// the parent thread that made them.
+struct Here(Option<tokio::runtime::Runtime>);
+
+impl Drop for Here {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            if FORKED.load(Ordering::Relaxed) {
+                std::mem::forget(rt);
+            } else {
+                rt.shutdown_background();
+            }
+        }
+    }
+}
+
 thread_local! {
-    /// This thread's own runtime, for the blocking calls it makes: see [`block_on_here`].
-    static HERE: Option<tokio::runtime::Runtime> =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
+    /// This thread's own runtime, for the blocking calls it makes (see [`block_on_here`]);
+    /// made for a thread given a connection of its own, never for the others.
+    static HERE: std::cell::OnceCell<Here> = const { std::cell::OnceCell::new() };
     /// Lives as long as the thread: a weak reference to it says whether the thread is gone.
     static ALIVE: std::sync::Arc<()> = std::sync::Arc::new(());
 }
 
 /// A token that stops upgrading once this thread has exited.
 pub fn thread_token() -> std::sync::Weak<()> {
-    ALIVE.with(std::sync::Arc::downgrade)
+    ALIVE.try_with(std::sync::Arc::downgrade).unwrap_or_default()
 }
 
-/// Whether this thread can run operations on a runtime of its own: not one of the shared
-/// runtime's threads (a Python handler calling out), and its runtime could be made.
-pub fn here_available() -> bool {
-    tokio::runtime::Handle::try_current().is_err() && HERE.try_with(|rt| rt.is_some()).unwrap_or(false)
+/// Whether this thread may run operations on a runtime of its own: not one of the shared
+/// runtime's threads (a Python handler calling out), not in a forked child.
+pub fn here_allowed() -> bool {
+    !FORKED.load(Ordering::Relaxed) && tokio::runtime::Handle::try_current().is_err()
+}
+
+/// Makes this thread's runtime if it has none; false if it cannot be made (e.g. out of file
+/// descriptors), and the thread's calls then go to the shared runtime.
+pub fn ensure_here() -> bool {
+    HERE.try_with(|h| {
+        h.get_or_init(|| Here(tokio::runtime::Builder::new_current_thread().enable_all().build().ok())).0.is_some()
+    })
+    .unwrap_or(false)
+}
+
+/// Runs `f` on this thread's runtime, if it has one and may use it.
+fn with_here<R>(f: impl FnOnce(&tokio::runtime::Runtime) -> R) -> Option<R> {
+    if !here_allowed() {
+        return None;
+    }
+    HERE.try_with(|h| h.get().and_then(|h| h.0.as_ref()).map(f)).ok().flatten()
 }
 
 /// Runs `fut` on this thread's own current-thread runtime, with the GIL released, waking every
@@ -132,14 +167,12 @@ where
     let mut fut = Box::pin(fut);
     loop {
         let polled = py.allow_threads(|| {
-            HERE.try_with(|rt| {
-                rt.as_ref().map(|rt| rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut fut).await }))
-            })
+            with_here(|rt| rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut fut).await }))
         });
         match polled {
-            Ok(Some(Ok(result))) => return result.map_err(|e| to_pyerr(py, e)),
-            Ok(Some(Err(_elapsed))) => py.check_signals()?,
-            _ => return Err(transport_error(py, "this thread's runtime is gone (is the thread exiting?)")),
+            Some(Ok(result)) => return result.map_err(|e| to_pyerr(py, e)),
+            Some(Err(_elapsed)) => py.check_signals()?,
+            None => return Err(transport_error(py, "this thread's runtime is gone (is the thread exiting?)")),
         }
     }
 }
@@ -157,16 +190,11 @@ pub async fn catch_up() {
 /// Lets this thread's runtime run its tasks for a moment (e.g. a closed client's connections
 /// sending close_notify), if this thread has one.
 pub fn settle_here() {
-    if tokio::runtime::Handle::try_current().is_ok() {
-        return;
-    }
-    let _ = HERE.try_with(|rt| {
-        if let Some(rt) = rt {
-            rt.block_on(async {
-                for _ in 0..8 {
-                    tokio::task::yield_now().await;
-                }
-            });
-        }
+    with_here(|rt| {
+        rt.block_on(async {
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+        })
     });
 }
