@@ -85,7 +85,7 @@ fn info(conn: &rustls::CommonState, verified: Option<Verified>) -> Result<Handsh
 
 /// A resumed session skipped the verifier: what it would refuse now (a certificate past its
 /// validity, a peer the pin, policy or hook no longer admits) is refused here, as it would be.
-fn refuse(d: Diagnosis) -> Error {
+pub(crate) fn refuse(d: Diagnosis) -> Error {
     Error::Handshake { verdict: d.verdict, side: Side::Local, alert: None, message: d.message }
 }
 

@@ -553,14 +553,16 @@ impl CredentialStore {
         let mut closed = Vec::new();
         if let Some(tls) = &self.inner.server {
             let generation = tls.current.load_full();
-            closed.extend(tls.tracker.recheck(|chain, _| generation.verifier.recheck(chain)));
+            let number = generation.number;
+            closed.extend(tls.tracker.recheck(number, Arc::new(move |chain, _| generation.verifier.recheck(chain))));
         }
         if let Some(tls) = &self.inner.client {
             let generation = tls.current.load_full();
-            closed.extend(
-                tls.tracker
-                    .recheck(|chain, server_name| server_name.and_then(|n| generation.verifier.recheck(chain, n))),
-            );
+            let number = generation.number;
+            let check = move |chain: &[_], server_name: Option<&_>| {
+                server_name.and_then(|n| generation.verifier.recheck(chain, n))
+            };
+            closed.extend(tls.tracker.recheck(number, Arc::new(check)));
         }
         for c in closed {
             tracing::info!(store = %name, peer = %c.peer, verdict = c.diagnosis.verdict.name(),

@@ -488,7 +488,8 @@ async fn serve_server_side(
     let (stream, info) =
         crate::transport::accept_on(tls, downstream, remote).await.map_err(|e| ("handshake_refused", e))?;
     let _slot = slot.established().map_err(refused)?;
-    let guard = tls.tracker.register(info.peer_chain.clone(), None, info.peer.clone(), info.our_not_after);
+    let guard =
+        tls.tracker.register(info.generation, info.peer_chain.clone(), None, info.peer.clone(), info.our_not_after);
     let mut close_signal = guard.close_signal();
     let forward = async {
         match (route.protocol, &route.token_key) {
@@ -511,11 +512,14 @@ async fn serve_server_side(
         }
     };
     tokio::select! {
-        r = forward => r,
+        // The signal first: one set already (trust changed while the handshake finished)
+        // closes the stream before anything is forwarded.
+        biased;
         d = close_signal.wait() => {
             info!(route = %route.name, %remote, peer = %info.peer, verdict = d.verdict.name(), "closing the stream: {}", d.message);
             Ok(())
         }
+        r = forward => r,
     }
 }
 

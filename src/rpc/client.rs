@@ -318,8 +318,17 @@ impl Client {
             Some(tls) => {
                 let (stream, info) = crate::transport::connect(tls, &inner.addr, inner.options.connect_timeout).await?;
                 let name = crate::transport::server_name(tls, &inner.addr)?;
-                let guard =
-                    tls.tracker.register(info.peer_chain.clone(), Some(name), info.peer.clone(), info.our_not_after);
+                let guard = tls.tracker.register(
+                    info.generation,
+                    info.peer_chain.clone(),
+                    Some(name),
+                    info.peer.clone(),
+                    info.our_not_after,
+                );
+                if let Some(d) = guard.close_signal().now() {
+                    // Trust changed while the handshake finished, and refuses this server.
+                    return Err(crate::transport::refuse(d));
+                }
                 let ours = tls.current.load().our_identity.clone();
                 Ok(spawn_conn(stream, Some(info), inner.options.max_body, ours, Some(guard)))
             }

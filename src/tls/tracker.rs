@@ -22,11 +22,26 @@ struct Tracked {
     close: watch::Sender<Option<Diagnosis>>,
 }
 
+/// Decides whether trust material still accepts a connection's peer: `Some(reason)` to close.
+pub(crate) type Check =
+    Arc<dyn Fn(&[CertificateDer<'static>], Option<&ServerName<'static>>) -> Option<Diagnosis> + Send + Sync>;
+
 /// Connections opened with one `ServerTls` or `ClientTls`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Tracker {
     conns: Mutex<HashMap<u64, Tracked>>,
     next: AtomicU64,
+    /// The credential generation of the latest recheck, and its check: a connection verified
+    /// under an earlier generation that registers only after that recheck (its handshake was
+    /// finishing meanwhile) is checked with it when it registers.
+    latest: Mutex<Option<(u64, Check)>>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conns = self.conns.lock().map(|c| c.len()).unwrap_or_default();
+        f.debug_struct("Tracker").field("conns", &conns).finish()
+    }
 }
 
 /// Held by a connection for its lifetime; dropping it unregisters the connection.
@@ -129,8 +144,12 @@ pub(crate) struct Closed {
 }
 
 impl Tracker {
+    /// Tracks a connection verified under credential generation `generation`. When trust has
+    /// been rechecked for a later generation since, the connection is checked against it here,
+    /// and its close signal is already set if that refuses its peer.
     pub fn register(
         self: &Arc<Self>,
+        generation: u64,
         chain: Vec<CertificateDer<'static>>,
         server_name: Option<ServerName<'static>>,
         peer: Arc<PeerIdentity>,
@@ -143,17 +162,32 @@ impl Tracker {
             Some(ours) if ours < peer.not_after => Some(Expiry { at: ours, whose: "our" }),
             _ => Some(peer_expiry),
         };
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Tracked { chain, server_name, peer, close });
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the connections' lock, as recheck sets it: either that recheck sees this
+        // connection, or this sees its check.
+        let late = self
+            .latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|(g, check)| (*g > generation).then(|| check(&chain, server_name.as_ref())).flatten());
+        if let Some(d) = late {
+            tracing::info!(peer = %peer, verdict = d.verdict.name(),
+                "closing a connection verified just before the trust material changed: {}", d.message);
+            let _ = close.send(Some(d));
+        }
+        conns.insert(id, Tracked { chain, server_name, peer, close });
+        drop(conns);
         TrackGuard { id, tracker: self.clone(), closed, expires }
     }
 
-    /// Re-checks every connection with `check(chain, server_name)` and tells those that fail to
-    /// close. Returns what was closed.
-    pub fn recheck(
-        &self,
-        check: impl Fn(&[CertificateDer<'static>], Option<&ServerName<'static>>) -> Option<Diagnosis>,
-    ) -> Vec<Closed> {
+    /// Re-checks every connection with `check(chain, server_name)`, the trust material of
+    /// credential generation `generation`, and tells those that fail to close (connections that
+    /// register later, verified under an earlier generation, are checked when they register).
+    /// Returns what was closed.
+    pub fn recheck(&self, generation: u64, check: Check) -> Vec<Closed> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, check.clone()));
         let mut closed = Vec::new();
         for t in conns.values() {
             if t.close.borrow().is_some() {
