@@ -529,11 +529,29 @@ async fn serve_client_side(route: &Route, tls: &ClientTls, downstream: BoxIo, sl
         // Route::check refuses this before the route listens.
         Endpoint::Unix(_) => return Err(("config", in_route(route, Error::config("the upstream must be host:port")))),
     };
-    let (stream, _info) = crate::transport::connect(tls, &addr, route.connect_timeout)
+    let (stream, info) = crate::transport::connect(tls, &addr, route.connect_timeout)
         .await
         .map_err(|e| ("upstream_error", in_route(route, e)))?;
     let _slot = slot.established().map_err(refused)?;
-    splice(downstream, stream).await
+    // Tracked like every verified connection: closed when trust refuses the server, or when
+    // its certificate (or ours) expires.
+    let name = crate::transport::server_name(tls, &addr).map_err(|e| ("config", in_route(route, e)))?;
+    let guard = tls.tracker.register(
+        info.generation,
+        info.peer_chain.clone(),
+        Some(name),
+        info.peer.clone(),
+        info.our_not_after,
+    );
+    let mut close_signal = guard.close_signal();
+    tokio::select! {
+        biased;
+        d = close_signal.wait() => {
+            info!(route = %route.name, peer = %info.peer, verdict = d.verdict.name(), "closing the stream: {}", d.message);
+            Ok(())
+        }
+        r = splice(downstream, stream) => r,
+    }
 }
 
 /// Copies both ways until both sides have finished (half-closes are passed on).

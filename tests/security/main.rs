@@ -22,3 +22,4 @@ mod f14_cli_flags_replace_profile_trust;
 mod f15_cli_panics_on_closed_stdout;
 mod f16_unpolled_connection_outlives_trust;
 mod f17_trust_change_during_handshake_is_missed;
+mod f18_client_side_proxy_streams_untracked;
