@@ -195,6 +195,23 @@ pub async fn handshake_on(
     count(Role::Client, result)
 }
 
+/// Registers a verified client connection to `addr` with its tracker, so that it is closed
+/// when trust stops accepting the server or a certificate expires (every client connection is).
+pub(crate) fn track_client(
+    tls: &ClientTls,
+    addr: &str,
+    info: &HandshakeInfo,
+) -> Result<crate::tls::tracker::TrackGuard, Error> {
+    let name = server_name(tls, addr)?;
+    Ok(tls.tracker.register(
+        info.generation,
+        info.peer_chain.clone(),
+        Some(name),
+        info.peer.clone(),
+        info.our_not_after,
+    ))
+}
+
 /// The name a client verifies (and sends as SNI) when dialling `addr`.
 pub(crate) fn server_name(tls: &ClientTls, addr: &str) -> Result<ServerName<'static>, Error> {
     match &tls.server_name {

@@ -535,14 +535,7 @@ async fn serve_client_side(route: &Route, tls: &ClientTls, downstream: BoxIo, sl
     let _slot = slot.established().map_err(refused)?;
     // Tracked like every verified connection: closed when trust refuses the server, or when
     // its certificate (or ours) expires.
-    let name = crate::transport::server_name(tls, &addr).map_err(|e| ("config", in_route(route, e)))?;
-    let guard = tls.tracker.register(
-        info.generation,
-        info.peer_chain.clone(),
-        Some(name),
-        info.peer.clone(),
-        info.our_not_after,
-    );
+    let guard = crate::transport::track_client(tls, &addr, &info).map_err(|e| ("config", in_route(route, e)))?;
     let mut close_signal = guard.close_signal();
     tokio::select! {
         biased;

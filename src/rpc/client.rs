@@ -317,14 +317,7 @@ impl Client {
         match &inner.tls {
             Some(tls) => {
                 let (stream, info) = crate::transport::connect(tls, &inner.addr, inner.options.connect_timeout).await?;
-                let name = crate::transport::server_name(tls, &inner.addr)?;
-                let guard = tls.tracker.register(
-                    info.generation,
-                    info.peer_chain.clone(),
-                    Some(name),
-                    info.peer.clone(),
-                    info.our_not_after,
-                );
+                let guard = crate::transport::track_client(tls, &inner.addr, &info)?;
                 if let Some(d) = guard.close_signal().now() {
                     // Trust changed while the handshake finished, and refuses this server.
                     return Err(crate::transport::refuse(d));
