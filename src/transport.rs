@@ -197,19 +197,16 @@ pub async fn handshake_on(
 
 /// Registers a verified client connection to `addr` with its tracker, so that it is closed
 /// when trust stops accepting the server or a certificate expires (every client connection is).
+/// An error when trust changed while the handshake finished and now refuses the server.
 pub(crate) fn track_client(
     tls: &ClientTls,
     addr: &str,
     info: &HandshakeInfo,
 ) -> Result<crate::tls::tracker::TrackGuard, Error> {
     let name = server_name(tls, addr)?;
-    Ok(tls.tracker.register(
-        info.generation,
-        info.peer_chain.clone(),
-        Some(name),
-        info.peer.clone(),
-        info.our_not_after,
-    ))
+    tls.tracker
+        .register(info.generation, info.peer_chain.clone(), Some(name), info.peer.clone(), info.our_not_after)
+        .map_err(refuse)
 }
 
 /// The name a client verifies (and sends as SNI) when dialling `addr`.

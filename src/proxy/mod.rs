@@ -488,8 +488,20 @@ async fn serve_server_side(
     let (stream, info) =
         crate::transport::accept_on(tls, downstream, remote).await.map_err(|e| ("handshake_refused", e))?;
     let _slot = slot.established().map_err(refused)?;
-    let guard =
-        tls.tracker.register(info.generation, info.peer_chain.clone(), None, info.peer.clone(), info.our_not_after);
+    let guard = match tls.tracker.register(
+        info.generation,
+        info.peer_chain.clone(),
+        None,
+        info.peer.clone(),
+        info.our_not_after,
+    ) {
+        Ok(guard) => guard,
+        Err(d) => {
+            // Trust changed while the handshake finished: nothing is forwarded.
+            info!(route = %route.name, %remote, peer = %info.peer, verdict = d.verdict.name(), "closing the stream: {}", d.message);
+            return Ok(());
+        }
+    };
     let mut close_signal = guard.close_signal();
     let forward = async {
         match (route.protocol, &route.token_key) {
@@ -512,14 +524,11 @@ async fn serve_server_side(
         }
     };
     tokio::select! {
-        // The signal first: one set already (trust changed while the handshake finished)
-        // closes the stream before anything is forwarded.
-        biased;
+        r = forward => r,
         d = close_signal.wait() => {
             info!(route = %route.name, %remote, peer = %info.peer, verdict = d.verdict.name(), "closing the stream: {}", d.message);
             Ok(())
         }
-        r = forward => r,
     }
 }
 
@@ -535,15 +544,15 @@ async fn serve_client_side(route: &Route, tls: &ClientTls, downstream: BoxIo, sl
     let _slot = slot.established().map_err(refused)?;
     // Tracked like every verified connection: closed when trust refuses the server, or when
     // its certificate (or ours) expires.
-    let guard = crate::transport::track_client(tls, &addr, &info).map_err(|e| ("config", in_route(route, e)))?;
+    let guard =
+        crate::transport::track_client(tls, &addr, &info).map_err(|e| ("upstream_error", in_route(route, e)))?;
     let mut close_signal = guard.close_signal();
     tokio::select! {
-        biased;
+        r = splice(downstream, stream) => r,
         d = close_signal.wait() => {
             info!(route = %route.name, peer = %info.peer, verdict = d.verdict.name(), "closing the stream: {}", d.message);
             Ok(())
         }
-        r = splice(downstream, stream) => r,
     }
 }
 

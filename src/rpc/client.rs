@@ -318,10 +318,6 @@ impl Client {
             Some(tls) => {
                 let (stream, info) = crate::transport::connect(tls, &inner.addr, inner.options.connect_timeout).await?;
                 let guard = crate::transport::track_client(tls, &inner.addr, &info)?;
-                if let Some(d) = guard.close_signal().now() {
-                    // Trust changed while the handshake finished, and refuses this server.
-                    return Err(crate::transport::refuse(d));
-                }
                 let ours = tls.current.load().our_identity.clone();
                 Ok(spawn_conn(stream, Some(info), inner.options.max_body, ours, Some(guard)))
             }

@@ -393,17 +393,17 @@ async fn handshake(
                 return None;
             };
             debug!(%remote, peer = %info.peer, generation = info.generation, "handshake accepted");
-            let guard =
-                tls.tracker.register(info.generation, info.peer_chain, None, info.peer.clone(), info.our_not_after);
-            if let Some(d) = guard.close_signal().now() {
-                // Trust changed while the handshake finished: no call is read. A clean close
-                // makes the client try again, and hear the new trust's verdict.
-                info!(%remote, peer = %info.peer, verdict = d.verdict.name(), "closing at once: {}", d.message);
-                let mut stream = stream;
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-                return None;
+            match tls.tracker.register(info.generation, info.peer_chain, None, info.peer.clone(), info.our_not_after) {
+                Ok(guard) => Some((stream, info.peer, guard, slot)),
+                Err(d) => {
+                    // Trust changed while the handshake finished: no call is read. A clean
+                    // close makes the client try again, and hear the new trust's verdict.
+                    info!(%remote, peer = %info.peer, verdict = d.verdict.name(), "closing at once: {}", d.message);
+                    let mut stream = stream;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                    None
+                }
             }
-            Some((stream, info.peer, guard, slot))
         }
         Err(e) => {
             drop(slot);

@@ -145,8 +145,9 @@ pub(crate) struct Closed {
 
 impl Tracker {
     /// Tracks a connection verified under credential generation `generation`. When trust has
-    /// been rechecked for a later generation since, the connection is checked against it here,
-    /// and its close signal is already set if that refuses its peer.
+    /// been rechecked for a later generation since (the handshake was finishing meanwhile), the
+    /// connection is checked against it here: refused, it is not tracked, and the caller gets
+    /// the reason and must close it before it serves anything.
     pub fn register(
         self: &Arc<Self>,
         generation: u64,
@@ -154,7 +155,7 @@ impl Tracker {
         server_name: Option<ServerName<'static>>,
         peer: Arc<PeerIdentity>,
         our_not_after: Option<SystemTime>,
-    ) -> TrackGuard {
+    ) -> Result<TrackGuard, Diagnosis> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
         let peer_expiry = Expiry { at: peer.not_after, whose: "the peer's" };
@@ -173,12 +174,12 @@ impl Tracker {
             .and_then(|(g, check)| (*g > generation).then(|| check(&chain, server_name.as_ref())).flatten());
         if let Some(d) = late {
             tracing::info!(peer = %peer, verdict = d.verdict.name(),
-                "closing a connection verified just before the trust material changed: {}", d.message);
-            let _ = close.send(Some(d));
+                "refusing a connection verified just before the trust material changed: {}", d.message);
+            return Err(d);
         }
         conns.insert(id, Tracked { chain, server_name, peer, close });
         drop(conns);
-        TrackGuard { id, tracker: self.clone(), closed, expires }
+        Ok(TrackGuard { id, tracker: self.clone(), closed, expires })
     }
 
     /// Re-checks every connection with `check(chain, server_name)`, the trust material of
