@@ -335,6 +335,8 @@ async fn brpc_calls(addr: &str, pki: &Pki, frames: Vec<Frame>) -> Vec<Frame> {
         for f in frames {
             w.write_all(&f.to_bytes().unwrap()).await.unwrap();
         }
+        // TLS may still hold the last records; they leave on a flush.
+        w.flush().await.unwrap();
         w
     });
     let (mut buf, mut dec, mut out) = (BytesMut::new(), Decoder::default(), Vec::new());

@@ -605,7 +605,7 @@ where
     let (crd, cwr) = tokio::io::split(client);
     let (tx, rx) = mpsc::channel(LOCAL_ANSWERS_QUEUED);
     let up = from_client(calls, signer, crd, tx);
-    let down = to_client(calls.route, cwr, rx);
+    let down = to_client(&calls.route.name, cwr, rx);
     tokio::pin!(up, down);
     tokio::select! {
         r = &mut up => match r {
@@ -762,7 +762,9 @@ impl Outbox {
             w.write_all(&self.small).await?;
             self.small.clear();
         }
-        Ok(())
+        // A write may leave bytes inside the writer (a TLS stream keeps the records the socket
+        // had no room for); they go out only on a flush.
+        w.flush().await
     }
 }
 
@@ -806,11 +808,11 @@ impl FrameCut {
 /// The client's write side: the route's own answers and the upstream's frames, each written
 /// whole. Ends when the upstream closes, or when no upstream came and no answer is left.
 async fn to_client<W: AsyncWrite + Unpin>(
-    route: &Route,
+    route: &str,
     mut cwr: W,
     mut rx: mpsc::Receiver<ToClient>,
 ) -> Result<(), (&'static str, Error)> {
-    let io = |e: std::io::Error| ("io", Error::transport(format!("route {}: client: {e}", route.name)));
+    let io = |e: std::io::Error| ("io", Error::transport(format!("route {}: client: {e}", route)));
     let mut upstream: Option<ReadHalf<BoxIo>> = None;
     let mut open = true;
     let mut cut = FrameCut::default();
@@ -819,19 +821,19 @@ async fn to_client<W: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             m = rx.recv(), if open && cut.at_boundary() => match m {
-                Some(ToClient::Frame(f)) => cwr.write_all(&f).await.map_err(io)?,
+                Some(ToClient::Frame(f)) => write_out(&mut cwr, &f).await.map_err(io)?,
                 Some(ToClient::Upstream(u)) => upstream = Some(u),
                 None if upstream.is_none() => break,
                 None => open = false,
             },
             n = read_upstream(&mut upstream, &mut buf) => {
-                let n = n.map_err(|e| ("io", Error::transport(format!("route {}: upstream: {e}", route.name))))?;
+                let n = n.map_err(|e| ("io", Error::transport(format!("route {}: upstream: {e}", route))))?;
                 if n == 0 {
                     break;
                 }
-                let ready = cut.advance(&buf).map_err(|m| ("protocol", Error::Protocol { message: format!("route {}: {m}", route.name) }))?;
+                let ready = cut.advance(&buf).map_err(|m| ("protocol", Error::Protocol { message: format!("route {}: {m}", route) }))?;
                 if ready > 0 {
-                    cwr.write_all(&buf[..ready]).await.map_err(io)?;
+                    write_out(&mut cwr, &buf[..ready]).await.map_err(io)?;
                     buf.advance(ready);
                 }
                 if buf.capacity() - buf.len() < 4096 {
@@ -842,6 +844,14 @@ async fn to_client<W: AsyncWrite + Unpin>(
     }
     let _ = cwr.shutdown().await;
     Ok(())
+}
+
+/// Writes `bytes` and flushes them. The client's stream is TLS: a write the socket has no room
+/// for completes with its last records still held by the TLS stream, and the route may then wait
+/// on the upstream for as long as it likes, so everything written is flushed before it does.
+async fn write_out(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 /// Reads from the upstream once there is one; pending until then.
@@ -925,4 +935,45 @@ pub fn proxy_v2_header(peer: &PeerIdentity, remote: &str) -> Result<Vec<u8>, Err
     out.extend_from_slice(&addrs);
     out.extend_from_slice(&tlvs);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client-bound writer flushes: a writer that holds bytes until flushed (as a TLS stream
+    /// holds the records its socket had no room for) still delivers every answer while the
+    /// upstream stays open and quiet.
+    #[tokio::test]
+    async fn answers_reach_a_client_whose_stream_holds_writes_until_flushed() {
+        let (client_end, route_end) = tokio::io::duplex(1 << 20);
+        let (upstream_end, upstream_far) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = mpsc::channel(4);
+        let (_, cwr) = tokio::io::split(tokio::io::BufWriter::new(route_end));
+        let writer = tokio::spawn(to_client("t", cwr, rx));
+        let (urd, _uwr) = tokio::io::split(Box::pin(upstream_end) as BoxIo);
+        let (_far_rd, mut far_wr) = tokio::io::split(upstream_far);
+
+        let local = crate::rpc::response_frame(1, Err((1009, "local".into()))).to_bytes().unwrap();
+        tx.send(ToClient::Frame(local.clone())).await.unwrap();
+        tx.send(ToClient::Upstream(urd)).await.unwrap();
+        let upstream_frame = crate::rpc::response_frame(
+            2,
+            Ok(crate::rpc::Response { payload: Bytes::from_static(b"up"), attachment: Bytes::new() }),
+        )
+        .to_bytes()
+        .unwrap();
+        far_wr.write_all(&upstream_frame).await.unwrap();
+
+        let want = local.len() + upstream_frame.len();
+        let mut got = vec![0u8; want];
+        let (mut crd, _cwr) = tokio::io::split(client_end);
+        tokio::time::timeout(Duration::from_secs(5), crd.read_exact(&mut got))
+            .await
+            .expect("both answers arrive while the upstream is still open")
+            .unwrap();
+        assert_eq!(&got[..local.len()], &local[..]);
+        assert_eq!(&got[local.len()..], &upstream_frame[..]);
+        writer.abort();
+    }
 }
