@@ -320,8 +320,18 @@ async fn allow_list_refuses_and_a_dead_upstream_closes_cleanly() {
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut back)).await.expect("no hang");
     assert!(read.is_ok(), "a clean close (close_notify), not a reset: {read:?}");
     assert!(back.is_empty());
-    let metrics = trustwire::telemetry::metrics_text();
-    assert!(metrics.contains("trustwire_proxy_streams_total{route=\"in\",outcome=\"upstream_error\"}"), "{metrics}");
+    let counted = "trustwire_proxy_streams_total{route=\"in\",outcome=\"upstream_error\"}";
+    until_counted(counted).await;
+}
+
+/// Waits until the metrics hold `line`: a route counts a stream once it has finished with it,
+/// just after the last bytes left, so a client can see the end before the count moves.
+async fn until_counted(line: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !trustwire::telemetry::metrics_text().contains(line) {
+        assert!(std::time::Instant::now() < deadline, "{}", trustwire::telemetry::metrics_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Sends `frames` through a baidu_std route as the test client and reads one response for each.
@@ -409,11 +419,7 @@ async fn baidu_std_route_answers_efailedsocket_when_its_upstream_is_down() {
     assert!(text.contains(&format!("route brpc-dead: upstream {dead} unreachable")), "{text}");
     // The stream is counted once the route has finished with it, just after the answer left.
     let counted = "trustwire_proxy_streams_total{route=\"brpc-dead\",outcome=\"upstream_error\"} 1";
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !trustwire::telemetry::metrics_text().contains(counted) {
-        assert!(std::time::Instant::now() < deadline, "{}", trustwire::telemetry::metrics_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_counted(counted).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
