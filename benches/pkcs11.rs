@@ -114,7 +114,7 @@ async fn handshakes(addr: String, tls: ClientTls, callers: usize, secs: f64) -> 
                 let (stream, _) = trustwire::transport::connect(&tls, &addr, Duration::from_secs(5)).await.unwrap();
                 let (tcp, _) = stream.get_ref();
                 #[allow(deprecated)]
-                let _ = tcp.set_linger(Some(Duration::ZERO));
+                let _ = tcp.get_ref().set_linger(Some(Duration::ZERO));
                 drop(stream);
                 count.fetch_add(1, Ordering::Relaxed);
             }

@@ -109,7 +109,7 @@ async fn handshakes(addr: String, tls: ClientTls, callers: usize, secs: f64) -> 
                 let (stream, _) = trustwire::transport::connect(&tls, &addr, Duration::from_secs(5)).await.unwrap();
                 let (tcp, _) = stream.get_ref();
                 // Close without TIME_WAIT piling up on the loopback.
-                let _ = socket2_linger_zero(tcp);
+                let _ = socket2_linger_zero(tcp.get_ref());
                 drop(stream);
                 count.fetch_add(1, Ordering::Relaxed);
             }

@@ -14,8 +14,14 @@ use crate::tls::identity::PeerIdentity;
 use crate::tls::verify::{handshake_error, Diagnosed, Diagnosis, Verified};
 use crate::tls::{ClientTls, ServerTls};
 
-pub use tokio_rustls::client::TlsStream as ClientStream;
-pub use tokio_rustls::server::TlsStream as ServerStream;
+mod read_ahead;
+
+pub use read_ahead::{ReadAhead, READ_AHEAD};
+
+/// A client's TLS stream over `IO` (reads go through a [`ReadAhead`]).
+pub type ClientStream<IO> = tokio_rustls::client::TlsStream<ReadAhead<IO>>;
+/// A server's TLS stream over `IO` (reads go through a [`ReadAhead`]).
+pub type ServerStream<IO> = tokio_rustls::server::TlsStream<ReadAhead<IO>>;
 
 /// What a completed handshake negotiated, and who the peer is.
 #[derive(Clone, Debug)]
@@ -127,7 +133,7 @@ where
 {
     let generation = tls.current.load_full();
     let acceptor = TlsAcceptor::from(generation.config.clone());
-    let handshake = Diagnosed::new(acceptor.accept(io));
+    let handshake = Diagnosed::new(acceptor.accept(ReadAhead::new(io)));
     let Ok((res, diag, verified)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
         return count(Role::Server, Err(timeout_error(tls.handshake_timeout, remote)));
     };
@@ -172,7 +178,7 @@ pub async fn handshake_on(
     let name = server_name(tls, addr)?;
     let generation = tls.current.load_full();
     let connector = TlsConnector::from(generation.config.clone());
-    let handshake = Diagnosed::new(connector.connect(name, tcp));
+    let handshake = Diagnosed::new(connector.connect(name, ReadAhead::new(tcp)));
     let Ok((res, diag, verified)) = tokio::time::timeout(tls.handshake_timeout, handshake).await else {
         return count(Role::Client, Err(timeout_error(tls.handshake_timeout, addr)));
     };
