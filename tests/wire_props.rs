@@ -5,7 +5,9 @@ use bytes::{Bytes, BytesMut};
 use proptest::collection::{btree_map, vec};
 use proptest::option;
 use proptest::prelude::*;
-use trustwire::wire::{ChunkInfo, Decoder, Frame, RpcMeta, RpcRequestMeta, RpcResponseMeta, StreamSettings};
+use trustwire::wire::{
+    ChunkInfo, Decoder, Frame, RpcMeta, RpcRequestMeta, RpcResponseMeta, StreamSettings, COPY_BODIES_BELOW,
+};
 
 fn text() -> impl Strategy<Value = String> {
     // Mostly ASCII names, sometimes arbitrary Unicode.
@@ -168,5 +170,46 @@ proptest! {
                 Err(_) => { prop_assert_eq!(buf.len(), before); break; }
             }
         }
+    }
+}
+
+/// Bodies around the size where a frame stops being written as one buffer.
+fn body_near_the_cut() -> impl Strategy<Value = Bytes> {
+    let cut = COPY_BODIES_BELOW;
+    (prop_oneof![Just(0), Just(1), Just(cut / 2), Just(cut - 1), Just(cut), Just(cut + 1), Just(3 * cut)], any::<u8>())
+        .prop_map(|(n, seed)| {
+            Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>())
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The pieces a writer sends are the frame's bytes, in order; a large body is one of them
+    /// as it is (shared, not copied), a small frame is a single piece.
+    #[test]
+    fn pieces_are_the_frame_and_share_a_large_body(
+        mut meta in meta(),
+        payload in body_near_the_cut(),
+        attachment in body_near_the_cut(),
+    ) {
+        meta.attachment_size = (!attachment.is_empty()).then_some(attachment.len() as i32);
+        let f = Frame { meta, payload, attachment };
+        let encoded = f.to_pieces().unwrap();
+        prop_assert_eq!(encoded.len(), f.encoded_len());
+        prop_assert_eq!(&encoded.to_bytes()[..], &f.to_bytes().unwrap()[..]);
+        let pieces: Vec<_> = encoded.pieces().collect();
+        if f.payload.len() + f.attachment.len() < COPY_BODIES_BELOW {
+            prop_assert_eq!(pieces.len(), 1);
+        } else {
+            // Empty pieces are left out.
+            let body: Vec<_> = [&f.payload, &f.attachment].into_iter().filter(|b| !b.is_empty()).collect();
+            prop_assert_eq!(pieces.len(), 1 + body.len());
+            for (piece, part) in pieces[1..].iter().zip(body) {
+                prop_assert_eq!(piece.as_ptr(), part.as_ptr(), "the body is passed on, not copied");
+            }
+        }
+        let mut buf = BytesMut::from(&encoded.to_bytes()[..]);
+        prop_assert_eq!(Decoder::default().decode(&mut buf).unwrap().expect("a whole frame"), f);
     }
 }

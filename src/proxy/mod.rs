@@ -735,13 +735,10 @@ struct Outbox {
     parts: Vec<Bytes>,
 }
 
-/// Bodies up to this size are copied into the gathering buffer; larger ones are written as they are.
-const COPY_BODIES_BELOW: usize = 32 * 1024;
-
 impl Outbox {
     fn push(&mut self, frame: &Frame) -> Result<(), crate::wire::EncodeError> {
         frame.encode_head(&mut self.small)?;
-        if frame.payload.len() + frame.attachment.len() < COPY_BODIES_BELOW {
+        if frame.payload.len() + frame.attachment.len() < crate::wire::COPY_BODIES_BELOW {
             self.small.extend_from_slice(&frame.payload);
             self.small.extend_from_slice(&frame.attachment);
         } else {

@@ -17,7 +17,7 @@ use crate::tls::identity::PeerIdentity;
 use crate::tls::tracker::TrackGuard;
 use crate::tls::ClientTls;
 use crate::transport::HandshakeInfo;
-use crate::wire::{Decoder, Frame, RpcMeta, RpcRequestMeta, DEFAULT_MAX_BODY};
+use crate::wire::{Decoder, Encoded, Frame, RpcMeta, RpcRequestMeta, DEFAULT_MAX_BODY};
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -62,7 +62,7 @@ const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
 const WRITE_FAILURE_GRACE: Duration = Duration::from_millis(250);
 
 struct Conn {
-    tx: Sender<Bytes>,
+    tx: Sender<Encoded>,
     /// None once the connection has failed; calls registered before that get its error.
     pending: Mutex<Option<Pending>>,
     closed: AtomicBool,
@@ -255,7 +255,7 @@ impl Client {
         if self.inner.options.checksum {
             frame.set_checksum(false);
         }
-        let bytes = frame.to_bytes().map_err(|e| Error::Protocol { message: e.to_string() })?;
+        let bytes = frame.to_pieces().map_err(|e| Error::Protocol { message: e.to_string() })?;
         let slot = self.inner.next_conn.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
         let work = async {
             // A server that closes a connection cleanly (close_notify) has answered everything
@@ -281,7 +281,7 @@ impl Client {
         response_of(reply)
     }
 
-    async fn send_on(conn: &Conn, id: i64, bytes: Bytes) -> Result<Frame, Error> {
+    async fn send_on(conn: &Conn, id: i64, bytes: Encoded) -> Result<Frame, Error> {
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -381,7 +381,7 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = queue::queue::<Bytes>();
+    let (tx, mut rx) = queue::queue::<Encoded>();
     let conn = Arc::new(Conn {
         tx,
         pending: Mutex::new(Some(HashMap::new())),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -23,7 +23,7 @@ use crate::tls::policy::Policy;
 use crate::tls::tracker::TrackGuard;
 use crate::tls::ServerTls;
 use crate::transport::ServerStream;
-use crate::wire::{DecodeError, Decoder, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
+use crate::wire::{DecodeError, Decoder, Encoded, Frame, COMPRESS_NONE, DEFAULT_MAX_BODY};
 
 /// Called with the remote address and the error when a handshake is refused or fails.
 pub type HandshakeHook = Arc<dyn Fn(SocketAddr, &Error) + Send + Sync>;
@@ -527,12 +527,12 @@ impl Drop for Charge {
 
 /// An answer waiting to be written, with the charge its writing releases.
 struct Outgoing {
-    bytes: Bytes,
+    bytes: Encoded,
     _charge: Charge,
 }
 
-impl AsRef<[u8]> for Outgoing {
-    fn as_ref(&self) -> &[u8] {
+impl AsRef<Encoded> for Outgoing {
+    fn as_ref(&self) -> &Encoded {
         &self.bytes
     }
 }
@@ -711,7 +711,7 @@ async fn must_close(signal: &mut Option<crate::tls::tracker::CloseSignal>) -> cr
 }
 
 fn send(tx: &Sender<Outgoing>, frame: Frame, mut charge: Charge) {
-    match frame.to_bytes() {
+    match frame.to_pieces() {
         Ok(bytes) => {
             charge.answered(bytes.len());
             // When the writer is gone the answer comes back here and its charge is released.

@@ -23,6 +23,60 @@ pub const DEFAULT_MAX_BODY: usize = 64 << 20;
 /// payload with its meta, say) are still read into one buffer without a copy.
 pub const MAX_RESERVE_AHEAD: usize = 2 << 20;
 
+/// Bodies smaller than this are copied behind their header into one buffer (one write for the
+/// frame); larger ones are written as they are, after it.
+pub const COPY_BODIES_BELOW: usize = 32 * 1024;
+
+/// An encoded frame in up to three pieces (see [`Frame::to_pieces`]). Cloning it shares the
+/// pieces.
+#[derive(Clone, Debug, Default)]
+pub struct Encoded {
+    pieces: [Bytes; 3],
+    len: usize,
+}
+
+impl AsRef<Encoded> for Encoded {
+    fn as_ref(&self) -> &Encoded {
+        self
+    }
+}
+
+impl Encoded {
+    /// The pieces in wire order, empty ones left out.
+    pub fn pieces(&self) -> impl Iterator<Item = &Bytes> {
+        self.pieces.iter().filter(|p| !p.is_empty())
+    }
+
+    /// Bytes on the wire, all pieces together.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces as one [`Buf`], for a vectored write.
+    pub fn as_buf(&self) -> impl Buf + '_ {
+        let [a, b, c] = &self.pieces;
+        (&a[..]).chain(&b[..]).chain(&c[..])
+    }
+
+    /// The whole frame in one buffer (a copy when it is in more than one piece).
+    pub fn to_bytes(&self) -> Bytes {
+        match (self.pieces[1].is_empty(), self.pieces[2].is_empty()) {
+            (true, true) => self.pieces[0].clone(),
+            _ => {
+                let mut all = BytesMut::with_capacity(self.len);
+                for p in self.pieces() {
+                    all.extend_from_slice(p);
+                }
+                all.freeze()
+            }
+        }
+    }
+}
+
 /// `compress_type` value for an uncompressed payload, the only one trustwire accepts.
 pub const COMPRESS_NONE: i32 = 0;
 /// `checksum_type` value for a masked CRC32C.
@@ -209,6 +263,22 @@ impl Frame {
         out.put_u32(meta_len as u32);
         self.meta.encode(out).expect("BytesMut grows on demand, so prost cannot run out of room");
         Ok(())
+    }
+
+    /// The encoded frame as the pieces a writer sends one after another: one buffer for a
+    /// small frame; for a body of [`COPY_BODIES_BELOW`] or more, the header and meta followed
+    /// by the payload and the attachment as they are, so a large body is never copied to be
+    /// framed.
+    pub fn to_pieces(&self) -> Result<Encoded, EncodeError> {
+        if self.payload.len() + self.attachment.len() < COPY_BODIES_BELOW {
+            let bytes = self.to_bytes()?;
+            let len = bytes.len();
+            return Ok(Encoded { pieces: [bytes, Bytes::new(), Bytes::new()], len });
+        }
+        let mut head = BytesMut::with_capacity(HEADER_LEN + self.meta.encoded_len());
+        self.encode_head(&mut head)?;
+        let len = head.len() + self.payload.len() + self.attachment.len();
+        Ok(Encoded { pieces: [head.freeze(), self.payload.clone(), self.attachment.clone()], len })
     }
 
     /// The encoded frame as a new buffer.
