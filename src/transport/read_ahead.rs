@@ -4,9 +4,10 @@
 //! costs five reads of the socket. [`ReadAhead`] reads whatever the socket has, up to
 //! [`READ_AHEAD`], in one call and hands it to rustls from memory.
 //!
-//! The buffer belongs to a connection only while it holds bytes or a read is being answered:
-//! once it is drained and the socket has nothing more (the read is pending), the connection
-//! lets it go, so a connection waiting for its peer keeps none of it. A let-go buffer is kept
+//! The buffer belongs to a connection only while it holds bytes not yet handed on: the read
+//! that hands on its last byte lets it go, so a connection that has read everything keeps none
+//! of it, whether it is waiting for its peer or has stopped reading (paused, or rustls holding
+//! plaintext its reader has not taken). A let-go buffer is kept
 //! by the thread for the next connection that reads there (at most [`SPARES`] per thread):
 //! allocating and freeing 64 KiB on every pause would have the allocator hand the pages back
 //! and the kernel fault them in again, which costs more than the reads saved. Writes pass
@@ -138,6 +139,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
         let n = out.remaining().min(this.buf.len() - this.pos);
         out.put_slice(&this.buf[this.pos..this.pos + n]);
         this.pos += n;
+        if this.pos == this.buf.len() {
+            // Read out: the caller may not poll again for a long while (rustls stops reading
+            // while it holds plaintext, a paused connection stops reading), so the buffer goes
+            // back to the thread now rather than on the next read.
+            this.release();
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -202,7 +209,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_waiting_reader_holds_no_buffer() {
+    async fn a_reader_that_has_read_everything_holds_no_buffer() {
         let (mut a, b) = tokio::io::duplex(64 * 1024);
         let mut r = ReadAhead::new(b);
         a.write_all(b"hello").await.unwrap();
@@ -211,7 +218,9 @@ mod tests {
         assert_eq!(r.buffered(), 2);
         assert_eq!(r.read(&mut chunk).await.unwrap(), 2);
         assert_eq!(&chunk[..2], b"lo");
-        // Nothing more has arrived: the read is pending, and the buffer is gone.
+        // Read out: the buffer is gone before any further read, which may never come.
+        assert_eq!(r.capacity(), 0, "a read-out buffer is let go at once");
+        // Nothing more has arrived: the read is pending, and still no buffer is held.
         let pending = tokio::time::timeout(std::time::Duration::from_millis(20), r.read(&mut chunk)).await;
         assert!(pending.is_err());
         assert_eq!(r.capacity(), 0);
