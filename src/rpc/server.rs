@@ -710,8 +710,16 @@ async fn must_close(signal: &mut Option<crate::tls::tracker::CloseSignal>) -> cr
     }
 }
 
+/// An answer as it waits to be written: in one buffer of its own. A handler's payload may be
+/// a slice of the connection's read buffer (an echo's is), and an answer waits for as long as
+/// its peer does not read; kept as a piece it would hold that whole buffer, which the
+/// unwritten-bytes budget, counting the answer's own bytes, does not see.
+fn encode_answer(frame: &Frame) -> Result<Encoded, crate::wire::EncodeError> {
+    frame.to_bytes().map(Encoded::from)
+}
+
 fn send(tx: &Sender<Outgoing>, frame: Frame, mut charge: Charge) {
-    match frame.to_pieces() {
+    match encode_answer(&frame) {
         Ok(bytes) => {
             charge.answered(bytes.len());
             // When the writer is gone the answer comes back here and its charge is released.
@@ -834,4 +842,25 @@ fn dispatch(
             shared.drained.notify_waiters();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// An answer whose payload is a slice of a large buffer keeps none of that buffer: the
+    /// budget charges an answer its own length, so that must be all it holds.
+    #[test]
+    fn an_answer_holds_only_its_own_bytes() {
+        let big = Bytes::from(vec![7u8; 4 << 20]);
+        let payload = big.slice(1 << 20..(1 << 20) + (64 << 10));
+        let frame = crate::rpc::response_frame(1, Ok(crate::rpc::Response { payload, attachment: Bytes::new() }));
+        let encoded = encode_answer(&frame).unwrap();
+        assert_eq!(encoded.len(), frame.encoded_len());
+        let range = big.as_ptr() as usize..big.as_ptr() as usize + big.len();
+        for piece in encoded.pieces() {
+            assert!(!range.contains(&(piece.as_ptr() as usize)), "an answer piece points into the handler's buffer");
+        }
+    }
 }

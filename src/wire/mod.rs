@@ -35,6 +35,14 @@ pub struct Encoded {
     len: usize,
 }
 
+impl From<Bytes> for Encoded {
+    /// A frame already encoded in one buffer.
+    fn from(bytes: Bytes) -> Encoded {
+        let len = bytes.len();
+        Encoded { pieces: [bytes, Bytes::new(), Bytes::new()], len }
+    }
+}
+
 impl AsRef<Encoded> for Encoded {
     fn as_ref(&self) -> &Encoded {
         self
@@ -271,9 +279,7 @@ impl Frame {
     /// framed.
     pub fn to_pieces(&self) -> Result<Encoded, EncodeError> {
         if self.payload.len() + self.attachment.len() < COPY_BODIES_BELOW {
-            let bytes = self.to_bytes()?;
-            let len = bytes.len();
-            return Ok(Encoded { pieces: [bytes, Bytes::new(), Bytes::new()], len });
+            return self.to_bytes().map(Encoded::from);
         }
         let mut head = BytesMut::with_capacity(HEADER_LEN + self.meta.encoded_len());
         self.encode_head(&mut head)?;
