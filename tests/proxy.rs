@@ -314,13 +314,15 @@ async fn allow_list_refuses_and_a_dead_upstream_closes_cleanly() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap().to_string()
     };
-    let proxy = trustwire::proxy::start(server_route(&pki, &dead, Protocol::Tcp, &[])).await.unwrap();
+    // A route name of its own, so the count below is this stream's and no other test's.
+    let route = Route { name: "tcp-dead".into(), ..server_route(&pki, &dead, Protocol::Tcp, &[]) };
+    let proxy = trustwire::proxy::start(route).await.unwrap();
     let (mut stream, _) = trustwire::transport::connect(&tls, &addr_of(&proxy), Duration::from_secs(5)).await.unwrap();
     let mut back = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut back)).await.expect("no hang");
     assert!(read.is_ok(), "a clean close (close_notify), not a reset: {read:?}");
     assert!(back.is_empty());
-    let counted = "trustwire_proxy_streams_total{route=\"in\",outcome=\"upstream_error\"}";
+    let counted = "trustwire_proxy_streams_total{route=\"tcp-dead\",outcome=\"upstream_error\"} 1";
     until_counted(counted).await;
 }
 

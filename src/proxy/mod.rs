@@ -759,8 +759,9 @@ impl Outbox {
             w.write_all(&self.small).await?;
             self.small.clear();
         }
-        // A write may leave bytes inside the writer (a TLS stream keeps the records the socket
-        // had no room for); they go out only on a flush.
+        // Upstreams are plain sockets today, where this does nothing; it is here because a
+        // writer only promises its bytes are sent once flushed (a TLS stream holds back the
+        // records its socket had no room for).
         w.flush().await
     }
 }
@@ -952,25 +953,32 @@ mod tests {
         let (_far_rd, mut far_wr) = tokio::io::split(upstream_far);
 
         let local = crate::rpc::response_frame(1, Err((1009, "local".into()))).to_bytes().unwrap();
-        tx.send(ToClient::Frame(local.clone())).await.unwrap();
-        tx.send(ToClient::Upstream(urd)).await.unwrap();
         let upstream_frame = crate::rpc::response_frame(
             2,
             Ok(crate::rpc::Response { payload: Bytes::from_static(b"up"), attachment: Bytes::new() }),
         )
         .to_bytes()
         .unwrap();
-        far_wr.write_all(&upstream_frame).await.unwrap();
-
-        let want = local.len() + upstream_frame.len();
-        let mut got = vec![0u8; want];
         let (mut crd, _cwr) = tokio::io::split(client_end);
+
+        // An answer of the route's own, with an upstream that is open and says nothing.
+        tx.send(ToClient::Frame(local.clone())).await.unwrap();
+        tx.send(ToClient::Upstream(urd)).await.unwrap();
+        let mut got = vec![0u8; local.len()];
         tokio::time::timeout(Duration::from_secs(5), crd.read_exact(&mut got))
             .await
-            .expect("both answers arrive while the upstream is still open")
+            .expect("the route's own answer arrives while the upstream is silent")
             .unwrap();
-        assert_eq!(&got[..local.len()], &local[..]);
-        assert_eq!(&got[local.len()..], &upstream_frame[..]);
+        assert_eq!(got, &local[..]);
+
+        // Then an upstream frame, with nothing after it.
+        far_wr.write_all(&upstream_frame).await.unwrap();
+        let mut got = vec![0u8; upstream_frame.len()];
+        tokio::time::timeout(Duration::from_secs(5), crd.read_exact(&mut got))
+            .await
+            .expect("the upstream's answer arrives while the upstream stays open")
+            .unwrap();
+        assert_eq!(got, &upstream_frame[..]);
         writer.abort();
     }
 }

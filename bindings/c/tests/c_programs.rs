@@ -394,6 +394,7 @@ fn proxy_started_from_c_carries_mtls_to_a_plain_upstream() {
         let (mut stream, _) = tw::transport::connect(&tls, &addr, Duration::from_secs(5)).await?;
         let message = b"through the proxy started from C";
         stream.write_all(message).await.map_err(|e| Error::Transport { message: e.to_string() })?;
+        stream.flush().await.map_err(|e| Error::Transport { message: e.to_string() })?;
         let mut buf = vec![0u8; message.len()];
         stream.read_exact(&mut buf).await.map_err(|e| Error::Transport { message: e.to_string() })?;
         Ok::<_, Error>(buf)
