@@ -32,14 +32,12 @@ pub const COPY_BODIES_BELOW: usize = 32 * 1024;
 #[derive(Clone, Debug, Default)]
 pub struct Encoded {
     pieces: [Bytes; 3],
-    len: usize,
 }
 
 impl From<Bytes> for Encoded {
     /// A frame already encoded in one buffer.
     fn from(bytes: Bytes) -> Encoded {
-        let len = bytes.len();
-        Encoded { pieces: [bytes, Bytes::new(), Bytes::new()], len }
+        Encoded { pieces: [bytes, Bytes::new(), Bytes::new()] }
     }
 }
 
@@ -57,11 +55,11 @@ impl Encoded {
 
     /// Bytes on the wire, all pieces together.
     pub fn len(&self) -> usize {
-        self.len
+        self.pieces.iter().map(Bytes::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.pieces.iter().all(Bytes::is_empty)
     }
 
     /// The pieces as one [`Buf`], for a vectored write.
@@ -75,7 +73,7 @@ impl Encoded {
         match (self.pieces[1].is_empty(), self.pieces[2].is_empty()) {
             (true, true) => self.pieces[0].clone(),
             _ => {
-                let mut all = BytesMut::with_capacity(self.len);
+                let mut all = BytesMut::with_capacity(self.len());
                 for p in self.pieces() {
                     all.extend_from_slice(p);
                 }
@@ -283,8 +281,7 @@ impl Frame {
         }
         let mut head = BytesMut::with_capacity(HEADER_LEN + self.meta.encoded_len());
         self.encode_head(&mut head)?;
-        let len = head.len() + self.payload.len() + self.attachment.len();
-        Ok(Encoded { pieces: [head.freeze(), self.payload.clone(), self.attachment.clone()], len })
+        Ok(Encoded { pieces: [head.freeze(), self.payload.clone(), self.attachment.clone()] })
     }
 
     /// The encoded frame as a new buffer.
