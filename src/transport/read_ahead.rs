@@ -7,12 +7,11 @@
 //! The buffer belongs to a connection only while it holds bytes not yet handed on: the read
 //! that hands on its last byte lets it go, so a connection that has read everything keeps none
 //! of it, whether it is waiting for its peer or has stopped reading (paused, or rustls holding
-//! plaintext its reader has not taken). A let-go buffer is kept
-//! by the thread for the next connection that reads there (at most [`SPARES`] per thread):
-//! allocating and freeing 64 KiB on every pause would have the allocator hand the pages back
-//! and the kernel fault them in again, which costs more than the reads saved. Writes pass
-//! straight through, vectored writes included (rustls writes its queued records with one
-//! `writev`).
+//! plaintext its reader has not taken). A let-go buffer is kept by the thread for the next
+//! connection that reads there (at most [`SPARES`] per thread): allocating and freeing 64 KiB
+//! on every pause would have the allocator hand the pages back and the kernel fault them in
+//! again, which costs more than the reads saved. Writes pass straight through, vectored
+//! writes included (rustls writes its queued records with one `writev`).
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
@@ -94,16 +93,13 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pos == this.buf.len() {
+            // Drained, so let go already (see the end of this function).
+            debug_assert!(this.buf.capacity() == 0 && this.pos == 0);
             if out.remaining() >= READ_AHEAD {
                 // The caller has room for as much as we would read: no copy.
-                this.release();
                 return Pin::new(&mut this.io).poll_read(cx, out);
             }
-            if this.buf.capacity() == 0 {
-                this.buf = take_buffer();
-            }
-            this.buf.clear();
-            this.pos = 0;
+            this.buf = take_buffer();
             let spare: &mut [MaybeUninit<u8>] = this.buf.spare_capacity_mut();
             let room = spare.len().min(READ_AHEAD);
             let mut fill = ReadBuf::uninit(&mut spare[..room]);
