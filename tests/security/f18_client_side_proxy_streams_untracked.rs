@@ -30,7 +30,7 @@ async fn a_client_side_route_closes_its_stream_when_trust_refuses_the_server() {
         Use::Client,
         Sources {
             identity: IdentitySource::Pem { chain: cred.cert_pem.clone().into(), key: cred.key_pem.clone().into() },
-            trust: vec![PemSource::Pem(both.into_bytes())],
+            trust: vec![PemSource::Pem(both.clone().into_bytes())],
             crls: vec![],
             ..Sources::default()
         },
@@ -40,8 +40,7 @@ async fn a_client_side_route_closes_its_stream_when_trust_refuses_the_server() {
     .unwrap();
     // The server must accept the route's certificate.
     let mut server_profile = pki.server_profile();
-    server_profile.trust =
-        trustwire::tls::TrustBundle::from_pem(format!("{}{}", pki.ca.cert_pem(), ours.cert_pem()).as_bytes()).unwrap();
+    server_profile.trust = trustwire::tls::TrustBundle::from_pem(both.as_bytes()).unwrap();
     let server = echo_server(&server_profile).await;
     let proxy = trustwire::proxy::start(Route::new(
         "out",
