@@ -352,3 +352,47 @@ def test_a_thread_connection_to_a_server_that_was_killed_is_replaced(env: Env) -
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_blocking_handlers_run_side_by_side(env: Env) -> None:
+    """A handler that waits holds only its own thread: sixteen can wait for each other."""
+    import threading
+
+    together = threading.Barrier(16, timeout=10)
+    server = trustwire.Server(env.tls("server"))
+
+    @server.method(*ECHO)
+    def wait_for_the_others(payload: bytes, ctx: trustwire.CallContext) -> bytes:
+        together.wait()
+        return payload
+
+    server.start("127.0.0.1:0")
+    client = trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client"))
+
+    async def main() -> None:
+        payloads = [f"call {i}".encode() for i in range(16)]
+        assert await asyncio.gather(*(client.acall(*ECHO, p, timeout=20) for p in payloads)) == payloads
+
+    asyncio.run(main())
+    client.close()
+    server.stop()
+
+
+def test_a_handler_threads_thread_local_state_lasts_between_calls(env: Env) -> None:
+    """What a handler keeps in threading.local (a database connection, say) is there for the
+    next call that runs on the same thread, as on any long-lived worker thread."""
+    import threading
+
+    local = threading.local()
+    server = trustwire.Server(env.tls("server"))
+
+    @server.method(*ECHO)
+    def count(payload: bytes, ctx: trustwire.CallContext) -> bytes:
+        local.calls = getattr(local, "calls", 0) + 1
+        return str(local.calls).encode()
+
+    server.start("127.0.0.1:0")
+    with trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client")) as client:
+        counts = [int(client.call(*ECHO, b"")) for _ in range(50)]
+    server.stop()
+    assert max(counts) > 1, f"every call found the thread's state empty: {counts}"

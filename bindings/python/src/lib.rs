@@ -3,6 +3,7 @@
 
 mod errors;
 mod logging;
+mod pool;
 mod rpc;
 mod rt;
 mod tls;

@@ -1,8 +1,8 @@
 //! Server and Client.
 //!
-//! Python handlers never run on the runtime's worker threads: each call is handed to tokio's
-//! blocking pool, which takes the GIL there, so a slow handler (or one waiting for the GIL)
-//! cannot stall the connections the workers drive.
+//! Python handlers never run on the runtime's worker threads: each call is handed to a handler
+//! thread (`crate::pool`), which takes the GIL there, so a slow handler (or one waiting for the
+//! GIL) cannot stall the connections the workers drive.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -113,14 +113,14 @@ impl CallCancel {
         trustwire::runtime::runtime().spawn(async move {
             tokio::select! {
                 _ = this.token.cancelled() => {
-                    let _ = tokio::task::spawn_blocking(move || Python::with_gil(|py| this.fire(py))).await;
+                    crate::pool::run(move |py| this.fire(py)).await;
                 }
                 _ = this.finished.cancelled() => {}
             }
         });
     }
 
-    /// Runs the callbacks once, with the GIL, on the calling (blocking-pool) thread.
+    /// Runs the callbacks once, with the GIL, on the calling (handler) thread.
     fn fire(&self, py: Python<'_>) {
         let callbacks = self.callbacks.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
         for cb in callbacks {
@@ -286,7 +286,7 @@ impl PyServer {
     }
 
     /// Registers `handler(payload: bytes, ctx: CallContext) -> tuple[bytes, bytes]` (payload,
-    /// attachment). Runs on a thread of trustwire's blocking pool.
+    /// attachment). Runs on one of trustwire's handler threads.
     fn register(&self, service: String, method: String, handler: Py<PyAny>) {
         self.handlers.lock().unwrap_or_else(|p| p.into_inner()).push((service, method, Arc::new(handler)));
     }
@@ -316,11 +316,9 @@ impl PyServer {
                 async move {
                     let cancel = CallCancel::new(req.cancelled.clone());
                     let call = cancel.clone();
-                    let result = tokio::task::spawn_blocking(move || {
-                        Python::with_gil(|py| run_handler(py, &handler, req, cancel))
-                    })
-                    .await
-                    .unwrap_or_else(|_| Err(Status::internal("handler thread failed")));
+                    let result = crate::pool::run(move |py| run_handler(py, &handler, req, cancel))
+                        .await
+                        .unwrap_or_else(|| Err(Status::internal("handler thread failed")));
                     call.finished.cancel();
                     result
                 }
@@ -379,14 +377,19 @@ fn completions() -> mpsc::Sender<Completion> {
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Completion>();
             let _ = std::thread::Builder::new().name("trustwire-completions".into()).spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    Python::with_gil(|py| {
+                // Entered once, so the thread keeps its Python thread state (see crate::pool).
+                // Only this thread receives; the mutex makes the receiver shareable with
+                // allow_threads.
+                let rx = Mutex::new(rx);
+                Python::with_gil(|py| {
+                    while let Ok(first) = py.allow_threads(|| rx.lock().unwrap_or_else(|p| p.into_inner()).recv()) {
                         deliver(py, first);
+                        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
                         for next in rx.try_iter().take(1024) {
                             deliver(py, next);
                         }
-                    });
-                }
+                    }
+                });
             });
             tx
         })
