@@ -72,7 +72,7 @@ const WORKERS: usize = 2;
 const SERVER_THREADS: &str = "tw-srv";
 const CLIENT_THREADS: &str = "tw-cli";
 
-const TARGET_S1_RATIO: f64 = 0.75;
+const TARGET_S1_RATIO: f64 = 0.92;
 const TARGET_S1_CALLS: f64 = 62_000.0;
 const TARGET_S3_CONNS: f64 = 3_000.0;
 
