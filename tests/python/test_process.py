@@ -56,6 +56,59 @@ print("ok")
 """
 
 
+SERVE_AND_EXIT = """
+import asyncio, sys, threading, trustwire
+ca, scert, skey, ccert, ckey = sys.argv[1:6]
+seen = threading.Barrier(8, timeout=10)
+# Configurations held until the interpreter drops them as it finalizes.
+server_tls = trustwire.TlsConfig(cert=scert, key=skey, ca=ca, authorize_peer=lambda peer: True)
+client_tls = trustwire.TlsConfig(cert=ccert, key=ckey, ca=ca, server_name="localhost")
+server = trustwire.Server(server_tls)
+server.authorize(lambda peer, service, method, metadata: True)
+
+@server.method("example.EchoService", "Echo")
+def echo(payload, ctx):
+    if payload == b"x":
+        seen.wait()
+    return payload
+
+port = server.start("127.0.0.1:0")
+client = trustwire.Client(f"127.0.0.1:{port}", client_tls)
+
+async def main():
+    return await asyncio.gather(*(client.acall("example.EchoService", "Echo", b"x") for _ in range(8)))
+
+assert asyncio.run(main()) == [b"x"] * 8
+assert client.call("example.EchoService", "Echo", b"y", timeout=10) == b"y"
+# The server left running: the interpreter exits with handler, hook, event and completion
+# threads holding Python thread states.
+print("ok")
+"""
+
+
+CALL_AND_EXIT = """
+import sys, trustwire
+port, ca, cert, key = sys.argv[1:5]
+tls = trustwire.TlsConfig(cert=cert, key=key, ca=ca, server_name="localhost")
+client = trustwire.Client("127.0.0.1:" + port, tls)
+assert client.call("example.EchoService", "Echo", b"x") == b"x"
+# tls is dropped as the interpreter finalizes, which ends its event thread then.
+print("ok")
+"""
+
+
+def test_a_process_exits_cleanly_with_its_server_and_clients_still_there(env: Env, echo_server: trustwire.Server) -> None:
+    scert, skey = env.files("server")
+    ccert, ckey = env.files("client")
+    scripts = [
+        [SERVE_AND_EXIT, env.ca_path, scert, skey, ccert, ckey],
+        [CALL_AND_EXIT, str(echo_server.port), env.ca_path, ccert, ckey],
+    ]
+    for script in scripts * 2:
+        out = subprocess.run([sys.executable, "-c", *script], capture_output=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == b"ok", out
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_child_exiting_normally_leaves_the_parents_connection_alone(env: Env, echo_server: trustwire.Server) -> None:
     # The child holds a copy of the calling thread's runtime. Dropping it at exit would wait for

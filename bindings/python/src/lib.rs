@@ -188,6 +188,7 @@ fn cli_main(py: Python<'_>, argv: Vec<String>) -> u8 {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    pool::watch_exit(m.py())?;
     errors::register(m)?;
     logging::install();
     m.add_class::<tls::PyTlsConfig>()?;

@@ -88,20 +88,18 @@ pub fn install() {
         return;
     }
     let _ = std::thread::Builder::new().name("trustwire-logging".into()).spawn(move || {
-        while let Ok(record) = rx.recv() {
-            Python::with_gil(|py| {
-                let result = (|| -> PyResult<()> {
-                    // trustwire::rpc::server → logger "trustwire.rpc.server"
-                    let name = record.target.replace("::", ".");
-                    let logger = py.import("logging")?.getattr("getLogger")?.call1((name,))?;
-                    logger.call_method1("log", (python_level(record.level), record.message))?;
-                    Ok(())
-                })();
-                if let Err(e) = result {
-                    // Interpreter shutting down, or logging replaced by something broken.
-                    e.write_unraisable(py, None);
-                }
-            });
-        }
+        crate::pool::serve(rx, |py, record: Record| {
+            let result = (|| -> PyResult<()> {
+                // trustwire::rpc::server → logger "trustwire.rpc.server"
+                let name = record.target.replace("::", ".");
+                let logger = py.import("logging")?.getattr("getLogger")?.call1((name,))?;
+                logger.call_method1("log", (python_level(record.level), record.message))?;
+                Ok(())
+            })();
+            if let Err(e) = result {
+                // Interpreter shutting down, or logging replaced by something broken.
+                e.write_unraisable(py, None);
+            }
+        })
     });
 }

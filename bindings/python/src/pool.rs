@@ -9,8 +9,14 @@
 //! The pool grows when every thread is busy, up to [`MAX_THREADS`] (so a handler that sleeps
 //! or waits on I/O holds only its own thread), and a thread left idle for [`KEEP_ALIVE`]
 //! exits.
+//!
+//! A thread that keeps a thread state must give it back to take leave, which needs the
+//! interpreter. Once the interpreter has begun to exit ([`exiting`]), such a thread stays
+//! parked instead: the process is about to end, and a thread state released while Python
+//! tears its threads down is a fatal error.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -23,6 +29,28 @@ pub const MAX_THREADS: usize = 512;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 type Job = Box<dyn FnOnce(Python<'_>) + Send>;
+
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the interpreter has begun to exit (its atexit handlers have run).
+pub fn exiting() -> bool {
+    EXITING.load(Ordering::Relaxed)
+}
+
+/// Has `exiting` turn true when the interpreter runs its atexit handlers, before it finalizes.
+pub fn watch_exit(py: Python<'_>) -> PyResult<()> {
+    let mark = pyo3::types::PyCFunction::new_closure(py, None, None, |_, _| EXITING.store(true, Ordering::Relaxed))?;
+    py.import("atexit")?.call_method1("register", (mark,))?;
+    Ok(())
+}
+
+/// Where a thread that keeps a thread state ends up when it would leave after the interpreter
+/// began to exit.
+fn park_for_good() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
 
 /// Where an idle thread waits for the job it is handed.
 #[derive(Default)]
@@ -98,6 +126,9 @@ fn next(slot: &Arc<Slot>) -> Option<Job> {
         let (guard, wait) = slot.filled.wait_timeout(job, KEEP_ALIVE).unwrap_or_else(|p| p.into_inner());
         job = guard;
         if wait.timed_out() && job.is_none() {
+            if exiting() {
+                park_for_good();
+            }
             drop(job);
             let mut s = lock(state());
             if let Some(at) = s.idle.iter().position(|idle| Arc::ptr_eq(idle, slot)) {
@@ -124,4 +155,29 @@ where
         let _ = tx.send(f(py));
     }));
     rx.await.ok()
+}
+
+/// Runs `each` with the GIL for everything that arrives on `rx`, on the calling thread (one of
+/// trustwire's own, made for this), until every sender is gone. The thread enters Python once
+/// and keeps its thread state; what is already waiting when it takes the GIL is handled in the
+/// same turn, up to 1024 items, so a busy interpreter is asked for the GIL once per batch.
+pub fn serve<T: Send>(rx: std::sync::mpsc::Receiver<T>, mut each: impl FnMut(Python<'_>, T)) {
+    // Only this thread receives; the mutex makes the receiver shareable with allow_threads.
+    let rx = Mutex::new(rx);
+    Python::with_gil(|py| {
+        let recv = || {
+            let next = lock(&rx).recv();
+            if next.is_err() && exiting() {
+                park_for_good();
+            }
+            next
+        };
+        while let Ok(first) = py.allow_threads(recv) {
+            each(py, first);
+            let rx = lock(&rx);
+            for next in rx.try_iter().take(1024) {
+                each(py, next);
+            }
+        }
+    });
 }

@@ -307,7 +307,8 @@ impl PyServer {
         let tls = self.tls.get().server_tls(py)?;
         let mut server = Server::new(tls);
         if let Some(hook) = self.authorize.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            server.authorize_calls(move |call: &Call<'_>| Python::with_gil(|py| run_call_hook(py, &hook, call)));
+            server
+                .authorize_calls(move |call: &Call<'_>| crate::rt::with_gil_kept(|py| run_call_hook(py, &hook, call)));
         }
         for (service, method, handler) in self.handlers.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             let handler = handler.clone();
@@ -376,21 +377,9 @@ fn completions() -> mpsc::Sender<Completion> {
     COMPLETIONS
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Completion>();
-            let _ = std::thread::Builder::new().name("trustwire-completions".into()).spawn(move || {
-                // Entered once, so the thread keeps its Python thread state (see crate::pool).
-                // Only this thread receives; the mutex makes the receiver shareable with
-                // allow_threads.
-                let rx = Mutex::new(rx);
-                Python::with_gil(|py| {
-                    while let Ok(first) = py.allow_threads(|| rx.lock().unwrap_or_else(|p| p.into_inner()).recv()) {
-                        deliver(py, first);
-                        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-                        for next in rx.try_iter().take(1024) {
-                            deliver(py, next);
-                        }
-                    }
-                });
-            });
+            let _ = std::thread::Builder::new()
+                .name("trustwire-completions".into())
+                .spawn(move || crate::pool::serve(rx, deliver));
             tx
         })
         .clone()

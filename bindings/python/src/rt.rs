@@ -198,3 +198,56 @@ pub fn settle_here() {
         })
     });
 }
+
+/// A Python thread state made for a thread Python did not start, kept for the thread's
+/// lifetime and freed when it exits.
+struct Kept(std::cell::Cell<bool>);
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        if !self.0.get() || FORKED.load(Ordering::Relaxed) || crate::pool::exiting() {
+            return;
+        }
+        // SAFETY: this thread made its state with PyGILState_Ensure and let go of the GIL with
+        // PyEval_SaveThread (in `with_gil_kept`), and holds no GIL now. Taking it once more and
+        // releasing twice brings the state's count back to zero, which deletes it. pyo3's
+        // PyGILState_Ensure parks the thread instead of unwinding if the interpreter is
+        // already finalizing.
+        unsafe {
+            if pyo3::ffi::Py_IsInitialized() == 0 {
+                return;
+            }
+            pyo3::ffi::PyGILState_Ensure();
+            pyo3::ffi::PyGILState_Release(pyo3::ffi::PyGILState_STATE::PyGILState_LOCKED);
+            pyo3::ffi::PyGILState_Release(pyo3::ffi::PyGILState_STATE::PyGILState_UNLOCKED);
+        }
+    }
+}
+
+thread_local! {
+    static KEPT: Kept = const { Kept(std::cell::Cell::new(false)) };
+}
+
+/// `Python::with_gil` for code that runs on the runtime's own threads (hooks): the first call
+/// on such a thread gives it a Python thread state that it keeps, where `with_gil` alone would
+/// make one and free it on every call (in CPython: a frame stack mapped and unmapped, a
+/// system call for the thread id). A thread Python already knows is left as it is.
+pub fn with_gil_kept<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
+    let _ = KEPT.try_with(|kept| {
+        // SAFETY: only on a thread with no Python thread state, which therefore does not hold
+        // the GIL: PyGILState_Ensure makes the state and takes the GIL, PyEval_SaveThread
+        // releases the GIL and leaves the state's count at one, so later Ensure/Release pairs
+        // (pyo3's with_gil) reuse it.
+        if !kept.0.get()
+            && !FORKED.load(Ordering::Relaxed)
+            && unsafe { pyo3::ffi::PyGILState_GetThisThreadState() }.is_null()
+        {
+            unsafe {
+                pyo3::ffi::PyGILState_Ensure();
+                pyo3::ffi::PyEval_SaveThread();
+            }
+            kept.0.set(true);
+        }
+    });
+    Python::with_gil(f)
+}

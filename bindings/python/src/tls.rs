@@ -64,24 +64,22 @@ impl Dispatcher {
         });
         let cbs = callbacks.clone();
         let _ = std::thread::Builder::new().name("trustwire-events".into()).spawn(move || {
-            while let Ok(event) = rx.recv() {
-                Python::with_gil(|py| {
-                    let list: Vec<Py<PyAny>> =
-                        cbs.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|c| c.clone_ref(py)).collect();
-                    if list.is_empty() {
-                        return;
+            crate::pool::serve(rx, |py, event: Event| {
+                let list: Vec<Py<PyAny>> =
+                    cbs.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|c| c.clone_ref(py)).collect();
+                if list.is_empty() {
+                    return;
+                }
+                let ev = match Py::new(py, PyEvent::from(&event)) {
+                    Ok(ev) => ev,
+                    Err(e) => return e.write_unraisable(py, None),
+                };
+                for cb in list {
+                    if let Err(e) = cb.call1(py, (ev.clone_ref(py),)) {
+                        e.write_unraisable(py, Some(cb.bind(py)));
                     }
-                    let ev = match Py::new(py, PyEvent::from(&event)) {
-                        Ok(ev) => ev,
-                        Err(e) => return e.write_unraisable(py, None),
-                    };
-                    for cb in list {
-                        if let Err(e) = cb.call1(py, (ev.clone_ref(py),)) {
-                            e.write_unraisable(py, Some(cb.bind(py)));
-                        }
-                    }
-                })
-            }
+                }
+            })
         });
         Dispatcher { callbacks }
     }
@@ -358,7 +356,9 @@ impl PyTlsConfig {
         template.trust.require_fresh_crls = require_fresh_crls;
         let mut options = options(reload_interval)?;
         options.hooks.peer = authorize_peer.map(|hook| -> Arc<dyn trustwire::authz::PeerHook> {
-            Arc::new(move |peer: &trustwire::PeerIdentity| Python::with_gil(|py| run_peer_hook(py, &hook, peer)))
+            Arc::new(move |peer: &trustwire::PeerIdentity| {
+                crate::rt::with_gil_kept(|py| run_peer_hook(py, &hook, peer))
+            })
         });
         Self::build(py, sources, template, options, role)
     }
