@@ -93,8 +93,10 @@ class Server:
     other exception is logged with its traceback under the ``trustwire`` logger and answers
     EINTERNAL (2001), and the server keeps serving.
 
-    Plain handlers run on trustwire's worker threads (many at once); ``async def`` handlers run
-    on one event loop thread the server starts for them.
+    Plain handlers run on trustwire's handler threads (up to 512 at once; a thread lives on
+    between calls, so what a handler keeps in ``threading.local`` is there for the next call on
+    that thread); ``async def`` handlers run on one event loop thread the server starts for
+    them.
     """
 
     def __init__(
