@@ -95,8 +95,8 @@ class Server:
 
     Plain handlers run on trustwire's handler threads (up to 512 at once; a thread lives on
     between calls, so what a handler keeps in ``threading.local`` is there for the next call on
-    that thread); ``async def`` handlers run on one event loop thread the server starts for
-    them.
+    that thread, and so is a ``contextvars`` value set without a reset); ``async def`` handlers
+    run on one event loop thread the server starts for them.
     """
 
     def __init__(

@@ -10,10 +10,11 @@
 //! or waits on I/O holds only its own thread), and a thread left idle for [`KEEP_ALIVE`]
 //! exits.
 //!
-//! A thread that keeps a thread state must give it back to take leave, which needs the
-//! interpreter. Once the interpreter has begun to exit ([`exiting`]), such a thread stays
-//! parked instead: the process is about to end, and a thread state released while Python
-//! tears its threads down is a fatal error.
+//! A thread keeps its state with `rt::keep_thread_state` and takes the GIL per job through
+//! pyo3's `with_gil`, whose `PyGILState_Ensure` parks the thread if the interpreter is
+//! finalizing (rather than unwinding it through Rust frames). Once the interpreter has begun
+//! to exit ([`exiting`]), a thread that leaves does not give its state back: the process is
+//! about to end, and a state released while Python tears its threads down is a fatal error.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,14 +43,6 @@ pub fn watch_exit(py: Python<'_>) -> PyResult<()> {
     let mark = pyo3::types::PyCFunction::new_closure(py, None, None, |_, _| EXITING.store(true, Ordering::Relaxed))?;
     py.import("atexit")?.call_method1("register", (mark,))?;
     Ok(())
-}
-
-/// Where a thread that keeps a thread state ends up when it would leave after the interpreter
-/// began to exit.
-fn park_for_good() -> ! {
-    loop {
-        std::thread::park();
-    }
 }
 
 /// Where an idle thread waits for the job it is handed.
@@ -100,13 +93,16 @@ fn submit(job: Job) {
 
 fn work() {
     let slot = Arc::new(Slot::default());
-    Python::with_gil(|py| {
-        while let Some(job) = py.allow_threads(|| next(&slot)) {
+    crate::rt::keep_thread_state();
+    while let Some(job) = next(&slot) {
+        // pyo3 takes the GIL through PyGILState_Ensure, which reuses the kept thread state (and
+        // parks the thread, rather than unwinding it, if the interpreter is finalizing).
+        Python::with_gil(|py| {
             // A job that panics drops its result's sender, which its waiter sees; the thread
             // stays in the pool.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(py)));
-        }
-    });
+        });
+    }
 }
 
 /// The next job, or None when none came for KEEP_ALIVE (the thread then leaves the pool).
@@ -126,9 +122,6 @@ fn next(slot: &Arc<Slot>) -> Option<Job> {
         let (guard, wait) = slot.filled.wait_timeout(job, KEEP_ALIVE).unwrap_or_else(|p| p.into_inner());
         job = guard;
         if wait.timed_out() && job.is_none() {
-            if exiting() {
-                park_for_good();
-            }
             drop(job);
             let mut s = lock(state());
             if let Some(at) = s.idle.iter().position(|idle| Arc::ptr_eq(idle, slot)) {
@@ -158,26 +151,17 @@ where
 }
 
 /// Runs `each` with the GIL for everything that arrives on `rx`, on the calling thread (one of
-/// trustwire's own, made for this), until every sender is gone. The thread enters Python once
-/// and keeps its thread state; what is already waiting when it takes the GIL is handled in the
-/// same turn, up to 1024 items, so a busy interpreter is asked for the GIL once per batch.
+/// trustwire's own, made for this), until every sender is gone. The thread keeps its Python
+/// thread state; what is already waiting when it takes the GIL is handled in the same turn, up
+/// to 1024 items, so a busy interpreter is asked for the GIL once per batch.
 pub fn serve<T: Send>(rx: std::sync::mpsc::Receiver<T>, mut each: impl FnMut(Python<'_>, T)) {
-    // Only this thread receives; the mutex makes the receiver shareable with allow_threads.
-    let rx = Mutex::new(rx);
-    Python::with_gil(|py| {
-        let recv = || {
-            let next = lock(&rx).recv();
-            if next.is_err() && exiting() {
-                park_for_good();
-            }
-            next
-        };
-        while let Ok(first) = py.allow_threads(recv) {
+    crate::rt::keep_thread_state();
+    while let Ok(first) = rx.recv() {
+        Python::with_gil(|py| {
             each(py, first);
-            let rx = lock(&rx);
             for next in rx.try_iter().take(1024) {
                 each(py, next);
             }
-        }
-    });
+        });
+    }
 }

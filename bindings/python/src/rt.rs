@@ -52,8 +52,8 @@ where
 {
     let rt = checked_runtime(py)?;
     if tokio::runtime::Handle::try_current().is_ok() {
-        // A Python handler calling out from one of the runtime's blocking threads, where the
-        // runtime cannot be entered again: run the operation as a task and wait for it.
+        // A hook calling out from one of the runtime's threads, where the runtime cannot be
+        // entered again: run the operation as a task and wait for it.
         return block_on_task(py, rt, fut);
     }
     // Polling the operation on this thread saves a task hop per call; its I/O still runs on
@@ -228,26 +228,35 @@ thread_local! {
     static KEPT: Kept = const { Kept(std::cell::Cell::new(false)) };
 }
 
-/// `Python::with_gil` for code that runs on the runtime's own threads (hooks): the first call
-/// on such a thread gives it a Python thread state that it keeps, where `with_gil` alone would
-/// make one and free it on every call (in CPython: a frame stack mapped and unmapped, a
-/// system call for the thread id). A thread Python already knows is left as it is.
-pub fn with_gil_kept<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
+/// Gives a thread Python did not start a Python thread state that it keeps for its lifetime
+/// (freed when the thread exits), where `with_gil` alone would make one and free it on every
+/// call (in CPython: a frame stack mapped and unmapped, a system call for the thread id). A
+/// thread Python already knows is left as it is.
+pub fn keep_thread_state() {
     let _ = KEPT.try_with(|kept| {
-        // SAFETY: only on a thread with no Python thread state, which therefore does not hold
-        // the GIL: PyGILState_Ensure makes the state and takes the GIL, PyEval_SaveThread
-        // releases the GIL and leaves the state's count at one, so later Ensure/Release pairs
-        // (pyo3's with_gil) reuse it.
-        if !kept.0.get()
-            && !FORKED.load(Ordering::Relaxed)
-            && unsafe { pyo3::ffi::PyGILState_GetThisThreadState() }.is_null()
-        {
-            unsafe {
-                pyo3::ffi::PyGILState_Ensure();
-                pyo3::ffi::PyEval_SaveThread();
+        // SAFETY: only while the interpreter runs and is not exiting, and only on a thread with
+        // no Python thread state, which therefore does not hold the GIL: PyGILState_Ensure
+        // makes the state and takes the GIL, PyEval_SaveThread releases the GIL and leaves the
+        // state's count at one, so later Ensure/Release pairs (pyo3's with_gil) reuse it.
+        unsafe {
+            if kept.0.get()
+                || FORKED.load(Ordering::Relaxed)
+                || crate::pool::exiting()
+                || pyo3::ffi::Py_IsInitialized() == 0
+                || !pyo3::ffi::PyGILState_GetThisThreadState().is_null()
+            {
+                return;
             }
-            kept.0.set(true);
+            pyo3::ffi::PyGILState_Ensure();
+            pyo3::ffi::PyEval_SaveThread();
         }
+        kept.0.set(true);
     });
+}
+
+/// `Python::with_gil` for code that runs on the runtime's own threads (hooks), keeping the
+/// thread's Python thread state between calls ([`keep_thread_state`]).
+pub fn with_gil_kept<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
+    keep_thread_state();
     Python::with_gil(f)
 }
