@@ -1,6 +1,6 @@
 //! The threads that run Python handlers.
 //!
-//! Each thread enters Python once and keeps its thread state for as long as it lives, taking
+//! Each thread keeps its Python thread state for as long as it lives, taking
 //! and releasing the GIL around each job. A thread Python has not seen before (one of tokio's
 //! blocking pool) makes a thread state every time it takes the GIL and frees it when it lets
 //! go: in CPython that is a frame stack mapped and unmapped, and a system call for the thread

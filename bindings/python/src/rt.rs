@@ -209,7 +209,7 @@ impl Drop for Kept {
             return;
         }
         // SAFETY: this thread made its state with PyGILState_Ensure and let go of the GIL with
-        // PyEval_SaveThread (in `with_gil_kept`), and holds no GIL now. Taking it once more and
+        // PyEval_SaveThread (in `keep_thread_state`), and holds no GIL now. Taking it once more and
         // releasing twice brings the state's count back to zero, which deletes it. pyo3's
         // PyGILState_Ensure parks the thread instead of unwinding if the interpreter is
         // already finalizing.
