@@ -16,6 +16,7 @@ use crate::tls::{ClientTls, ServerTls};
 
 mod read_ahead;
 
+pub(crate) use read_ahead::{give_back, take_buffer};
 pub use read_ahead::{ReadAhead, READ_AHEAD};
 
 /// A client's TLS stream over `IO` (reads go through a [`ReadAhead`]).

@@ -210,14 +210,7 @@ impl Client {
         opts: CallOptions,
     ) -> Result<Response, Error> {
         let result = self.call_once(service, method, payload.into(), opts).await;
-        let code = match &result {
-            Ok(_) => 0,
-            Err(Error::Rpc { code, .. }) => *code,
-            Err(Error::Timeout { .. }) => codes::ERPCTIMEDOUT,
-            Err(Error::Handshake { .. }) => codes::ESSL,
-            Err(_) => codes::EFAILEDSOCKET,
-        };
-        telemetry::call(telemetry::Role::Client, service, method, code);
+        count_call(service, method, &result);
         result
     }
 
@@ -230,32 +223,7 @@ impl Client {
     ) -> Result<Response, Error> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let timeout = opts.timeout.or(self.inner.options.default_timeout);
-        let mut frame = Frame {
-            meta: RpcMeta {
-                request: Some(RpcRequestMeta {
-                    service_name: Some(service.to_string()),
-                    method_name: Some(method.to_string()),
-                    log_id: opts.log_id,
-                    request_id: opts.request_id,
-                    timeout_ms: timeout.map(|t| t.as_millis().min(i32::MAX as u128) as i32),
-                    ..Default::default()
-                }),
-                // The fields a stock brpc client always sends.
-                compress_type: Some(0),
-                correlation_id: Some(id),
-                attachment_size: (!opts.attachment.is_empty()).then_some(opts.attachment.len() as i32),
-                content_type: Some(0),
-                checksum_type: Some(0),
-                checksum_value: Some(Bytes::new()),
-                ..Default::default()
-            },
-            payload,
-            attachment: opts.attachment,
-        };
-        if self.inner.options.checksum {
-            frame.set_checksum(false);
-        }
-        let bytes = frame.to_pieces().map_err(|e| Error::Protocol { message: e.to_string() })?;
+        let bytes = request_frame(id, service, method, payload, opts, timeout, self.inner.options.checksum)?;
         let slot = self.inner.next_conn.fetch_add(1, Ordering::Relaxed) % self.inner.slots.len();
         let work = async {
             // A server that closes a connection cleanly (close_notify) has answered everything
@@ -272,10 +240,9 @@ impl Client {
             }
         };
         let reply = match timeout {
-            Some(t) => tokio::time::timeout(t, work).await.map_err(|_| Error::Timeout {
-                after: t,
-                message: format!("{service}/{method} on {} got no answer in time", self.inner.addr),
-            })??,
+            Some(t) => tokio::time::timeout(t, work)
+                .await
+                .map_err(|_| no_answer_in_time(t, service, method, &self.inner.addr))??,
             None => work.await?,
         };
         response_of(reply)
@@ -351,7 +318,63 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-fn response_of(frame: Frame) -> Result<Response, Error> {
+/// The request frame of a call: the meta fields a stock brpc client sends, `timeout_ms` from
+/// the call's timeout, the checksum when asked for.
+pub(crate) fn request_frame(
+    id: i64,
+    service: &str,
+    method: &str,
+    payload: Bytes,
+    opts: CallOptions,
+    timeout: Option<Duration>,
+    checksum: bool,
+) -> Result<Encoded, Error> {
+    let mut frame = Frame {
+        meta: RpcMeta {
+            request: Some(RpcRequestMeta {
+                service_name: Some(service.to_string()),
+                method_name: Some(method.to_string()),
+                log_id: opts.log_id,
+                request_id: opts.request_id,
+                timeout_ms: timeout.map(|t| t.as_millis().min(i32::MAX as u128) as i32),
+                ..Default::default()
+            }),
+            // The fields a stock brpc client always sends.
+            compress_type: Some(0),
+            correlation_id: Some(id),
+            attachment_size: (!opts.attachment.is_empty()).then_some(opts.attachment.len() as i32),
+            content_type: Some(0),
+            checksum_type: Some(0),
+            checksum_value: Some(Bytes::new()),
+            ..Default::default()
+        },
+        payload,
+        attachment: opts.attachment,
+    };
+    if checksum {
+        frame.set_checksum(false);
+    }
+    frame.to_pieces().map_err(|e| Error::Protocol { message: e.to_string() })
+}
+
+/// The error of a call that got no answer within its timeout.
+pub(crate) fn no_answer_in_time(after: Duration, service: &str, method: &str, addr: &str) -> Error {
+    Error::Timeout { after, message: format!("{service}/{method} on {addr} got no answer in time") }
+}
+
+/// Counts a finished call in the client's metrics, under the brpc code its result maps to.
+pub(crate) fn count_call(service: &str, method: &str, result: &Result<Response, Error>) {
+    let code = match result {
+        Ok(_) => 0,
+        Err(Error::Rpc { code, .. }) => *code,
+        Err(Error::Timeout { .. }) => codes::ERPCTIMEDOUT,
+        Err(Error::Handshake { .. }) => codes::ESSL,
+        Err(_) => codes::EFAILEDSOCKET,
+    };
+    telemetry::call(telemetry::Role::Client, service, method, code);
+}
+
+pub(crate) fn response_of(frame: Frame) -> Result<Response, Error> {
     let resp = frame.meta.response.clone().unwrap_or_default();
     let code = resp.error_code.unwrap_or(0);
     if code != 0 {

@@ -1,5 +1,8 @@
-//! baidu_std RPC over mTLS: a server that dispatches to async handlers, and a multiplexed client.
+//! baidu_std RPC over mTLS: a server that dispatches to async handlers, a multiplexed client,
+//! and a blocking client for a thread that waits on its calls.
 
+#[cfg(unix)]
+pub mod blocking;
 mod client;
 mod queue;
 mod server;

@@ -31,11 +31,14 @@ thread_local! {
     static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn take_buffer() -> Vec<u8> {
+/// A buffer of at least [`READ_AHEAD`] bytes' capacity, empty: one of this thread's spares if it
+/// has one.
+pub(crate) fn take_buffer() -> Vec<u8> {
     SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten().unwrap_or_else(|| Vec::with_capacity(READ_AHEAD))
 }
 
-fn give_back(mut buf: Vec<u8>) {
+/// Keeps `buf` as one of this thread's spares (if it is large enough and there is room).
+pub(crate) fn give_back(mut buf: Vec<u8>) {
     if buf.capacity() < READ_AHEAD {
         return;
     }
@@ -86,6 +89,13 @@ impl<IO> ReadAhead<IO> {
     /// Memory the buffer holds now (0 when drained).
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
+    }
+
+    /// The stream, and the bytes read from it and not yet handed on.
+    pub fn into_parts(mut self) -> (IO, Vec<u8>) {
+        let rest = self.buf[self.pos..].to_vec();
+        self.release();
+        (self.io, rest)
     }
 }
 
