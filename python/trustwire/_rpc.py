@@ -484,7 +484,8 @@ class Client:
         return _parse(r.payload, response_type)
 
     def close(self) -> None:
-        """Closes the connections; later calls raise :class:`TransportError`."""
+        """Closes the connections, every thread's included; calls in flight on them and later
+        calls raise :class:`TransportError`."""
         self._native.close()
 
     def __enter__(self) -> "Client":

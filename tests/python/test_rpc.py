@@ -396,3 +396,72 @@ def test_a_handler_threads_thread_local_state_lasts_between_calls(env: Env) -> N
         counts = [int(client.call(*ECHO, b"")) for _ in range(50)]
     server.stop()
     assert max(counts) > 1, f"every call found the thread's state empty: {counts}"
+
+
+def test_close_fails_a_blocking_call_in_flight_on_another_thread(env: Env) -> None:
+    import threading
+
+    release = threading.Event()
+    server = trustwire.Server(env.tls("server"))
+    server.register(*ECHO, lambda p, c: p)
+    server.register("example.EchoService", "Hold", lambda p, c: release.wait(30) and p)
+    server.start("127.0.0.1:0")
+    try:
+        client = trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client"))
+        assert client.call(*ECHO, b"warm") == b"warm"
+        outcome: list = []
+
+        def hold() -> None:
+            try:
+                client.call("example.EchoService", "Hold", b"x", timeout=60)
+                outcome.append("answered")
+            except trustwire.TransportError as e:
+                outcome.append(e)
+
+        caller = threading.Thread(target=hold)
+        caller.start()
+        time.sleep(0.3)
+        client.close()
+        caller.join(10)
+        # Ended by the close, long before the handler lets go.
+        assert not caller.is_alive() and len(outcome) == 1 and isinstance(outcome[0], trustwire.TransportError)
+        assert "closed" in str(outcome[0])
+        with pytest.raises(trustwire.TransportError):
+            client.call(*ECHO, b"later")
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_a_signal_handler_can_call_while_its_thread_waits_on_a_call(env: Env) -> None:
+    # The handler runs while the main thread's own connection is busy with the outer call: the
+    # inner call goes over the shared connection instead of waiting for the outer one.
+    import faulthandler
+    import signal
+    import threading
+
+    release = threading.Event()
+    server = trustwire.Server(env.tls("server"))
+    server.register(*ECHO, lambda p, c: p)
+    server.register("example.EchoService", "Hold", lambda p, c: release.wait(30) and p)
+    server.start("127.0.0.1:0")
+    inner: list = []
+
+    def on_alarm(signum: int, frame: object) -> None:
+        inner.append(client.call(*ECHO, b"inner", timeout=10))
+        release.set()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        with trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client")) as client:
+            assert client.call(*ECHO, b"warm") == b"warm"
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            assert client.call("example.EchoService", "Hold", b"outer", timeout=60) == b"outer"
+            assert inner == [b"inner"]
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release.set()
+        server.stop()

@@ -12,13 +12,12 @@ use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use trustwire::authz::{Call, CallDecision};
+use trustwire::rpc::blocking::{BlockingClient, Closer, Failure};
 use trustwire::rpc::{CancellationToken, RunningServer};
 use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
 use crate::errors::{rpc_status, to_pyerr, transport_error};
-use crate::rt::{
-    block_on, block_on_here, catch_up, checked_runtime, ensure_here, here_allowed, settle_here, thread_token,
-};
+use crate::rt::{block_on, checked_runtime, forked, own_connections_allowed};
 use crate::tls::{unix, PyTlsConfig};
 
 /// The verified identity of the peer.
@@ -412,10 +411,10 @@ impl PendingCall {
 /// A client for one endpoint; connects on the first call.
 ///
 /// Asynchronous calls share the client's multiplexed connections on trustwire's runtime.
-/// Blocking calls go over a connection of the calling thread's own, which that thread drives
-/// while it waits (`rt::block_on_here`): no hand-off between threads per call. The first
-/// [`THREADS_WITH_OWN_CONNECTION`] threads get one; calls from further threads share the
-/// multiplexed connections.
+/// Blocking calls go over a connection of the calling thread's own, which that thread writes,
+/// waits on and reads itself with blocking system calls (`trustwire::rpc::blocking`): no
+/// hand-off between threads per call. The first [`THREADS_WITH_OWN_CONNECTION`] threads get
+/// one; calls from further threads share the multiplexed connections.
 #[pyclass(module = "trustwire._native", name = "Client", frozen)]
 pub struct PyClient {
     client: Client,
@@ -439,9 +438,33 @@ pub const THREADS_WITH_OWN_CONNECTION: usize = 8;
 
 struct ThreadClient {
     thread: std::thread::ThreadId,
-    /// Stops upgrading once the thread has exited (its runtime, and so the connection, with it).
-    alive: std::sync::Weak<()>,
-    client: Client,
+    /// Held by the thread (`OWN`), so it goes when the thread exits.
+    conn: std::sync::Weak<ThreadConn>,
+}
+
+/// A thread's own connection to one client's endpoint.
+struct ThreadConn {
+    /// Locked by its thread for the length of a call; by others only to close it.
+    client: Mutex<BlockingClient>,
+    /// Closes it from any thread, failing a call in flight.
+    closer: Closer,
+}
+
+impl Drop for ThreadConn {
+    fn drop(&mut self) {
+        let client = self.client.get_mut().unwrap_or_else(|p| p.into_inner());
+        if forked() {
+            // The socket is the parent's too: a close_notify from here would end its session.
+            client.forget_connection();
+        } else {
+            client.close();
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's own connections, one per Client it calls; they close when it exits.
+    static OWN: std::cell::RefCell<Vec<Arc<ThreadConn>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn call_options(
@@ -461,33 +484,38 @@ fn call_options(
 impl PyClient {
     fn live(&self, py: Python<'_>) -> PyResult<Client> {
         if self.closed.load(Ordering::Acquire) {
-            // This thread's connection of this client, if it had one, closes now.
-            settle_here();
             return Err(transport_error(py, "the client is closed"));
         }
         Ok(self.client.clone())
     }
 
-    /// Closes every connection: the shared ones, this thread's at once, other threads' when
-    /// those threads next run their runtimes (a call on any client) or exit.
+    /// Closes every connection, the shared ones and every thread's own one; calls in flight on
+    /// them fail with a transport error.
     fn shut(&self) {
-        {
+        let threads: Vec<ThreadClient> = {
             let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
             // Under the lock, so no thread adds a connection of its own after this.
             self.closed.store(true, Ordering::Release);
-            for t in threads.drain(..) {
-                t.client.close();
+            threads.drain(..).collect()
+        };
+        if !forked() {
+            for t in threads.iter().filter_map(|t| t.conn.upgrade()) {
+                // An idle connection is closed with close_notify; the socket of one in a call
+                // is shut down under it, and the call fails.
+                if let Ok(mut c) = t.client.try_lock() {
+                    c.close();
+                }
+                t.closer.close();
             }
         }
         self.client.close();
-        settle_here();
     }
 
-    /// This thread's own client, made on first use while fewer than
-    /// THREADS_WITH_OWN_CONNECTION live threads have one; None when the thread cannot run a
-    /// runtime of its own or the threads are taken.
-    fn thread_client(&self) -> Option<Client> {
-        if !here_allowed() {
+    /// This thread's own connection, made on first use while fewer than
+    /// THREADS_WITH_OWN_CONNECTION live threads have one; None when this thread may not drive
+    /// connections itself or the places are taken.
+    fn thread_conn(&self) -> Option<Arc<ThreadConn>> {
+        if !own_connections_allowed() {
             return None;
         }
         let me = std::thread::current().id();
@@ -495,19 +523,45 @@ impl PyClient {
         if self.closed.load(Ordering::Acquire) {
             return None;
         }
-        threads.retain(|t| t.alive.strong_count() > 0);
-        if let Some(t) = threads.iter().find(|t| t.thread == me) {
-            return Some(t.client.clone());
+        threads.retain(|t| t.conn.strong_count() > 0);
+        if let Some(c) = threads.iter().find(|t| t.thread == me).and_then(|t| t.conn.upgrade()) {
+            return Some(c);
         }
-        if threads.len() >= THREADS_WITH_OWN_CONNECTION || !ensure_here() {
+        if threads.len() >= THREADS_WITH_OWN_CONNECTION {
             return None;
         }
-        // One connection: a thread has one call in flight at a time.
-        let options = ClientOptions { pool_size: 1, ..self.options.clone() };
-        let client = Client::new(self.address.clone(), self.tls.clone(), options);
-        threads.push(ThreadClient { thread: me, alive: thread_token(), client: client.clone() });
-        Some(client)
+        let client = BlockingClient::new(self.address.clone(), self.tls.clone(), self.options.clone());
+        let conn = Arc::new(ThreadConn { closer: client.closer(), client: Mutex::new(client) });
+        OWN.try_with(|own| {
+            let mut own = own.borrow_mut();
+            // Connections of clients closed since are let go here (or when the thread exits).
+            own.retain(|c| !c.closer.is_closed());
+            own.push(conn.clone());
+        })
+        .ok()?;
+        threads.push(ThreadClient { thread: me, conn: Arc::downgrade(&conn) });
+        Some(conn)
     }
+}
+
+/// A blocking call on this thread's own connection, with the GIL released; Ctrl-C (any
+/// exception from Python's signal handlers) abandons it.
+fn call_on_own(
+    py: Python<'_>,
+    client: &mut BlockingClient,
+    service: &str,
+    method: &str,
+    payload: Bytes,
+    opts: CallOptions,
+) -> PyResult<Response> {
+    let result = py.allow_threads(|| {
+        let mut check = || Python::with_gil(|py| py.check_signals());
+        client.call(service, method, payload, opts, &mut check)
+    });
+    result.map_err(|f| match f {
+        Failure::Error(e) => to_pyerr(py, e),
+        Failure::Interrupted(e) => e,
+    })
 }
 
 #[pymethods]
@@ -553,11 +607,14 @@ impl PyClient {
         let client = self.live(py)?;
         let opts = call_options(timeout, attachment, log_id)?;
         let payload = to_bytes(payload)?;
-        let r = match self.thread_client() {
-            Some(here) => block_on_here(py, async move {
-                catch_up().await;
-                here.call(&service, &method, payload, opts).await
-            })?,
+        let own = self.thread_conn();
+        // Held only by this thread, or for a moment by close(): a call made while this thread's
+        // call waits (from a Python signal handler) goes over the shared connections instead.
+        let r = match own.as_deref().and_then(|c| c.client.try_lock().ok()) {
+            Some(mut own) => {
+                checked_runtime(py)?;
+                call_on_own(py, &mut own, &service, &method, payload, opts)?
+            }
             None => block_on(py, async move { client.call(&service, &method, payload, opts).await })?,
         };
         Ok((PyBytes::new(py, &r.payload), PyBytes::new(py, &r.attachment)))

@@ -96,107 +96,15 @@ where
     }
 }
 
-/// A thread's own runtime. Dropped at thread exit without waiting for its blocking threads (a
-/// name lookup in progress must not hold the exit up); in a forked child it is not dropped at
-/// all: its epoll instance is the parent's, and deregistering the sockets would take them from
-/// the parent thread that made them.
-struct Here(Option<tokio::runtime::Runtime>);
-
-impl Drop for Here {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            if FORKED.load(Ordering::Relaxed) {
-                std::mem::forget(rt);
-            } else {
-                rt.shutdown_background();
-            }
-        }
-    }
+/// Whether this process is a child forked after trustwire was first used.
+pub fn forked() -> bool {
+    FORKED.load(Ordering::Relaxed)
 }
 
-thread_local! {
-    /// This thread's own runtime, for the blocking calls it makes (see [`block_on_here`]);
-    /// made for a thread given a connection of its own, never for the others.
-    static HERE: std::cell::OnceCell<Here> = const { std::cell::OnceCell::new() };
-    /// Lives as long as the thread: a weak reference to it says whether the thread is gone.
-    static ALIVE: std::sync::Arc<()> = std::sync::Arc::new(());
-}
-
-/// A token that stops upgrading once this thread has exited.
-pub fn thread_token() -> std::sync::Weak<()> {
-    ALIVE.try_with(std::sync::Arc::downgrade).unwrap_or_default()
-}
-
-/// Whether this thread may run operations on a runtime of its own: not one of the shared
-/// runtime's threads (a Python handler calling out), not in a forked child.
-pub fn here_allowed() -> bool {
-    !FORKED.load(Ordering::Relaxed) && tokio::runtime::Handle::try_current().is_err()
-}
-
-/// Makes this thread's runtime if it has none; false if it cannot be made (e.g. out of file
-/// descriptors), and the thread's calls then go to the shared runtime.
-pub fn ensure_here() -> bool {
-    HERE.try_with(|h| {
-        h.get_or_init(|| Here(tokio::runtime::Builder::new_current_thread().enable_all().build().ok())).0.is_some()
-    })
-    .unwrap_or(false)
-}
-
-/// Runs `f` on this thread's runtime, if it has one and may use it.
-fn with_here<R>(f: impl FnOnce(&tokio::runtime::Runtime) -> R) -> Option<R> {
-    if !here_allowed() {
-        return None;
-    }
-    HERE.try_with(|h| h.get().and_then(|h| h.0.as_ref()).map(f)).ok().flatten()
-}
-
-/// Runs `fut` on this thread's own current-thread runtime, with the GIL released, waking every
-/// 100 ms for Python's signal handlers (a KeyboardInterrupt drops the operation).
-///
-/// The thread itself waits in epoll for its sockets and runs the tasks of the connections
-/// made on this runtime, so a blocking call costs no hand-off to another thread and back: the
-/// request is written by the calling thread and the kernel wakes it when the answer arrives.
-/// Such connections only make progress while their thread is in a call; what they must do in
-/// between (notice that trust changed, or that the server closed) is done on the next call.
-pub fn block_on_here<T, F>(py: Python<'_>, fut: F) -> PyResult<T>
-where
-    T: Send,
-    F: Future<Output = Result<T, Error>> + Send,
-{
-    checked_runtime(py)?;
-    let mut fut = Box::pin(fut);
-    loop {
-        let polled = py.allow_threads(|| {
-            with_here(|rt| rt.block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut fut).await }))
-        });
-        match polled {
-            Some(Ok(result)) => return result.map_err(|e| to_pyerr(py, e)),
-            Some(Err(_elapsed)) => py.check_signals()?,
-            None => return Err(transport_error(py, "this thread's runtime is gone (is the thread exiting?)")),
-        }
-    }
-}
-
-/// Lets the tasks of this thread's runtime take in what arrived while the thread was not in a
-/// call (a server's close, an end of stream), so a call is not put on a connection that is
-/// already gone. The first yield polls the sockets and wakes the tasks they concern; the second
-/// lets those tasks run.
-pub async fn catch_up() {
-    for _ in 0..2 {
-        tokio::task::yield_now().await;
-    }
-}
-
-/// Lets this thread's runtime run its tasks for a moment (e.g. a closed client's connections
-/// sending close_notify), if this thread has one.
-pub fn settle_here() {
-    with_here(|rt| {
-        rt.block_on(async {
-            for _ in 0..8 {
-                tokio::task::yield_now().await;
-            }
-        })
-    });
+/// Whether this thread may drive connections of its own with blocking system calls: not one
+/// of the shared runtime's threads (a Python hook calling out), not in a forked child.
+pub fn own_connections_allowed() -> bool {
+    !forked() && tokio::runtime::Handle::try_current().is_err()
 }
 
 /// A Python thread state made for a thread Python did not start, kept for the thread's
