@@ -2,11 +2,12 @@
 //! caller's blocking call).
 //!
 //! The calling thread drives its connection itself with blocking system calls: it writes the
-//! request (one `sendmsg`) and sleeps in `recv` until the answer arrives, then takes what it
-//! read. A call costs no hand-off to another thread and no event loop turn, about what a
-//! blocking OpenSSL client costs. Before each call one non-blocking `recv` takes in what the
-//! server sent while the thread was away (its close_notify, or the end of the stream of a server
-//! that died), so a call is not sent on a connection that is already gone.
+//! request (one `sendmsg` per 64 KiB or less) and sleeps in `recv` until the answer arrives,
+//! then takes what it read. A call costs no hand-off to another thread and no event loop turn,
+//! about what a blocking OpenSSL client costs. Before each call a non-blocking `recv` (more
+//! than one only if the server sent much) takes in what the server sent while the thread was
+//! away (its close_notify, or the end of the stream of a server that died), so a call is not
+//! sent on a connection that is already gone. A call abandoned half-sent ends its connection.
 //!
 //! Only the per-call I/O is its own. The handshake, the verifier, the connection tracker (trust
 //! changes and certificate expiry close the connection), the request frame, the answer's
@@ -70,7 +71,14 @@ pub struct BlockingClient {
 /// Closes a [`BlockingClient`] from another thread, failing the call it has in flight (its
 /// socket is shut down under it). Later calls fail with a transport error.
 #[derive(Clone, Default)]
-pub struct Closer(Arc<Mutex<CloserState>>);
+pub struct Closer(Arc<CloserInner>);
+
+#[derive(Default)]
+struct CloserInner {
+    state: Mutex<CloserState>,
+    /// Set in a forked child that let go of the connection: its socket is the parent's.
+    forgotten: std::sync::atomic::AtomicBool,
+}
 
 #[derive(Default)]
 struct CloserState {
@@ -81,10 +89,13 @@ struct CloserState {
 
 impl Closer {
     fn state(&self) -> std::sync::MutexGuard<'_, CloserState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn close(&self) {
+        if self.0.forgotten.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let mut s = self.state();
         s.closed = true;
         if let Some(fd) = s.fd {
@@ -118,7 +129,8 @@ impl BlockingClient {
     /// Calls `service/method` with `payload` and waits for the answer, at most the call's
     /// timeout (else the client's default). While it waits, `check` is called at least every
     /// [`CHECK_EVERY`] (and when a signal interrupts the wait); an `Err` from it abandons the
-    /// call: the connection stays, and an answer that comes later is dropped.
+    /// call: the connection stays, and an answer that comes later is dropped (unless the
+    /// request was only partly written: then the connection ends).
     pub fn call<I>(
         &mut self,
         service: &str,
@@ -177,7 +189,10 @@ impl BlockingClient {
                 Ok(frame) => return Ok(response_of(frame)),
                 Err(Waited::TimedOut) => return timed_out(),
                 Err(Waited::Interrupted(i)) => return Err(i),
-                Err(Waited::Failed(_)) if self.closer.is_closed() => return closed(),
+                Err(Waited::Failed(_)) if self.closer.is_closed() => {
+                    self.conn = None;
+                    return closed();
+                }
                 // A server that closes cleanly (close_notify) has answered all it read, so
                 // this call never ran: once more, on a new connection.
                 Err(Waited::Failed(_)) if !retried && conn.closed_cleanly() => retried = true,
@@ -195,16 +210,18 @@ impl BlockingClient {
         let open = BlockingConn::open(&self.tls, &self.addr, self.options.connect_timeout, self.options.max_body);
         let mut open = std::pin::pin!(open);
         let rt = crate::runtime::runtime();
+        let closed = || Waited::Failed(Error::transport("the client was closed"));
         let mut conn = loop {
             let slice = slice_until(deadline).ok_or(Waited::TimedOut)?;
             match rt.block_on(async { tokio::time::timeout(slice, &mut open).await }) {
                 Ok(result) => break result.map_err(Waited::Failed)?,
+                Err(_) if self.closer.is_closed() => return Err(closed()),
                 Err(_) => check().map_err(Waited::Interrupted)?,
             }
         };
         let mut s = self.closer.state();
         if s.closed {
-            return Err(Waited::Failed(Error::transport("the client was closed")));
+            return Err(closed());
         }
         s.fd = Some(conn.sock.as_raw_fd());
         conn.closer = Some(self.closer.clone());
@@ -219,14 +236,11 @@ impl BlockingClient {
     }
 
     /// For a forked child: lets go of the connection without writing to it, closing it, or
-    /// touching state shared with other threads (the socket and the tracker are the parent's).
+    /// waiting on a lock (the socket and the tracker are the parent's, and a lock may have been
+    /// held by a thread that did not come along). The closer does nothing after this.
     pub fn forget_connection(&mut self) {
+        self.closer.0.forgotten.store(true, std::sync::atomic::Ordering::Release);
         if let Some(conn) = self.conn.take() {
-            // Not waiting: the lock may have been held by a thread that did not come along.
-            if let Ok(mut s) = self.closer.0.try_lock() {
-                s.fd = None;
-                s.closed = true;
-            }
             std::mem::forget(conn);
         }
     }
@@ -356,6 +370,7 @@ impl BlockingConn {
         self.awaiting = id;
         self.answer = None;
         self.send(request, deadline, check)?;
+        let mut checked = Instant::now();
         loop {
             if let Some(frame) = self.answer.take() {
                 return Ok(frame);
@@ -363,15 +378,22 @@ impl BlockingConn {
             if let Some(e) = &self.ended {
                 return Err(Waited::Failed(e.error.clone()));
             }
-            let slice = slice_until(deadline).ok_or(Waited::TimedOut)?;
+            let Some(slice) = slice_until(deadline) else {
+                // A last look, without waiting: the answer may be in already.
+                let _ = self.read_some(libc::MSG_DONTWAIT);
+                return self.answer.take().ok_or(Waited::TimedOut);
+            };
             self.set_recv_timeout(slice).map_err(|e| Waited::Failed(self.broke(&e)))?;
-            match self.read_some(0) {
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
-                    check().map_err(Waited::Interrupted)?
-                }
-                // read_some ended the connection with what the error means.
-                Err(_) => {}
+            // Errors other than these end the connection (read_some), seen above next time.
+            let waited = matches!(
+                self.read_some(0),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+            );
+            // Also when bytes keep coming (stale answers, a server that trickles): `check` runs
+            // at least every CHECK_EVERY.
+            if waited || checked.elapsed() >= CHECK_EVERY {
+                check().map_err(Waited::Interrupted)?;
+                checked = Instant::now();
             }
         }
     }
@@ -403,7 +425,14 @@ impl BlockingConn {
                     offset = 0;
                 }
             }
-            self.flush(deadline, check)?;
+            if let Err(stopped) = self.flush(deadline, check) {
+                if piece < pieces.len() && self.ended.is_none() {
+                    // Part of the frame is out and the rest never will be: the next frame
+                    // would be read as the end of this one.
+                    self.end(Error::transport("a request was abandoned half-sent"), false);
+                }
+                return Err(stopped);
+            }
         }
         Ok(())
     }
@@ -430,7 +459,7 @@ impl BlockingConn {
                     }
                     check().map_err(Waited::Interrupted)?;
                 }
-                Err(e) => return Err(Waited::Failed(self.write_failed(&e))),
+                Err(e) => return Err(Waited::Failed(self.write_failed(&e, deadline))),
             }
         }
         Ok(())
@@ -438,8 +467,9 @@ impl BlockingConn {
 
     /// A write failed (e.g. the server closed): if the server said why (an alert), that is the
     /// error; else the write's.
-    fn write_failed(&mut self, e: &io::Error) -> Error {
-        let until = Instant::now() + WRITE_FAILURE_GRACE;
+    fn write_failed(&mut self, e: &io::Error, deadline: Option<Instant>) -> Error {
+        let grace = Instant::now() + WRITE_FAILURE_GRACE;
+        let until = deadline.map_or(grace, |d| d.min(grace));
         while self.ended.is_none() {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() || self.set_recv_timeout(left).is_err() {
@@ -536,7 +566,9 @@ impl BlockingConn {
             };
             self.take_plaintext(state.plaintext_bytes_to_read());
             if state.peer_has_closed() {
-                self.end(Error::transport("the server closed the connection"), true);
+                // With part of a frame in, the server was answering: the call may have run.
+                let cleanly = self.buf.is_empty();
+                self.end(Error::transport("the server closed the connection"), cleanly);
                 return;
             }
             if at_end {
@@ -568,7 +600,13 @@ impl BlockingConn {
                         self.answer = Some(frame);
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => {
+                    if self.buf.is_empty() && self.buf.capacity() > crate::transport::READ_AHEAD {
+                        // What a large frame needed is not kept while the connection waits.
+                        self.buf = BytesMut::new();
+                    }
+                    return;
+                }
                 Err(e) if e.stream_in_sync() => tracing::warn!("skipping malformed response frame: {e}"),
                 Err(e) => {
                     self.end(Error::Protocol { message: format!("server sent an invalid frame: {e}") }, false);
@@ -613,6 +651,7 @@ struct Socket {
 impl Socket {
     /// Receives into `buf`'s spare capacity (up to `READ_AHEAD` bytes), setting its length.
     fn recv_into(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        debug_assert!(buf.is_empty());
         let room = buf.spare_capacity_mut();
         let len = room.len().min(crate::transport::READ_AHEAD);
         // SAFETY: recv writes at most `len` bytes into the vector's spare capacity, which is at

@@ -486,7 +486,9 @@ where
             tokio::select! {
                 r = super::read_frames(&mut rd, &mut buf, &decoder) => match r {
                     Ok(0) => {
-                        conn.closed_cleanly.store(true, Ordering::Release);
+                        // With part of a frame in, the server was answering: a call may have
+                        // run, so nothing is sent again.
+                        conn.closed_cleanly.store(buf.is_empty(), Ordering::Release);
                         break Error::transport("the server closed the connection");
                     }
                     Ok(_) => {}

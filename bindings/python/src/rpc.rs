@@ -16,7 +16,7 @@ use trustwire::rpc::blocking::{BlockingClient, Closer, Failure};
 use trustwire::rpc::{CancellationToken, RunningServer};
 use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
-use crate::errors::{rpc_status, to_pyerr, transport_error};
+use crate::errors::{base_error, rpc_status, to_pyerr, transport_error};
 use crate::rt::{block_on, checked_runtime, forked, own_connections_allowed};
 use crate::tls::{unix, PyTlsConfig};
 
@@ -555,8 +555,21 @@ fn call_on_own(
     opts: CallOptions,
 ) -> PyResult<Response> {
     let result = py.allow_threads(|| {
-        let mut check = || Python::with_gil(|py| py.check_signals());
-        client.call(service, method, payload, opts, &mut check)
+        let mut check = || {
+            Python::with_gil(|py| {
+                py.check_signals()?;
+                // A signal handler that forked: the child must not go on with the parent's call.
+                if forked() {
+                    return Err(base_error(py, "the process forked during a blocking call"));
+                }
+                Ok(())
+            })
+        };
+        let result = client.call(service, method, payload, opts, &mut check);
+        if forked() {
+            client.forget_connection();
+        }
+        result
     });
     result.map_err(|f| match f {
         Failure::Error(e) => to_pyerr(py, e),
@@ -615,7 +628,13 @@ impl PyClient {
                 checked_runtime(py)?;
                 call_on_own(py, &mut own, &service, &method, payload, opts)?
             }
-            None => block_on(py, async move { client.call(&service, &method, payload, opts).await })?,
+            None => {
+                // close() may have come since live(): the shared client would connect again.
+                if self.closed.load(Ordering::Acquire) {
+                    return Err(transport_error(py, "the client is closed"));
+                }
+                block_on(py, async move { client.call(&service, &method, payload, opts).await })?
+            }
         };
         Ok((PyBytes::new(py, &r.payload), PyBytes::new(py, &r.attachment)))
     }
