@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 import time
 from typing import Tuple
 
@@ -398,14 +399,19 @@ def test_a_handler_threads_thread_local_state_lasts_between_calls(env: Env) -> N
     assert max(counts) > 1, f"every call found the thread's state empty: {counts}"
 
 
-def test_close_fails_a_blocking_call_in_flight_on_another_thread(env: Env) -> None:
-    import threading
-
+def _holding_server(env: Env) -> "Tuple[trustwire.Server, threading.Event]":
+    """A started server with the echo method and `Hold`, which answers once `release` is set."""
     release = threading.Event()
     server = trustwire.Server(env.tls("server"))
     server.register(*ECHO, lambda p, c: p)
     server.register("example.EchoService", "Hold", lambda p, c: release.wait(30) and p)
     server.start("127.0.0.1:0")
+    return server, release
+
+
+def test_close_fails_a_blocking_call_in_flight_on_another_thread(env: Env) -> None:
+
+    server, release = _holding_server(env)
     try:
         client = trustwire.Client(f"127.0.0.1:{server.port}", env.tls("client"))
         assert client.call(*ECHO, b"warm") == b"warm"
@@ -438,13 +444,8 @@ def test_a_signal_handler_can_call_while_its_thread_waits_on_a_call(env: Env) ->
     # inner call goes over the shared connection instead of waiting for the outer one.
     import faulthandler
     import signal
-    import threading
 
-    release = threading.Event()
-    server = trustwire.Server(env.tls("server"))
-    server.register(*ECHO, lambda p, c: p)
-    server.register("example.EchoService", "Hold", lambda p, c: release.wait(30) and p)
-    server.start("127.0.0.1:0")
+    server, release = _holding_server(env)
     inner: list = []
 
     def on_alarm(signum: int, frame: object) -> None:
