@@ -351,3 +351,38 @@ fn a_close_notify_after_part_of_the_answer_is_not_a_reason_to_send_the_call_agai
     assert!(rt().block_on(multiplexed.call("t.Raw", "Echo", vec![], opts)).is_err());
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "sent once by the multiplexed client too");
 }
+
+#[test]
+fn a_server_that_sends_garbage_or_an_oversized_frame_fails_the_call_and_the_next_one_reconnects() {
+    let pki = Pki::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let n = calls.clone();
+    let (addr, accepted) = raw_server(&pki, move |mut s| {
+        let n = n.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let req = read_request(&mut s).await;
+            let id = req.meta.correlation_id.unwrap();
+            let reply = match n.fetch_add(1, Ordering::SeqCst) {
+                0 => b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
+                // A header that claims a 1 GiB body.
+                1 => [&b"PRPC"[..], &(1u32 << 30).to_be_bytes(), &8u32.to_be_bytes()].concat(),
+                _ => answer(id, b"fine"),
+            };
+            let _ = s.write_all(&reply).await;
+            let _ = s.flush().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let options = ClientOptions { max_body: 1 << 20, ..ClientOptions::default() };
+    let mut c = BlockingClient::new(addr.to_string(), pki.client_profile().client().unwrap(), options);
+    for what in ["garbage", "an oversized frame"] {
+        match c.call("t.Raw", "Echo", vec![], within(5000), &mut go_on()) {
+            Err(Failure::Error(Error::Protocol { message })) => assert!(message.contains("invalid frame"), "{message}"),
+            other => panic!("expected a protocol error for {what}, got {other:?}"),
+        }
+    }
+    let r = c.call("t.Raw", "Echo", vec![], within(5000), &mut go_on()).unwrap();
+    assert_eq!(&r.payload[..], b"fine");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "a new connection after each bad one");
+}
