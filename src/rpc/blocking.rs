@@ -273,7 +273,7 @@ fn slice_until(deadline: Option<Instant>) -> Option<Duration> {
 /// How a connection ended.
 struct Ended {
     error: Error,
-    /// The server sent close_notify: it answered everything it had read.
+    /// The server sent close_notify between frames: it answered everything it had read.
     cleanly: bool,
 }
 
