@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -466,3 +467,68 @@ def test_a_signal_handler_can_call_while_its_thread_waits_on_a_call(env: Env) ->
         signal.signal(signal.SIGALRM, previous)
         release.set()
         server.stop()
+
+
+def test_a_threads_own_connection_ends_with_close_notify_when_the_thread_exits(env: Env) -> None:
+    # The server is Python's ssl module, so what reaches it is seen as it is: a close_notify
+    # reads as b"", a connection dropped without one raises SSLEOFError.
+    import ssl
+
+    from baidu_frames import length_delimited, read_frame, varint
+
+    cert, key = env.files("server")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(env.ca_path)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: dict = {}
+
+    def correlation_id(meta: bytes) -> int:
+        i = 0
+        while i < len(meta):
+            key, i = _read_varint(meta, i)
+            if key & 7 == 0:
+                value, i = _read_varint(meta, i)
+                if key >> 3 == 4:
+                    return value
+            else:
+                n, i = _read_varint(meta, i)
+                i += n
+        raise AssertionError("no correlation_id")
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        with ctx.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False) as conn:
+            meta, body = read_frame(conn)
+            answer = length_delimited(2, b"") + varint(4 << 3) + varint(correlation_id(meta))
+            conn.sendall(b"PRPC" + struct.pack(">II", len(answer) + len(body), len(answer)) + answer + body)
+            conn.settimeout(20)
+            try:
+                seen["after"] = conn.recv(1)
+            except ssl.SSLError as e:
+                seen["after"] = e
+
+    server = threading.Thread(target=serve)
+    server.start()
+    client = trustwire.Client(f"127.0.0.1:{port}", env.tls("client"))
+    caller = threading.Thread(target=lambda: seen.setdefault("answer", client.call(*ECHO, b"hello")))
+    caller.start()
+    caller.join(20)
+    server.join(30)
+    listener.close()
+    assert seen.get("answer") == b"hello"
+    assert seen.get("after") == b"", f"the thread's exit should end its connection with close_notify: {seen.get('after')!r}"
+    client.close()
+
+
+def _read_varint(data: bytes, i: int) -> "Tuple[int, int]":
+    value, shift = 0, 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
