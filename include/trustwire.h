@@ -224,9 +224,11 @@ typedef struct tw_call tw_call;
 // copy what they need); change it only while no call is being started with it.
 typedef struct tw_call_options tw_call_options;
 
-// A client for one server address. Connects on the first call, reconnects after a failure,
-// and multiplexes concurrent calls over its connection. Any thread may use it at the same
-// time as others.
+// A client for one server address. Connects on the first call, reconnects after a failure.
+// Any thread may use it at the same time as others. Asynchronous calls, and synchronous calls
+// from threads past the first 8, are multiplexed over its shared connection; each of the first
+// 8 threads that make synchronous calls gets a connection of its own, which it writes, waits
+// on and reads itself with blocking system calls (it closes when the thread exits).
 typedef struct tw_client tw_client;
 
 // A development certificate authority whose key lives in memory. For tests and demos, not for

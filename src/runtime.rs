@@ -17,3 +17,27 @@ pub fn runtime() -> &'static Runtime {
             .expect("cannot start the tokio runtime (out of threads or file descriptors?)")
     })
 }
+
+static WATCHING_FORKS: OnceLock<()> = OnceLock::new();
+/// Set in a child forked after [`watch_forks`] was first called.
+static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn forked_child() {
+    FORKED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Starts noting forks (`pthread_atfork`), once per process: from then on [`forked`] says
+/// whether this process is a child forked since. Anything that must not touch the parent's
+/// sockets or threads from a child asks it.
+pub fn watch_forks() {
+    WATCHING_FORKS.get_or_init(|| {
+        // SAFETY: registers a handler that only stores to an atomic, which is
+        // async-signal-safe as a fork handler in the child must be.
+        unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
+    });
+}
+
+/// Whether this process was forked after [`watch_forks`] was first called.
+pub fn forked() -> bool {
+    FORKED.load(std::sync::atomic::Ordering::Relaxed)
+}

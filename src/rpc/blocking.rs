@@ -703,3 +703,124 @@ fn wait_for(fd: std::os::fd::RawFd, events: libc::c_short, t: Duration) -> io::R
     }
     Ok(p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
 }
+
+/// Blocking connections of one endpoint's client for the threads that call it: each of the
+/// first `limit` threads gets a [`BlockingClient`] of its own, kept by the thread (it closes,
+/// with close_notify, when the thread exits). For a language binding's blocking calls: a thread
+/// that gets none (see [`ThreadConnections::with`]) uses the multiplexed [`Client`](super::Client).
+pub struct ThreadConnections {
+    addr: String,
+    tls: ClientTls,
+    options: ClientOptions,
+    limit: usize,
+    /// The threads that have one. Under this lock `closed` is set, so none is added after.
+    threads: Mutex<Vec<(std::thread::ThreadId, std::sync::Weak<Own>)>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// A thread's own client of one endpoint.
+struct Own {
+    /// Locked by its thread for the length of a call; by others only to close it.
+    client: Mutex<BlockingClient>,
+    closer: Closer,
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        let client = self.client.get_mut().unwrap_or_else(|p| p.into_inner());
+        if crate::runtime::forked() {
+            // The socket is the parent's too: a close_notify from here would end its session.
+            client.forget_connection();
+        } else {
+            client.close();
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's own clients, one per ThreadConnections it called through.
+    static OWN: std::cell::RefCell<Vec<Arc<Own>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl ThreadConnections {
+    pub fn new(addr: impl Into<String>, tls: ClientTls, options: ClientOptions, limit: usize) -> Self {
+        crate::runtime::watch_forks();
+        ThreadConnections {
+            addr: addr.into(),
+            tls,
+            options,
+            limit,
+            threads: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` with this thread's own client, made on first use. None, and `f` not run, when
+    /// this thread gets none: a thread of the runtime, a forked child, `limit` live threads have
+    /// one already, these connections were closed, or the thread's client is busy with a call
+    /// of this same thread (one made from a signal handler while the first waits).
+    pub fn with<R>(&self, f: impl FnOnce(&mut BlockingClient) -> R) -> Option<R> {
+        if crate::runtime::forked() || tokio::runtime::Handle::try_current().is_ok() {
+            return None;
+        }
+        let own = self.own()?;
+        let mut client = own.client.try_lock().ok()?;
+        let r = f(&mut client);
+        if crate::runtime::forked() {
+            // `f` forked (e.g. from a signal handler): the child lets the parent's go.
+            client.forget_connection();
+        }
+        Some(r)
+    }
+
+    fn own(&self) -> Option<Arc<Own>> {
+        let me = std::thread::current().id();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        threads.retain(|(_, own)| own.strong_count() > 0);
+        if let Some(own) = threads.iter().find(|(t, _)| *t == me).and_then(|(_, own)| own.upgrade()) {
+            return Some(own);
+        }
+        if threads.len() >= self.limit {
+            return None;
+        }
+        let client = BlockingClient::new(self.addr.clone(), self.tls.clone(), self.options.clone());
+        let own = Arc::new(Own { closer: client.closer(), client: Mutex::new(client) });
+        OWN.try_with(|list| {
+            let mut list = list.borrow_mut();
+            // Clients closed since are let go here (or when the thread exits).
+            list.retain(|o| !o.closer.is_closed());
+            list.push(own.clone());
+        })
+        .ok()?;
+        threads.push((me, Arc::downgrade(&own)));
+        Some(own)
+    }
+
+    /// Closes every thread's connection: an idle one with close_notify, one in a call by
+    /// shutting its socket down (the call fails with a transport error). Later calls get None.
+    pub fn close(&self) {
+        let threads: Vec<_> = {
+            let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            self.closed.store(true, std::sync::atomic::Ordering::Release);
+            threads.drain(..).collect()
+        };
+        if crate::runtime::forked() {
+            return;
+        }
+        for own in threads.iter().filter_map(|(_, own)| own.upgrade()) {
+            if let Ok(mut c) = own.client.try_lock() {
+                c.close();
+            }
+            own.closer.close();
+        }
+    }
+}
+
+impl Drop for ThreadConnections {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -5,19 +5,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tw::rpc::blocking::{Failure as BlockingFailure, ThreadConnections};
 use tw::rpc::{CallOptions, Client, ClientOptions, Response};
 
 use crate::ffi::{self, arg, bytes_arg, guard, guard_value, lend_bytes, lend_str, out_box, str_arg, Failure, UserData};
 use crate::profile::tw_profile;
 use crate::tw_result;
 
-/// A client for one server address. Connects on the first call, reconnects after a failure,
-/// and multiplexes concurrent calls over its connection. Any thread may use it at the same
-/// time as others.
+/// A client for one server address. Connects on the first call, reconnects after a failure.
+/// Any thread may use it at the same time as others. Asynchronous calls, and synchronous calls
+/// from threads past the first 8, are multiplexed over its shared connection; each of the first
+/// 8 threads that make synchronous calls gets a connection of its own, which it writes, waits
+/// on and reads itself with blocking system calls (it closes when the thread exits).
 pub struct tw_client {
     client: Client,
     closed: AtomicBool,
+    own: ThreadConnections,
 }
+
+/// Threads of one client that get a connection of their own for synchronous calls.
+const THREADS_WITH_OWN_CONNECTION: usize = 8;
 
 /// Per-call settings: timeout, attachment, log_id. Set once and reuse for many calls (calls
 /// copy what they need); change it only while no call is being started with it.
@@ -80,8 +87,9 @@ pub unsafe extern "C" fn tw_client_new(
         let address = unsafe { str_arg(address, "address") }?.to_string();
         let tls = p.client_tls()?;
         ffi::ignore_sigpipe();
-        let client = Client::new(address, tls, ClientOptions::default());
-        unsafe { out_box(client_out, tw_client { client, closed: AtomicBool::new(false) }) }
+        let client = Client::new(address.clone(), tls.clone(), ClientOptions::default());
+        let own = ThreadConnections::new(address, tls, ClientOptions::default(), THREADS_WITH_OWN_CONNECTION);
+        unsafe { out_box(client_out, tw_client { client, closed: AtomicBool::new(false), own }) }
     })
 }
 
@@ -91,6 +99,7 @@ pub unsafe extern "C" fn tw_client_close(client: *const tw_client) -> tw_result 
     guard(|| {
         let c = unsafe { arg(client, "client") }?;
         c.closed.store(true, Ordering::Release);
+        c.own.close();
         c.client.close();
         Ok(())
     })
@@ -151,7 +160,8 @@ pub unsafe extern "C" fn tw_call_options_set_log_id(options: *mut tw_call_option
     })
 }
 
-struct CallArgs {
+struct CallArgs<'a> {
+    owner: &'a tw_client,
     client: Client,
     service: String,
     method: String,
@@ -159,14 +169,14 @@ struct CallArgs {
     options: CallOptions,
 }
 
-unsafe fn call_args(
+unsafe fn call_args<'a>(
     client: *const tw_client,
     service: *const c_char,
     method: *const c_char,
     payload: *const u8,
     payload_len: usize,
     options: *const tw_call_options,
-) -> Result<CallArgs, Failure> {
+) -> Result<CallArgs<'a>, Failure> {
     let c = unsafe { arg(client, "client") }?;
     let service = unsafe { str_arg(service, "service") }?.to_string();
     let method = unsafe { str_arg(method, "method") }?.to_string();
@@ -175,7 +185,7 @@ unsafe fn call_args(
     if c.closed.load(Ordering::Acquire) {
         return Err(Failure::new(tw_result::TW_STOPPED, "the client is closed"));
     }
-    Ok(CallArgs { client: c.client.clone(), service, method, payload, options })
+    Ok(CallArgs { owner: c, client: c.client.clone(), service, method, payload, options })
 }
 
 /// Calls `service`/`method` with `payload` (copied) and waits for the answer. `options` may be
@@ -203,9 +213,18 @@ pub unsafe extern "C" fn tw_client_call(
         if ffi::on_runtime_thread() {
             return Err(ffi::would_block("tw_client_call"));
         }
-        // Polled on this thread (the I/O runs on the runtime's threads): one thread hop fewer
-        // per call than spawning a task and waiting for it.
-        let r = tw::runtime::runtime().block_on(a.client.call(&a.service, &a.method, a.payload, a.options))?;
+        let on_own = a.owner.own.with(|own| {
+            let mut go_on = || Ok::<(), std::convert::Infallible>(());
+            own.call(&a.service, &a.method, a.payload.clone(), a.options.clone(), &mut go_on)
+        });
+        let r = match on_own {
+            Some(Ok(r)) => r,
+            Some(Err(BlockingFailure::Error(e))) => return Err(e.into()),
+            Some(Err(BlockingFailure::Interrupted(never))) => match never {},
+            // Polled on this thread (the I/O runs on the runtime's threads): one thread hop
+            // fewer per call than spawning a task and waiting for it.
+            None => tw::runtime::runtime().block_on(a.client.call(&a.service, &a.method, a.payload, a.options))?,
+        };
         unsafe { out_box(response_out, tw_response::from(Ok(r))) }
     })
 }

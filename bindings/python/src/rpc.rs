@@ -12,12 +12,12 @@ use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use trustwire::authz::{Call, CallDecision};
-use trustwire::rpc::blocking::{BlockingClient, Closer, Failure};
+use trustwire::rpc::blocking::{BlockingClient, Failure, ThreadConnections};
 use trustwire::rpc::{CancellationToken, RunningServer};
 use trustwire::{CallOptions, Client, ClientOptions, PeerIdentity, Request, Response, Server, Status};
 
 use crate::errors::{base_error, rpc_status, to_pyerr, transport_error};
-use crate::rt::{block_on, checked_runtime, forked, own_connections_allowed};
+use crate::rt::{block_on, checked_runtime, forked};
 use crate::tls::{unix, PyTlsConfig};
 
 /// The verified identity of the peer.
@@ -419,11 +419,8 @@ impl PendingCall {
 pub struct PyClient {
     client: Client,
     closed: AtomicBool,
-    /// What the threads' own clients are made from.
-    address: String,
-    tls: trustwire::tls::ClientTls,
-    options: ClientOptions,
-    threads: Mutex<Vec<ThreadClient>>,
+    /// The calling threads' own connections.
+    own: ThreadConnections,
 }
 
 /// Dropping a client closes its connections as `close()` does.
@@ -435,37 +432,6 @@ impl Drop for PyClient {
 
 /// Threads of one Client that get a connection of their own for blocking calls.
 pub const THREADS_WITH_OWN_CONNECTION: usize = 8;
-
-struct ThreadClient {
-    thread: std::thread::ThreadId,
-    /// Held by the thread (`OWN`), so it goes when the thread exits.
-    conn: std::sync::Weak<ThreadConn>,
-}
-
-/// A thread's own connection to one client's endpoint.
-struct ThreadConn {
-    /// Locked by its thread for the length of a call; by others only to close it.
-    client: Mutex<BlockingClient>,
-    /// Closes it from any thread, failing a call in flight.
-    closer: Closer,
-}
-
-impl Drop for ThreadConn {
-    fn drop(&mut self) {
-        let client = self.client.get_mut().unwrap_or_else(|p| p.into_inner());
-        if forked() {
-            // The socket is the parent's too: a close_notify from here would end its session.
-            client.forget_connection();
-        } else {
-            client.close();
-        }
-    }
-}
-
-thread_local! {
-    /// This thread's own connections, one per Client it calls; they close when it exits.
-    static OWN: std::cell::RefCell<Vec<Arc<ThreadConn>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 fn call_options(
     timeout: Option<f64>,
@@ -492,55 +458,9 @@ impl PyClient {
     /// Closes every connection, the shared ones and every thread's own one; calls in flight on
     /// them fail with a transport error.
     fn shut(&self) {
-        let threads: Vec<ThreadClient> = {
-            let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-            // Under the lock, so no thread adds a connection of its own after this.
-            self.closed.store(true, Ordering::Release);
-            threads.drain(..).collect()
-        };
-        if !forked() {
-            for t in threads.iter().filter_map(|t| t.conn.upgrade()) {
-                // An idle connection is closed with close_notify; the socket of one in a call
-                // is shut down under it, and the call fails.
-                if let Ok(mut c) = t.client.try_lock() {
-                    c.close();
-                }
-                t.closer.close();
-            }
-        }
+        self.closed.store(true, Ordering::Release);
+        self.own.close();
         self.client.close();
-    }
-
-    /// This thread's own connection, made on first use while fewer than
-    /// THREADS_WITH_OWN_CONNECTION live threads have one; None when this thread may not drive
-    /// connections itself or the places are taken.
-    fn thread_conn(&self) -> Option<Arc<ThreadConn>> {
-        if !own_connections_allowed() {
-            return None;
-        }
-        let me = std::thread::current().id();
-        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        if self.closed.load(Ordering::Acquire) {
-            return None;
-        }
-        threads.retain(|t| t.conn.strong_count() > 0);
-        if let Some(c) = threads.iter().find(|t| t.thread == me).and_then(|t| t.conn.upgrade()) {
-            return Some(c);
-        }
-        if threads.len() >= THREADS_WITH_OWN_CONNECTION {
-            return None;
-        }
-        let client = BlockingClient::new(self.address.clone(), self.tls.clone(), self.options.clone());
-        let conn = Arc::new(ThreadConn { closer: client.closer(), client: Mutex::new(client) });
-        OWN.try_with(|own| {
-            let mut own = own.borrow_mut();
-            // Connections of clients closed since are let go here (or when the thread exits).
-            own.retain(|c| !c.closer.is_closed());
-            own.push(conn.clone());
-        })
-        .ok()?;
-        threads.push(ThreadClient { thread: me, conn: Arc::downgrade(&conn) });
-        Some(conn)
     }
 }
 
@@ -565,11 +485,7 @@ fn call_on_own(
                 Ok(())
             })
         };
-        let result = client.call(service, method, payload, opts, &mut check);
-        if forked() {
-            client.forget_connection();
-        }
-        result
+        client.call(service, method, payload, opts, &mut check)
     });
     result.map_err(|f| match f {
         Failure::Error(e) => to_pyerr(py, e),
@@ -597,10 +513,7 @@ impl PyClient {
         Ok(PyClient {
             client: Client::new(address.clone(), tls.clone(), options.clone()),
             closed: AtomicBool::new(false),
-            address,
-            tls,
-            options,
-            threads: Mutex::new(Vec::new()),
+            own: ThreadConnections::new(address, tls, options, THREADS_WITH_OWN_CONNECTION),
         })
     }
 
@@ -620,19 +533,19 @@ impl PyClient {
         let client = self.live(py)?;
         let opts = call_options(timeout, attachment, log_id)?;
         let payload = to_bytes(payload)?;
-        let own = self.thread_conn();
-        // Held only by this thread, or for a moment by close(): a call made while this thread's
-        // call waits (from a Python signal handler) goes over the shared connections instead.
-        let r = match own.as_deref().and_then(|c| c.client.try_lock().ok()) {
-            Some(mut own) => {
-                checked_runtime(py)?;
-                call_on_own(py, &mut own, &service, &method, payload, opts)?
-            }
+        checked_runtime(py)?;
+        // None when this thread gets no connection of its own (see ThreadConnections::with),
+        // e.g. for a call made from a Python signal handler while this thread's call waits.
+        let (service, method) = (service.as_str(), method.as_str());
+        let on_own = self.own.with(|own| call_on_own(py, own, service, method, payload.clone(), opts.clone()));
+        let r = match on_own {
+            Some(r) => r?,
             None => {
                 // close() may have come since live(): the shared client would connect again.
                 if self.closed.load(Ordering::Acquire) {
                     return Err(transport_error(py, "the client is closed"));
                 }
+                let (service, method) = (service.to_string(), method.to_string());
                 block_on(py, async move { client.call(&service, &method, payload, opts).await })?
             }
         };

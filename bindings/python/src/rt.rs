@@ -1,9 +1,7 @@
 //! Waiting on the shared tokio runtime from Python without holding the GIL.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -15,24 +13,12 @@ use crate::errors::{base_error, to_pyerr, transport_error};
 /// How often a blocked call wakes up to let Python handle signals (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
-static WATCHING_FORKS: OnceLock<()> = OnceLock::new();
-/// Set in a child forked after trustwire was first used (`pthread_atfork`).
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn forked_child() {
-    FORKED.store(true, Ordering::Relaxed);
-}
-
 /// The shared runtime, refusing use in a forked child: its worker threads exist only in the
 /// parent, so anything waiting on them in the child would hang forever. (A fork handler says
 /// so, rather than comparing process ids on every call: getpid is a system call.)
 pub fn checked_runtime(py: Python<'_>) -> PyResult<&'static tokio::runtime::Runtime> {
-    WATCHING_FORKS.get_or_init(|| {
-        // SAFETY: registers a handler that only stores to an atomic, which is async-signal-safe
-        // as a fork handler in the child must be.
-        unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
-    });
-    if FORKED.load(Ordering::Relaxed) {
+    trustwire::runtime::watch_forks();
+    if forked() {
         return Err(base_error(
             py,
             "trustwire cannot be used in a process forked after it started (its runtime threads \
@@ -98,13 +84,7 @@ where
 
 /// Whether this process is a child forked after trustwire was first used.
 pub fn forked() -> bool {
-    FORKED.load(Ordering::Relaxed)
-}
-
-/// Whether this thread may drive connections of its own with blocking system calls: not one
-/// of the shared runtime's threads (a Python hook calling out), not in a forked child.
-pub fn own_connections_allowed() -> bool {
-    !forked() && tokio::runtime::Handle::try_current().is_err()
+    trustwire::runtime::forked()
 }
 
 /// A Python thread state made for a thread Python did not start, kept for the thread's
@@ -113,7 +93,7 @@ struct Kept(std::cell::Cell<bool>);
 
 impl Drop for Kept {
     fn drop(&mut self) {
-        if !self.0.get() || FORKED.load(Ordering::Relaxed) || crate::pool::exiting() {
+        if !self.0.get() || forked() || crate::pool::exiting() {
             return;
         }
         // SAFETY: this thread made its state with PyGILState_Ensure and let go of the GIL with
@@ -148,7 +128,7 @@ pub fn keep_thread_state() {
         // state's count at one, so later Ensure/Release pairs (pyo3's with_gil) reuse it.
         unsafe {
             if kept.0.get()
-                || FORKED.load(Ordering::Relaxed)
+                || forked()
                 || crate::pool::exiting()
                 || pyo3::ffi::Py_IsInitialized() == 0
                 || !pyo3::ffi::PyGILState_GetThisThreadState().is_null()
