@@ -245,6 +245,57 @@ static tw_client *client_for(const tw_profile *p, uint16_t port) {
     return c;
 }
 
+/* ---- closing a client while another thread's blocking call waits ---- */
+
+static pthread_mutex_t held_lock = PTHREAD_MUTEX_INITIALIZER;
+static tw_responder *held; /* the Hold call's responder, once it has come */
+
+static void hold(void *user_data, const tw_call *call, tw_responder *responder) {
+    (void)user_data;
+    (void)call;
+    pthread_mutex_lock(&held_lock);
+    held = responder;
+    pthread_mutex_unlock(&held_lock);
+}
+
+typedef struct {
+    const tw_client *client;
+    tw_result result;
+} held_call;
+
+static void *call_hold(void *arg) {
+    held_call *h = arg;
+    tw_response *resp = NULL;
+    h->result = tw_client_call(h->client, SERVICE, "Hold", u8("x"), 1, NULL, &resp);
+    CHECK(resp == NULL);
+    return NULL;
+}
+
+/* The call is on that thread's own connection; closing the client from here ends it at once. */
+static void close_during_a_call(const tw_profile *client_profile, uint16_t port) {
+    tw_client *c = client_for(client_profile, port);
+    held_call h = {c, TW_OK};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, call_hold, &h) == 0);
+    tw_responder *r = NULL;
+    for (int waited = 0; r == NULL && waited < 10000; waited += 5) {
+        sleep_ms(5);
+        pthread_mutex_lock(&held_lock);
+        r = held;
+        pthread_mutex_unlock(&held_lock);
+    }
+    CHECK(r != NULL);
+    OK(tw_client_close(c));
+    CHECK(pthread_join(t, NULL) == 0);
+    EXPECT(h.result, TW_TRANSPORT);
+    CHECK(strstr(tw_result_name(h.result), "transport") != NULL);
+    tw_responder_free(r);
+    tw_response *resp = NULL;
+    EXPECT(tw_client_call(c, SERVICE, "Echo", u8("x"), 1, NULL, &resp), TW_STOPPED);
+    tw_client_free(c);
+    printf("close during a call: ok\n");
+}
+
 /* ---- 1,000 calls in flight ---- */
 
 typedef struct {
@@ -570,6 +621,7 @@ int main(int argc, char **argv) {
     OK(tw_server_register(server, SERVICE, "Drop", drop_call, NULL));
     OK(tw_server_register(server, SERVICE, "Admin", echo, &echoes));
     OK(tw_server_register(server, SERVICE, "Details", details, &nested_client));
+    OK(tw_server_register(server, SERVICE, "Hold", hold, NULL));
     pthread_t worker_thread;
     CHECK(pthread_create(&worker_thread, NULL, worker, NULL) == 0);
     uint16_t port = 0;
@@ -661,6 +713,7 @@ int main(int argc, char **argv) {
     tw_profile_free(pinned);
     printf("refusals: ok\n");
 
+    close_during_a_call(client_profile, port);
     if (!quick) thousand_in_flight(client);
     rotation(ca, port);
     misuse(ca, server_profile, client_profile);
