@@ -226,9 +226,10 @@ typedef struct tw_call_options tw_call_options;
 
 // A client for one server address. Connects on the first call, reconnects after a failure.
 // Any thread may use it at the same time as others. Asynchronous calls, and synchronous calls
-// from threads past the first 8, are multiplexed over its shared connection; each of the first
-// 8 threads that make synchronous calls gets a connection of its own, which it writes, waits
-// on and reads itself with blocking system calls (it closes when the thread exits).
+// from threads past the first 8, are multiplexed over its shared connection. Up to 8 live
+// threads at a time that make synchronous calls each get a connection of their own, which the
+// thread writes, waits on and reads itself with blocking system calls; it closes when the
+// thread exits or the client is closed or freed, and costs each such thread a handshake.
 typedef struct tw_client tw_client;
 
 // A development certificate authority whose key lives in memory. For tests and demos, not for

@@ -434,7 +434,8 @@ struct Reply {
     std::string attachment;
 };
 
-// A client for one server address; connects on the first call, multiplexes calls, any thread.
+// A client for one server address; connects on the first call, any thread. Synchronous calls
+// from up to 8 threads at a time go over a connection of each thread's own (see tw_client).
 class Client {
 public:
     // Called once when an asynchronous call ends, on a runtime thread (must not block): TW_OK

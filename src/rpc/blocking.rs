@@ -720,14 +720,31 @@ pub struct ThreadConnections {
 
 /// A thread's own client of one endpoint.
 struct Own {
-    /// Locked by its thread for the length of a call; by others only to close it.
-    client: Mutex<BlockingClient>,
+    /// Locked by its thread for the length of a call; by others only to close it. None once
+    /// closed, so a closed client's TLS material (and the hooks in it) is not kept alive by
+    /// the threads that called it.
+    client: Mutex<Option<BlockingClient>>,
     closer: Closer,
+}
+
+impl Own {
+    /// Closes and lets go of the client, if this thread gets its lock (a call in flight
+    /// lets go of it itself when it ends).
+    fn close(&self) {
+        if let Ok(mut c) = self.client.try_lock() {
+            if let Some(mut client) = c.take() {
+                client.close();
+            }
+        }
+        self.closer.close();
+    }
 }
 
 impl Drop for Own {
     fn drop(&mut self) {
-        let client = self.client.get_mut().unwrap_or_else(|p| p.into_inner());
+        let Some(client) = self.client.get_mut().unwrap_or_else(|p| p.into_inner()).as_mut() else {
+            return;
+        };
         if crate::runtime::forked() {
             // The socket is the parent's too: a close_notify from here would end its session.
             client.forget_connection();
@@ -764,11 +781,17 @@ impl ThreadConnections {
             return None;
         }
         let own = self.own()?;
-        let mut client = own.client.try_lock().ok()?;
-        let r = f(&mut client);
+        let mut slot = own.client.try_lock().ok()?;
+        let client = slot.as_mut()?;
+        let r = f(client);
         if crate::runtime::forked() {
             // `f` forked (e.g. from a signal handler): the child lets the parent's go.
             client.forget_connection();
+        } else if own.closer.is_closed() {
+            // Closed while the call was in flight: let go of it now.
+            if let Some(mut client) = slot.take() {
+                client.close();
+            }
         }
         Some(r)
     }
@@ -787,34 +810,38 @@ impl ThreadConnections {
             return None;
         }
         let client = BlockingClient::new(self.addr.clone(), self.tls.clone(), self.options.clone());
-        let own = Arc::new(Own { closer: client.closer(), client: Mutex::new(client) });
+        let own = Arc::new(Own { closer: client.closer(), client: Mutex::new(Some(client)) });
+        // Entries of clients closed since go, dropped once no lock is held here.
+        let mut gone = Vec::new();
         OWN.try_with(|list| {
             let mut list = list.borrow_mut();
-            // Clients closed since are let go here (or when the thread exits).
-            list.retain(|o| !o.closer.is_closed());
+            let (closed, open): (Vec<_>, Vec<_>) = list.drain(..).partition(|o| o.closer.is_closed());
+            *list = open;
+            gone = closed;
             list.push(own.clone());
         })
         .ok()?;
         threads.push((me, Arc::downgrade(&own)));
+        drop(threads);
+        drop(gone);
         Some(own)
     }
 
     /// Closes every thread's connection: an idle one with close_notify, one in a call by
     /// shutting its socket down (the call fails with a transport error). Later calls get None.
     pub fn close(&self) {
+        if crate::runtime::forked() {
+            // Not even the lock: a thread that did not come along may have held it.
+            self.closed.store(true, std::sync::atomic::Ordering::Release);
+            return;
+        }
         let threads: Vec<_> = {
             let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
             self.closed.store(true, std::sync::atomic::Ordering::Release);
-            threads.drain(..).collect()
+            std::mem::take(&mut *threads)
         };
-        if crate::runtime::forked() {
-            return;
-        }
         for own in threads.iter().filter_map(|(_, own)| own.upgrade()) {
-            if let Ok(mut c) = own.client.try_lock() {
-                c.close();
-            }
-            own.closer.close();
+            own.close();
         }
     }
 }

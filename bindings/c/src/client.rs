@@ -14,9 +14,10 @@ use crate::tw_result;
 
 /// A client for one server address. Connects on the first call, reconnects after a failure.
 /// Any thread may use it at the same time as others. Asynchronous calls, and synchronous calls
-/// from threads past the first 8, are multiplexed over its shared connection; each of the first
-/// 8 threads that make synchronous calls gets a connection of its own, which it writes, waits
-/// on and reads itself with blocking system calls (it closes when the thread exits).
+/// from threads past the first 8, are multiplexed over its shared connection. Up to 8 live
+/// threads at a time that make synchronous calls each get a connection of their own, which the
+/// thread writes, waits on and reads itself with blocking system calls; it closes when the
+/// thread exits or the client is closed or freed, and costs each such thread a handshake.
 pub struct tw_client {
     client: Client,
     closed: AtomicBool,
@@ -25,6 +26,20 @@ pub struct tw_client {
 
 /// Threads of one client that get a connection of their own for synchronous calls.
 const THREADS_WITH_OWN_CONNECTION: usize = 8;
+
+/// Sets this thread's pthread cancelability state (PTHREAD_CANCEL_DISABLE is 1 in glibc and
+/// musl) and returns the one before.
+fn set_cancel_state(state: std::ffi::c_int) -> std::ffi::c_int {
+    // POSIX; the libc crate does not bind it. Declared here, not at the top level, so the
+    // header generator does not take it for part of our API.
+    extern "C" {
+        fn pthread_setcancelstate(state: std::ffi::c_int, oldstate: *mut std::ffi::c_int) -> std::ffi::c_int;
+    }
+    let mut previous = 0;
+    // SAFETY: sets the calling thread's state and writes the old one to a local.
+    unsafe { pthread_setcancelstate(state, &mut previous) };
+    previous
+}
 
 /// Per-call settings: timeout, attachment, log_id. Set once and reuse for many calls (calls
 /// copy what they need); change it only while no call is being started with it.
@@ -214,13 +229,26 @@ pub unsafe extern "C" fn tw_client_call(
             return Err(ffi::would_block("tw_client_call"));
         }
         let on_own = a.owner.own.with(|own| {
-            let mut go_on = || Ok::<(), std::convert::Infallible>(());
-            own.call(&a.service, &a.method, a.payload.clone(), a.options.clone(), &mut go_on)
+            // A thread cancelled while it waits in recv or poll (cancellation points) would
+            // unwind through these frames: cancellation waits until the call is over.
+            let previous = set_cancel_state(1);
+            // A signal handler that forked: the child must not go on with the parent's call.
+            let mut go_on = || if tw::runtime::forked() { Err(()) } else { Ok(()) };
+            let r = own.call(&a.service, &a.method, a.payload.clone(), a.options.clone(), &mut go_on);
+            set_cancel_state(previous);
+            r
         });
         let r = match on_own {
             Some(Ok(r)) => r,
             Some(Err(BlockingFailure::Error(e))) => return Err(e.into()),
-            Some(Err(BlockingFailure::Interrupted(never))) => match never {},
+            Some(Err(BlockingFailure::Interrupted(()))) => {
+                return Err(Failure::new(tw_result::TW_STOPPED, "the process forked during the call"))
+            }
+            // The client was closed since call_args looked: the shared client would connect
+            // again.
+            None if a.owner.closed.load(Ordering::Acquire) => {
+                return Err(Failure::new(tw_result::TW_STOPPED, "the client is closed"))
+            }
             // Polled on this thread (the I/O runs on the runtime's threads): one thread hop
             // fewer per call than spawning a task and waiting for it.
             None => tw::runtime::runtime().block_on(a.client.call(&a.service, &a.method, a.payload, a.options))?,
@@ -245,12 +273,14 @@ pub unsafe extern "C" fn tw_client_call_async(
     user_data: *mut c_void,
 ) -> tw_result {
     guard(|| {
-        let a = unsafe { call_args(client, service, method, payload, payload_len, options) }?;
+        // The task outlives the tw_client (it may be freed first): it takes only what it owns.
+        let CallArgs { client, service, method, payload, options, .. } =
+            unsafe { call_args(client, service, method, payload, payload_len, options) }?;
         let done = done.ok_or_else(|| Failure::null("done"))?;
         let user_data = UserData(user_data);
         // The call's future is large; boxed, the task spawned per call stays small and cheap
         // to move into the runtime.
-        let call = Box::pin(async move { a.client.call(&a.service, &a.method, a.payload, a.options).await });
+        let call = Box::pin(async move { client.call(&service, &method, payload, options).await });
         tw::runtime::runtime().spawn(async move {
             let result = call.await;
             let response = tw_response::from(result);
