@@ -158,7 +158,7 @@ impl BlockingClient {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Ok(Err(Error::config("a blocking call cannot be made on a thread of the runtime")));
         }
-        let closed = || Ok(Err(Error::transport("the client was closed")));
+        let closed = || Ok(Err(client_closed()));
         if self.closer.is_closed() {
             self.close();
             return closed();
@@ -210,7 +210,7 @@ impl BlockingClient {
         let open = BlockingConn::open(&self.tls, &self.addr, self.options.connect_timeout, self.options.max_body);
         let mut open = std::pin::pin!(open);
         let rt = crate::runtime::runtime();
-        let closed = || Waited::Failed(Error::transport("the client was closed"));
+        let closed = || Waited::Failed(client_closed());
         let mut conn = loop {
             let slice = slice_until(deadline).ok_or(Waited::TimedOut)?;
             match rt.block_on(async { tokio::time::timeout(slice, &mut open).await }) {
@@ -257,6 +257,11 @@ impl<I> From<Error> for Waited<I> {
     fn from(e: Error) -> Self {
         Waited::Failed(e)
     }
+}
+
+/// What a call on a closed client fails with.
+fn client_closed() -> Error {
+    Error::transport("the client was closed")
 }
 
 /// How long to wait before looking at the clock and `check` again; None once `deadline` passed.
@@ -406,27 +411,16 @@ impl BlockingConn {
         deadline: Option<Instant>,
         check: &mut dyn FnMut() -> Result<(), I>,
     ) -> Result<(), Waited<I>> {
-        let pieces: Vec<&[u8]> = request.pieces().map(|p| &p[..]).collect();
-        let (mut piece, mut offset) = (0, 0);
-        while piece < pieces.len() {
-            let slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&pieces[piece][offset..]))
-                .chain(pieces[piece + 1..].iter().map(|p| IoSlice::new(p)))
-                .collect();
+        use bytes::Buf;
+        let mut rest = request.as_buf();
+        while rest.has_remaining() {
+            let mut slices = [IoSlice::new(&[]); 3];
+            let n = rest.chunks_vectored(&mut slices);
             // rustls takes what fits under its buffer limit (possibly nothing until written).
-            let mut took = self.tls.writer().write_vectored(&slices).map_err(|e| self.broke(&e))?;
-            while took > 0 {
-                let left = pieces[piece].len() - offset;
-                if took < left {
-                    offset += took;
-                    took = 0;
-                } else {
-                    took -= left;
-                    piece += 1;
-                    offset = 0;
-                }
-            }
+            let took = self.tls.writer().write_vectored(&slices[..n]).map_err(|e| self.broke(&e))?;
+            rest.advance(took);
             if let Err(stopped) = self.flush(deadline, check) {
-                if piece < pieces.len() && self.ended.is_none() {
+                if rest.has_remaining() && self.ended.is_none() {
                     // Part of the frame is out and the rest never will be: the next frame
                     // would be read as the end of this one.
                     self.end(Error::transport("a request was abandoned half-sent"), false);
@@ -447,7 +441,7 @@ impl BlockingConn {
             if let Some(e) = &self.ended {
                 return Err(Waited::Failed(e.error.clone()));
             }
-            let mut out = Socket { fd: self.sock.as_raw_fd(), flags: libc::MSG_DONTWAIT };
+            let mut out = self.socket(libc::MSG_DONTWAIT);
             match self.tls.write_tls(&mut out) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -505,6 +499,11 @@ impl BlockingConn {
         self.ended = Some(Ended { error, cleanly });
     }
 
+    /// The socket, for one call with `flags`.
+    fn socket(&self, flags: libc::c_int) -> Socket {
+        Socket { fd: self.sock.as_raw_fd(), flags }
+    }
+
     fn set_recv_timeout(&mut self, t: Duration) -> io::Result<()> {
         // Whole milliseconds, so a deadline that moves on by microseconds costs no system call.
         let t = Duration::from_millis(t.as_millis().max(1) as u64);
@@ -519,7 +518,7 @@ impl BlockingConn {
     /// stream; the errors of `recv` as they are (the connection is ended for those that end it).
     fn read_some(&mut self, flags: libc::c_int) -> io::Result<usize> {
         let mut buf = crate::transport::take_buffer();
-        let result = Socket { fd: self.sock.as_raw_fd(), flags }.recv_into(&mut buf);
+        let result = self.socket(flags).recv_into(&mut buf);
         let out = match result {
             Ok(0) => {
                 self.take_in(&[]);
@@ -558,7 +557,8 @@ impl BlockingConn {
                 Ok(s) => s,
                 Err(e) => {
                     // The alert rustls wants to send back, if the socket takes it.
-                    let _ = self.tls.write_tls(&mut Socket { fd: self.sock.as_raw_fd(), flags: libc::MSG_DONTWAIT });
+                    let mut out = self.socket(libc::MSG_DONTWAIT);
+                    let _ = self.tls.write_tls(&mut out);
                     let err = crate::tls::verify::tls_error(&e, self.ours.as_deref());
                     self.end(err, false);
                     return;
@@ -620,7 +620,7 @@ impl BlockingConn {
     fn close(mut self) {
         if self.ended.is_none() {
             self.tls.send_close_notify();
-            let mut out = Socket { fd: self.sock.as_raw_fd(), flags: libc::MSG_DONTWAIT };
+            let mut out = self.socket(libc::MSG_DONTWAIT);
             while self.tls.wants_write() && self.tls.write_tls(&mut out).is_ok_and(|n| n > 0) {}
         }
     }

@@ -413,8 +413,8 @@ impl PendingCall {
 /// Asynchronous calls share the client's multiplexed connections on trustwire's runtime.
 /// Blocking calls go over a connection of the calling thread's own, which that thread writes,
 /// waits on and reads itself with blocking system calls (`trustwire::rpc::blocking`): no
-/// hand-off between threads per call. The first [`THREADS_WITH_OWN_CONNECTION`] threads get
-/// one; calls from further threads share the multiplexed connections.
+/// hand-off between threads per call. Up to [`THREADS_WITH_OWN_CONNECTION`] live threads at a
+/// time get one; calls from further threads share the multiplexed connections.
 #[pyclass(module = "trustwire._native", name = "Client", frozen)]
 pub struct PyClient {
     client: Client,
@@ -536,8 +536,7 @@ impl PyClient {
         checked_runtime(py)?;
         // None when this thread gets no connection of its own (see ThreadConnections::with),
         // e.g. for a call made from a Python signal handler while this thread's call waits.
-        let (service, method) = (service.as_str(), method.as_str());
-        let on_own = self.own.with(|own| call_on_own(py, own, service, method, payload.clone(), opts.clone()));
+        let on_own = self.own.with(|own| call_on_own(py, own, &service, &method, payload.clone(), opts.clone()));
         let r = match on_own {
             Some(r) => r?,
             None => {
@@ -545,7 +544,6 @@ impl PyClient {
                 if self.closed.load(Ordering::Acquire) {
                     return Err(transport_error(py, "the client is closed"));
                 }
-                let (service, method) = (service.to_string(), method.to_string());
                 block_on(py, async move { client.call(&service, &method, payload, opts).await })?
             }
         };
