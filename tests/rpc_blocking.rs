@@ -2,6 +2,7 @@
 //! system calls. Servers run on the shared runtime; the calls are made from the test thread.
 
 mod common;
+use common::raw::{answer, raw_server, read_request};
 use common::*;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -228,59 +229,6 @@ fn a_blocking_call_on_a_runtime_thread_is_refused_rather_than_blocking_it() {
     assert!(r, "a configuration error, not a blocked worker");
 }
 
-/// A TLS server (the PKI's server identity) that hands each connection to `serve`, and the
-/// number of connections it accepted.
-fn raw_server<F, Fut>(pki: &Pki, serve: F) -> (std::net::SocketAddr, Arc<AtomicUsize>)
-where
-    F: Fn(trustwire::transport::ServerStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let tls = pki.server_profile().server().unwrap();
-    let listener = rt().block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    let serve = Arc::new(serve);
-    rt().spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            let (tls, serve) = (tls.clone(), serve.clone());
-            tokio::spawn(async move {
-                if let Ok((stream, _)) = trustwire::transport::accept(&tls, tcp).await {
-                    serve(stream).await;
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
-/// Reads one request frame.
-async fn read_request(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> trustwire::wire::Frame {
-    use tokio::io::AsyncReadExt;
-    let mut decoder = trustwire::wire::Decoder::new(64 << 20);
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        if let Some(f) = decoder.decode(&mut buf).unwrap() {
-            return f;
-        }
-        assert!(s.read_buf(&mut buf).await.unwrap() > 0, "the client closed before its request");
-    }
-}
-
-fn answer(id: i64, payload: &[u8]) -> Vec<u8> {
-    let frame = trustwire::wire::Frame {
-        meta: trustwire::wire::RpcMeta {
-            correlation_id: Some(id),
-            response: Some(trustwire::wire::RpcResponseMeta { error_code: Some(0), ..Default::default() }),
-            ..Default::default()
-        },
-        payload: bytes::Bytes::copy_from_slice(payload),
-        attachment: bytes::Bytes::new(),
-    };
-    frame.to_bytes().unwrap().to_vec()
-}
-
 #[test]
 fn a_call_abandoned_half_sent_ends_its_connection() {
     // The server never reads, so a large request stops part-way when the call times out; the
@@ -324,32 +272,6 @@ fn check_runs_while_a_server_keeps_sending_something_else() {
         other => panic!("expected the interruption, got {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
-}
-
-#[test]
-fn a_close_notify_after_part_of_the_answer_is_not_a_reason_to_send_the_call_again() {
-    // The server had started answering, so the call may have run: it must not run twice.
-    let pki = Pki::new();
-    let (addr, accepted) = raw_server(&pki, |mut s| async move {
-        use tokio::io::AsyncWriteExt;
-        let req = read_request(&mut s).await;
-        let whole = answer(req.meta.correlation_id.unwrap(), &[5u8; 1000]);
-        s.write_all(&whole[..whole.len() / 2]).await.unwrap();
-        s.flush().await.unwrap();
-        let _ = s.shutdown().await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    });
-    let mut c = blocking(addr, &pki.client_profile());
-    match c.call("t.Raw", "Echo", vec![], within(5000), &mut go_on()) {
-        Err(Failure::Error(Error::Transport { .. })) => {}
-        other => panic!("expected a transport error, got {other:?}"),
-    }
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "sent once");
-    // The multiplexed client follows the same rule.
-    let multiplexed = client(addr, &pki.client_profile());
-    let opts = within(5000);
-    assert!(rt().block_on(multiplexed.call("t.Raw", "Echo", vec![], opts)).is_err());
-    assert_eq!(accepted.load(Ordering::SeqCst), 2, "sent once by the multiplexed client too");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod peers;
+pub mod raw;
 pub mod workload;
 
 use std::net::{IpAddr, Ipv4Addr};

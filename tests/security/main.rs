@@ -23,3 +23,4 @@ mod f15_cli_panics_on_closed_stdout;
 mod f16_unpolled_connection_outlives_trust;
 mod f17_trust_change_during_handshake_is_missed;
 mod f18_client_side_proxy_streams_untracked;
+mod f19_partial_answer_then_close_resends_the_call;
